@@ -1,0 +1,33 @@
+//! Capped exponential backoff with full jitter.
+
+use std::time::Duration;
+
+/// Base delay of the first retry.
+pub const BACKOFF_BASE_MS: u64 = 25;
+
+/// A random delay in `[0, min(max_ms, base * 2^attempt)]` ("full jitter").
+pub fn jittered_delay(attempt: u32, max_ms: u64) -> Duration {
+    let ceiling = backoff_ceiling_ms(attempt, max_ms);
+    Duration::from_millis(rand::random_range(0..=ceiling))
+}
+
+/// The upper bound of the delay before retry number `attempt` (0-based).
+pub fn backoff_ceiling_ms(attempt: u32, max_ms: u64) -> u64 {
+    BACKOFF_BASE_MS.saturating_mul(1u64.checked_shl(attempt.min(32)).unwrap_or(u64::MAX)).min(max_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceiling_grows_then_caps() {
+        assert_eq!(backoff_ceiling_ms(0, 2_000), 25);
+        assert_eq!(backoff_ceiling_ms(3, 2_000), 200);
+        assert_eq!(backoff_ceiling_ms(10, 2_000), 2_000);
+        assert_eq!(backoff_ceiling_ms(u32::MAX, 2_000), 2_000);
+        for attempt in 0..20 {
+            assert!(jittered_delay(attempt, 500) <= Duration::from_millis(500));
+        }
+    }
+}

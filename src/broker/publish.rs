@@ -1,0 +1,84 @@
+//! Publishing with publisher confirms.
+
+use anyhow::{Context, bail};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
+
+use crate::domain::Request;
+
+/// Persistent JSON message properties, stamped with the publish time in milliseconds.
+pub fn json_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_timestamp(chrono::Utc::now().timestamp_millis().max(0) as u64)
+}
+
+/// Properties of a request: persistent JSON with message_id = request_id.
+pub fn request_properties(request_id: &str) -> BasicProperties {
+    json_properties().with_message_id(request_id.into())
+}
+
+/// A channel in confirm mode: every publish is confirmed by the broker before it counts.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    /// Opens a channel on `connection` and turns on publisher confirms.
+    pub async fn open(connection: &Connection) -> anyhow::Result<Self> {
+        let channel = connection.create_channel().await.context("opening a publishing channel")?;
+        Publisher::on(channel).await
+    }
+
+    /// Turns on publisher confirms on an existing channel.
+    pub async fn on(channel: Channel) -> anyhow::Result<Self> {
+        channel.confirm_select(ConfirmSelectOptions::default()).await.context("enabling publisher confirms")?;
+        Ok(Publisher { channel })
+    }
+
+    /// The underlying channel.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Sends one message; the returned confirm resolves when the broker has it.
+    pub async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> anyhow::Result<PublisherConfirm> {
+        self.channel
+            .basic_publish(exchange.into(), routing_key.into(), BasicPublishOptions::default(), body, properties)
+            .await
+            .with_context(|| format!("publishing to exchange {exchange:?} with key {routing_key:?}"))
+    }
+
+    /// Waits for one confirm; a broker nack is an error.
+    pub async fn confirmed(confirm: PublisherConfirm) -> anyhow::Result<()> {
+        let confirmation = confirm.await.context("waiting for a publisher confirm")?;
+        if confirmation.is_nack() {
+            bail!("the broker refused (nacked) a published message");
+        }
+        Ok(())
+    }
+
+    /// Publishes a request to the partitioning exchange and waits for its confirm.
+    pub async fn publish_request(
+        &self,
+        exchange: &str,
+        request: &Request,
+        reply_to: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let mut properties =
+            request_properties(request.request_id.as_str()).with_correlation_id(request.request_id.as_str().into());
+        if let Some(reply_to) = reply_to {
+            properties = properties.with_reply_to(reply_to.into());
+        }
+        let confirm = self.send(exchange, request.user_id.as_str(), &request.to_json(), properties).await?;
+        Publisher::confirmed(confirm).await
+    }
+}

@@ -1,0 +1,168 @@
+//! The `walletq` command line: a thin edge over the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::Client;
+use crate::configuration::{ServiceSettings, TopologySettings, WorkerSettings};
+use crate::domain::{Money, Op, Status, UserId};
+use crate::ledger::Ledger;
+use crate::telemetry::{self, LogFormat};
+
+/// Exit code when a waited-for request was rejected.
+const EXIT_REJECTED: u8 = 2;
+/// Exit code when no result came within `--wait`.
+const EXIT_NO_RESULT: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(name = "walletq", version, about = "Wallet withdrawals that are safe under any concurrency")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, env = "WALLETQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the database when missing and run the migrations.
+    Migrate {
+        #[command(flatten)]
+        services: ServiceSettings,
+    },
+    /// Declare the topology and process requests until SIGTERM or ctrl-c.
+    Worker {
+        #[command(flatten)]
+        services: ServiceSettings,
+        #[command(flatten)]
+        topology: TopologySettings,
+        #[command(flatten)]
+        worker: WorkerSettings,
+    },
+    /// Publish a withdrawal (confirmed); with --wait, print its result.
+    Withdraw(SubmitArgs),
+    /// Publish a deposit (confirmed); with --wait, print its result.
+    Deposit(SubmitArgs),
+    /// Print a user's balance and coupons.
+    Balance {
+        #[command(flatten)]
+        services: ServiceSettings,
+        #[arg(long)]
+        user: String,
+    },
+}
+
+#[derive(Args, Debug)]
+struct SubmitArgs {
+    #[command(flatten)]
+    services: ServiceSettings,
+    /// The wallet's owner.
+    #[arg(long)]
+    user: String,
+    /// Amount as plain decimal text, e.g. 12.34.
+    #[arg(long)]
+    amount: String,
+    /// Idempotency key; a fresh UUID when omitted.
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Seconds to wait for the result (0: publish only).
+    #[arg(long, default_value_t = 0)]
+    wait: u64,
+}
+
+/// Parses the command line, runs the command, maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("walletq: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("walletq: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Migrate { services } => {
+            Ledger::connect(&services.database_url, 1).await?;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Worker { services, topology, worker } => {
+            let shutdown = CancellationToken::new();
+            let drain = Duration::from_millis(worker.drain_timeout_ms);
+            let running = tokio::spawn(crate::worker::run_worker(services, topology, worker, shutdown.clone()));
+            tokio::pin!(running);
+            tokio::select! {
+                finished = &mut running => return finished.context("worker task failed")?.map(|()| ExitCode::SUCCESS),
+                signal = shutdown_signal() => signal?,
+            }
+            tracing::info!(drain_timeout_ms = drain.as_millis() as u64, "stopping: finishing the batches in flight");
+            shutdown.cancel();
+            match tokio::time::timeout(drain, &mut running).await {
+                Ok(finished) => finished.context("worker task failed")?.map(|()| ExitCode::SUCCESS),
+                Err(_) => {
+                    tracing::warn!("drain timeout passed; unacked messages will be redelivered");
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
+        Command::Withdraw(args) => submit(args, Op::Withdraw).await,
+        Command::Deposit(args) => submit(args, Op::Deposit).await,
+        Command::Balance { services, user } => {
+            let user = UserId::parse(&user).context("user id must be 1-64 characters of [A-Za-z0-9._:-]")?;
+            let ledger = Ledger::connect(&services.database_url, 1).await?;
+            match ledger.wallet(&user).await? {
+                Some(wallet) => println!("{}", serde_json::to_string_pretty(&wallet)?),
+                None => println!("{}", serde_json::json!({ "user_id": user, "balance": null, "coupons": [] })),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn submit(args: SubmitArgs, op: Op) -> anyhow::Result<ExitCode> {
+    let amount = Money::parse_amount(&args.amount).map_err(|e| anyhow::anyhow!("amount {:?} {e}", args.amount))?;
+    let client = Client::connect(&args.services.amqp_url, &args.services.namespace).await?;
+    let request = client.request(&args.user, op, amount, args.request_id.as_deref())?;
+    if args.wait == 0 {
+        client.submit(&request, None).await?;
+        println!("{}", serde_json::json!({ "request_id": request.request_id, "published": true }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    match client.submit_and_wait(&request, Duration::from_secs(args.wait)).await {
+        Ok(result) => {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(if result.status == Status::Approved { ExitCode::SUCCESS } else { ExitCode::from(EXIT_REJECTED) })
+        }
+        Err(error) if error.to_string().contains("no result") => {
+            eprintln!("walletq: {error}");
+            Ok(ExitCode::from(EXIT_NO_RESULT))
+        }
+        Err(error) => Err(error),
+    }
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        result = tokio::signal::ctrl_c() => result.context("waiting for ctrl-c")?,
+    }
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Settings from flags and environment, with defaults for the local services.
+
+use clap::{Args, ValueEnum};
+
+/// Where the three services are, and which namespace of names this deployment uses.
+#[derive(Args, Debug, Clone)]
+pub struct ServiceSettings {
+    /// PostgreSQL URL; the database is created when missing.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/walletq",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
+    pub amqp_url: String,
+    /// Redis URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
+    pub redis_url: String,
+    /// Prefix of every exchange, queue and Redis key (`walletq.requests`, `walletq:lock:…`).
+    #[arg(long, env = "WALLETQ_NAMESPACE", default_value = "walletq", value_parser = parse_namespace)]
+    pub namespace: String,
+}
+
+/// RabbitMQ queue type of the partition queues.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+impl QueueType {
+    /// The `x-queue-type` argument value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+/// How the request topology is laid out.
+#[derive(Args, Debug, Clone)]
+pub struct TopologySettings {
+    /// Number of partition queues (`<namespace>.requests.0` … `.N-1`).
+    #[arg(long, env = "WALLETQ_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub partitions: u16,
+    /// Queue type of the partition queues.
+    #[arg(long, env = "WALLETQ_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
+    pub queue_type: QueueType,
+}
+
+/// Tuning of the worker pipeline; every bound is explicit.
+#[derive(Args, Debug, Clone)]
+pub struct WorkerSettings {
+    /// Most deliveries applied in one batch (one lock round trip, one transaction).
+    #[arg(long, env = "WALLETQ_BATCH_MAX", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    pub batch_max: u16,
+    /// Unacked deliveries the broker may push per partition (0 = twice `batch_max`).
+    #[arg(long, env = "WALLETQ_PREFETCH", default_value_t = 0)]
+    pub prefetch: u16,
+    /// TTL of a per-user Redis lock; extended while the batch runs.
+    #[arg(long, env = "WALLETQ_LOCK_TTL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub lock_ttl_ms: u64,
+    /// Attempts to take a batch's locks before the batch goes back to its queue.
+    #[arg(long, env = "WALLETQ_LOCK_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub lock_attempts: u32,
+    /// Upper bound of the jittered backoff between lock attempts and reconnects.
+    #[arg(long, env = "WALLETQ_BACKOFF_MAX_MS", default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub backoff_max_ms: u64,
+    /// PostgreSQL connections in the worker's pool.
+    #[arg(long, env = "WALLETQ_DB_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub db_connections: u32,
+    /// How long a shutdown waits for the batch in flight.
+    #[arg(long, env = "WALLETQ_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
+    pub drain_timeout_ms: u64,
+}
+
+impl WorkerSettings {
+    /// Prefetch per partition channel.
+    pub fn effective_prefetch(&self) -> u16 {
+        if self.prefetch == 0 { self.batch_max.saturating_mul(2) } else { self.prefetch }
+    }
+}
+
+fn parse_namespace(text: &str) -> Result<String, String> {
+    let ok = (1..=48).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
+    if ok { Ok(text.to_owned()) } else { Err("1-48 characters of [a-z0-9_-]".into()) }
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        ServiceSettings {
+            database_url: "postgres://postgres@127.0.0.1:5432/walletq".into(),
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            namespace: "walletq".into(),
+        }
+    }
+}
+
+impl Default for TopologySettings {
+    fn default() -> Self {
+        TopologySettings { partitions: 16, queue_type: QueueType::Quorum }
+    }
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            batch_max: 256,
+            prefetch: 0,
+            lock_ttl_ms: 10_000,
+            lock_attempts: 8,
+            backoff_max_ms: 2_000,
+            db_connections: 8,
+            drain_timeout_ms: 30_000,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespace_is_restricted() {
+        assert!(parse_namespace("walletq").is_ok());
+        assert!(parse_namespace("t_1-x").is_ok());
+        assert!(parse_namespace("").is_err());
+        assert!(parse_namespace("Bad.Name").is_err());
+    }
+}

@@ -1,0 +1,332 @@
+//! The request wire format: decoding and validation of producer messages.
+
+use std::fmt;
+
+use serde::de::{MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use super::money::Money;
+
+/// Largest message body accepted, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// Longest request or user id, in characters.
+pub const MAX_ID_CHARS: usize = 64;
+
+fn is_valid_id(text: &str) -> bool {
+    (1..=MAX_ID_CHARS).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates 1–64 characters of `[A-Za-z0-9._:-]`.
+            pub fn parse(text: &str) -> Option<Self> {
+                is_valid_id(text).then(|| Self(text.to_owned()))
+            }
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                Self::parse(&text).ok_or_else(|| serde::de::Error::custom("invalid id"))
+            }
+        }
+    };
+}
+
+id_type!(
+    /// Idempotency key of a request: applied at most once, forever.
+    RequestId
+);
+id_type!(
+    /// Owner of a wallet; also the partition routing key.
+    UserId
+);
+
+/// What a request does to a wallet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Withdraw,
+    Deposit,
+}
+
+impl Op {
+    /// The wire name, `withdraw` or `deposit`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Withdraw => "withdraw",
+            Op::Deposit => "deposit",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(text: &str) -> Option<Op> {
+        match text {
+            "withdraw" => Some(Op::Withdraw),
+            "deposit" => Some(Op::Deposit),
+            _ => None,
+        }
+    }
+}
+
+/// A valid request, as a producer sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub request_id: RequestId,
+    pub user_id: UserId,
+    pub op: Op,
+    pub amount: Money,
+}
+
+impl Request {
+    /// "The same body": same user, op and amount value.
+    pub fn same_body(&self, other: &Request) -> bool {
+        self.user_id == other.user_id && self.op == other.op && self.amount == other.amount
+    }
+
+    /// The canonical JSON body of this request.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::json!({
+            "request_id": self.request_id,
+            "user_id": self.user_id,
+            "op": self.op,
+            "amount": self.amount,
+        })
+        .to_string()
+        .into_bytes()
+    }
+}
+
+/// A message that is not a valid request, with what is known of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidRequest {
+    /// Human-readable reason, for the `detail` of the rejection.
+    pub detail: String,
+    pub request_id: Option<RequestId>,
+    pub user_id: Option<UserId>,
+    pub op: Option<Op>,
+    pub amount: Option<Money>,
+}
+
+impl InvalidRequest {
+    fn bare(detail: impl Into<String>) -> Self {
+        InvalidRequest { detail: detail.into(), request_id: None, user_id: None, op: None, amount: None }
+    }
+}
+
+/// The fields of a JSON object in order, duplicates kept (so they can be refused).
+struct Fields<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::new();
+                while let Some((key, value)) = map.next_entry::<String, &'de RawValue>()? {
+                    fields.push((key, value));
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+const FIELD_NAMES: [&str; 4] = ["request_id", "user_id", "op", "amount"];
+
+/// Decodes and validates a message body. Never panics, whatever the bytes.
+pub fn decode_request(body: &[u8]) -> Result<Request, InvalidRequest> {
+    if body.len() > MAX_MESSAGE_BYTES {
+        return Err(InvalidRequest::bare(format!(
+            "message is {} bytes, over the {MAX_MESSAGE_BYTES}-byte limit",
+            body.len()
+        )));
+    }
+    let text = std::str::from_utf8(body).map_err(|_| InvalidRequest::bare("body is not UTF-8 text"))?;
+    let Fields(fields) = serde_json::from_str::<Fields>(text)
+        .map_err(|e| InvalidRequest::bare(format!("body is not a JSON object of the request fields: {e}")))?;
+
+    let mut raw: [Option<&RawValue>; 4] = [None; 4];
+    let mut problems: Vec<String> = Vec::new();
+    for (key, value) in &fields {
+        match FIELD_NAMES.iter().position(|name| name == key) {
+            Some(i) if raw[i].is_some() => problems.push(format!("field `{key}` appears twice")),
+            Some(i) => raw[i] = Some(value),
+            None => problems.push(format!("unknown field `{}`", truncate(key))),
+        }
+    }
+    let [raw_request_id, raw_user_id, raw_op, raw_amount] = raw;
+
+    let mut invalid = InvalidRequest::bare(String::new());
+    invalid.request_id = id_field(raw_request_id, "request_id", RequestId::parse, &mut problems);
+    invalid.user_id = id_field(raw_user_id, "user_id", UserId::parse, &mut problems);
+    invalid.op = match raw_op.map(as_json_string) {
+        None => {
+            problems.push("missing field `op`".into());
+            None
+        }
+        Some(Some(text)) => Op::parse(&text).or_else(|| {
+            problems.push(format!("`op` must be \"withdraw\" or \"deposit\", got {:?}", truncate(&text)));
+            None
+        }),
+        Some(None) => {
+            problems.push("`op` must be a string".into());
+            None
+        }
+    };
+    invalid.amount = match raw_amount {
+        None => {
+            problems.push("missing field `amount`".into());
+            None
+        }
+        Some(raw) => {
+            let text = as_json_string(raw).unwrap_or_else(|| raw.get().to_owned());
+            Money::parse_amount(&text)
+                .map_err(|e| problems.push(format!("`amount` {e}, got {}", truncate(raw.get()))))
+                .ok()
+        }
+    };
+
+    match (problems.is_empty(), &invalid) {
+        (
+            true,
+            InvalidRequest {
+                request_id: Some(request_id),
+                user_id: Some(user_id),
+                op: Some(op),
+                amount: Some(amount),
+                ..
+            },
+        ) => Ok(Request { request_id: request_id.clone(), user_id: user_id.clone(), op: *op, amount: *amount }),
+        _ => {
+            invalid.detail = problems.join("; ");
+            Err(invalid)
+        }
+    }
+}
+
+fn id_field<T>(
+    raw: Option<&RawValue>,
+    name: &str,
+    parse: fn(&str) -> Option<T>,
+    problems: &mut Vec<String>,
+) -> Option<T> {
+    let Some(raw) = raw else {
+        problems.push(format!("missing field `{name}`"));
+        return None;
+    };
+    let parsed = as_json_string(raw).and_then(|text| parse(&text));
+    if parsed.is_none() {
+        problems.push(format!("`{name}` must be a string of 1-{MAX_ID_CHARS} characters of [A-Za-z0-9._:-]"));
+    }
+    parsed
+}
+
+/// The value of a JSON string, or `None` when the raw value is not a string.
+fn as_json_string(raw: &RawValue) -> Option<String> {
+    if raw.get().starts_with('"') { serde_json::from_str::<String>(raw.get()).ok() } else { None }
+}
+
+/// Keeps echoed input short in error details.
+fn truncate(text: &str) -> String {
+    const MAX: usize = 40;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(text: &str) -> Result<Request, InvalidRequest> {
+        decode_request(text.as_bytes())
+    }
+
+    #[test]
+    fn decodes_string_and_number_amounts_exactly() {
+        let a = decode(r#"{"request_id":"r-1","user_id":"u:1","op":"withdraw","amount":"12.34"}"#).unwrap();
+        assert_eq!(a.amount.cents(), 1234);
+        assert_eq!(a.op, Op::Withdraw);
+        let b = decode(r#"{"request_id":"r-2","user_id":"u.1","op":"deposit","amount":0.1}"#).unwrap();
+        assert_eq!(b.amount.cents(), 10);
+        let c = decode(r#"{"amount":1.000,"op":"deposit","user_id":"u_1","request_id":"r-3"}"#).unwrap();
+        assert_eq!(c.amount.cents(), 100);
+    }
+
+    #[test]
+    fn rejects_bad_amounts_with_a_reason() {
+        for (amount, needle) in [
+            ("1.0000000000000001", "more than 2 decimal places"),
+            ("\"1.001\"", "more than 2 decimal places"),
+            ("-5", "plain decimal"),
+            ("1e3", "plain decimal"),
+            ("\"\"", "plain decimal"),
+            ("0", "greater than 0"),
+            ("1000000000.01", "at most 1000000000.00"),
+            ("true", "plain decimal"),
+            ("null", "plain decimal"),
+            ("[1]", "plain decimal"),
+        ] {
+            let body = format!(r#"{{"request_id":"r","user_id":"u","op":"withdraw","amount":{amount}}}"#);
+            let err = decode(&body).unwrap_err();
+            assert!(err.detail.contains(needle), "{amount}: {}", err.detail);
+            assert_eq!(err.request_id.as_ref().map(RequestId::as_str), Some("r"));
+            assert_eq!(err.amount, None);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes() {
+        let long_id = "x".repeat(65);
+        for (body, needle) in [
+            ("not json", "not a JSON object"),
+            ("[1,2]", "not a JSON object"),
+            ("{}", "missing field `request_id`"),
+            (r#"{"request_id":"r","user_id":"u","op":"withdraw"}"#, "missing field `amount`"),
+            (r#"{"request_id":"r","user_id":"u","op":"steal","amount":"1"}"#, "`op` must be"),
+            (r#"{"request_id":"r","user_id":"u","op":"withdraw","amount":"1","x":1}"#, "unknown field `x`"),
+            (r#"{"request_id":"r","user_id":"u","op":"withdraw","amount":"1","amount":"2"}"#, "appears twice"),
+            (r#"{"request_id":"a b","user_id":"u","op":"withdraw","amount":"1"}"#, "`request_id` must be"),
+            (r#"{"request_id":5,"user_id":"u","op":"withdraw","amount":"1"}"#, "`request_id` must be"),
+        ] {
+            let err = decode(body).unwrap_err();
+            assert!(err.detail.contains(needle), "{body}: {}", err.detail);
+        }
+        let body = format!(r#"{{"request_id":"{long_id}","user_id":"u","op":"withdraw","amount":"1"}}"#);
+        assert!(decode(&body).unwrap_err().detail.contains("request_id"));
+        assert!(decode_request(&[0xff, 0xfe]).unwrap_err().detail.contains("UTF-8"));
+        let huge = vec![b' '; MAX_MESSAGE_BYTES + 1];
+        assert!(decode_request(&huge).unwrap_err().detail.contains("limit"));
+    }
+
+    #[test]
+    fn canonical_json_decodes_to_itself() {
+        let request = decode(r#"{"request_id":"r","user_id":"u","op":"deposit","amount":"5"}"#).unwrap();
+        assert_eq!(decode_request(&request.to_json()), Ok(request));
+    }
+}

@@ -1,0 +1,324 @@
+//! PostgreSQL: the wallets, the stored requests and results, the append-only ledger.
+//!
+//! A batch is applied in one transaction with a fixed number of set-based statements,
+//! whatever its size: fence check, two reads, then one insert per table.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, SubsecRound, Utc};
+use rust_decimal::Decimal;
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row};
+
+use crate::domain::{
+    Coupon, LedgerState, Money, Op, Request, RequestId, RequestResult, StoredRequest, UserId, plan_batch,
+};
+use crate::telemetry::redact_url;
+
+/// Why a batch was not applied. Nothing of it was written.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// A newer lock holder has written for this user: this worker's lock expired.
+    #[error("fencing token for user {0} is older than one already written: the lock was lost")]
+    StaleFence(UserId),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("stored data breaks an invariant: {0}")]
+    Corrupt(String),
+}
+
+/// A wallet as read back: balance and coupons.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WalletView {
+    pub user_id: UserId,
+    pub balance: Money,
+    pub coupons: Vec<Coupon>,
+}
+
+/// The ledger database.
+#[derive(Clone)]
+pub struct Ledger {
+    pool: PgPool,
+}
+
+impl Ledger {
+    /// Creates the database when missing, connects a pool and runs the embedded migrations.
+    pub async fn connect(database_url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        let shown = redact_url(database_url);
+        let exists = Postgres::database_exists(database_url)
+            .await
+            .with_context(|| format!("connecting to PostgreSQL at {shown}"))?;
+        if !exists {
+            if let Err(error) = Postgres::create_database(database_url).await {
+                // Another process may have created it in the meantime.
+                if !Postgres::database_exists(database_url).await.unwrap_or(false) {
+                    return Err(error).with_context(|| format!("creating database {shown}"));
+                }
+            }
+            tracing::info!(database = %shown, "created database");
+        }
+        let options = PgConnectOptions::from_str(database_url).with_context(|| format!("parsing {shown}"))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await
+            .with_context(|| format!("connecting to PostgreSQL at {shown}"))?;
+        sqlx::migrate!("./migrations").run(&pool).await.context("running database migrations")?;
+        Ok(Ledger { pool })
+    }
+
+    /// The connection pool, for reads outside the pipeline.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies `requests` in order under the given fencing tokens, in one transaction, and
+    /// returns one result per request.
+    pub async fn apply_batch(
+        &self,
+        requests: &[Request],
+        fences: &[(UserId, i64)],
+    ) -> Result<Vec<RequestResult>, LedgerError> {
+        let now = Utc::now().trunc_subsecs(6);
+        let mut tx = self.pool.begin().await?;
+
+        // 1. Fencing: lock each user's fence row (sorted, so concurrent batches can't
+        //    deadlock) and refuse if a newer token has written.
+        let mut sorted: Vec<&(UserId, i64)> = fences.iter().collect();
+        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let users: Vec<String> = sorted.iter().map(|(u, _)| u.as_str().to_owned()).collect();
+        let tokens: Vec<i64> = sorted.iter().map(|(_, t)| *t).collect();
+        let accepted: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO user_fences (user_id, fence)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
+             ON CONFLICT (user_id) DO UPDATE SET fence = EXCLUDED.fence
+             WHERE user_fences.fence <= EXCLUDED.fence
+             RETURNING user_id",
+        )
+        .bind(&users)
+        .bind(&tokens)
+        .fetch_all(&mut *tx)
+        .await?;
+        if accepted.len() != users.len() {
+            let stale = sorted
+                .iter()
+                .find(|(u, _)| !accepted.iter().any(|a| a == u.as_str()))
+                .map(|(u, _)| u.clone())
+                .ok_or_else(|| LedgerError::Corrupt("fence check returned unknown users".into()))?;
+            return Err(LedgerError::StaleFence(stale));
+        }
+
+        // 2. Read the state the rules need.
+        let state = load_state(&mut tx, requests, &users).await?;
+
+        // 3. Apply the rules (pure), then write the plan.
+        let plan = plan_batch(requests, state, now, new_coupon_code);
+        write_plan(&mut tx, &plan, now).await?;
+        tx.commit().await?;
+        Ok(plan.results)
+    }
+
+    /// The stored result of a request, if it was processed.
+    pub async fn stored_result(&self, request_id: &RequestId) -> anyhow::Result<Option<RequestResult>> {
+        let row: Option<String> = sqlx::query_scalar("SELECT result::text FROM requests WHERE request_id = $1")
+            .bind(request_id.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .context("reading a stored result")?;
+        row.map(|text| serde_json::from_str(&text).context("decoding a stored result")).transpose()
+    }
+
+    /// The wallet of `user` with its coupons, or `None` when it has none.
+    pub async fn wallet(&self, user: &UserId) -> anyhow::Result<Option<WalletView>> {
+        let balance: Option<Decimal> = sqlx::query_scalar("SELECT balance FROM wallets WHERE user_id = $1")
+            .bind(user.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .context("reading a wallet")?;
+        let Some(balance) = balance else {
+            return Ok(None);
+        };
+        let rows = sqlx::query("SELECT code, kind FROM coupons WHERE user_id = $1 ORDER BY granted_at, code")
+            .bind(user.as_str())
+            .fetch_all(&self.pool)
+            .await
+            .context("reading coupons")?;
+        let coupons = rows
+            .iter()
+            .map(|row| {
+                let kind: String = row.try_get("kind")?;
+                let kind = serde_json::from_value(serde_json::Value::String(kind)).context("unknown coupon kind")?;
+                Ok(Coupon { code: row.try_get("code")?, kind })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let balance = Money::from_decimal(balance).context("stored balance is not valid money")?;
+        Ok(Some(WalletView { user_id: user.clone(), balance, coupons }))
+    }
+}
+
+fn new_coupon_code() -> String {
+    let hex = uuid::Uuid::new_v4().simple().to_string().to_ascii_uppercase();
+    format!("WQ-{}", &hex[..16])
+}
+
+async fn load_state(
+    tx: &mut sqlx::PgConnection,
+    requests: &[Request],
+    users: &[String],
+) -> Result<LedgerState, LedgerError> {
+    let mut state = LedgerState::default();
+    let rows = sqlx::query("SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) FOR UPDATE")
+        .bind(users)
+        .fetch_all(&mut *tx)
+        .await?;
+    for row in rows {
+        let user: String = row.try_get("user_id")?;
+        let balance: Decimal = row.try_get("balance")?;
+        let user = UserId::parse(&user).ok_or_else(|| LedgerError::Corrupt(format!("bad user id {user:?}")))?;
+        let balance = Money::from_decimal(balance)
+            .ok_or_else(|| LedgerError::Corrupt(format!("balance {balance} of {user} is not valid money")))?;
+        state.balances.insert(user, balance);
+    }
+
+    let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
+    let rows = sqlx::query(
+        "SELECT request_id, user_id, op, amount, result::text AS result FROM requests WHERE request_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in rows {
+        let stored = decode_stored(&row)?;
+        state.known.insert(stored.request.request_id.clone(), stored);
+    }
+    Ok(state)
+}
+
+fn decode_stored(row: &sqlx::postgres::PgRow) -> Result<StoredRequest, LedgerError> {
+    let corrupt = |what: &str| LedgerError::Corrupt(what.to_owned());
+    let request_id: String = row.try_get("request_id")?;
+    let user_id: String = row.try_get("user_id")?;
+    let op: String = row.try_get("op")?;
+    let amount: Decimal = row.try_get("amount")?;
+    let result: String = row.try_get("result")?;
+    let request = Request {
+        request_id: RequestId::parse(&request_id).ok_or_else(|| corrupt("stored request_id"))?,
+        user_id: UserId::parse(&user_id).ok_or_else(|| corrupt("stored user_id"))?,
+        op: Op::parse(&op).ok_or_else(|| corrupt("stored op"))?,
+        amount: Money::from_decimal(amount).ok_or_else(|| corrupt("stored amount"))?,
+    };
+    let result = serde_json::from_str(&result).map_err(|e| LedgerError::Corrupt(format!("stored result: {e}")))?;
+    Ok(StoredRequest { request, result })
+}
+
+async fn write_plan(
+    tx: &mut sqlx::PgConnection,
+    plan: &crate::domain::BatchPlan,
+    now: DateTime<Utc>,
+) -> Result<(), LedgerError> {
+    if plan.new_requests.is_empty() {
+        return Ok(());
+    }
+    if !plan.balances.is_empty() {
+        let users: Vec<&str> = plan.balances.iter().map(|(u, _)| u.as_str()).collect();
+        let balances: Vec<Decimal> = plan.balances.iter().map(|(_, b)| b.as_decimal()).collect();
+        sqlx::query(
+            "INSERT INTO wallets (user_id, balance)
+             SELECT * FROM unnest($1::text[], $2::numeric[])
+             ON CONFLICT (user_id) DO UPDATE SET balance = EXCLUDED.balance, updated_at = now()",
+        )
+        .bind(&users)
+        .bind(&balances)
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    let new = &plan.new_requests;
+    let ids: Vec<&str> = new.iter().map(|n| n.request.request_id.as_str()).collect();
+    let users: Vec<&str> = new.iter().map(|n| n.request.user_id.as_str()).collect();
+    let ops: Vec<&str> = new.iter().map(|n| n.request.op.as_str()).collect();
+    let amounts: Vec<Decimal> = new.iter().map(|n| n.request.amount.as_decimal()).collect();
+    let statuses: Vec<&str> = new
+        .iter()
+        .map(|n| match n.result.status {
+            crate::domain::Status::Approved => "approved",
+            crate::domain::Status::Rejected => "rejected",
+        })
+        .collect();
+    let reasons: Vec<Option<&str>> = new.iter().map(|n| n.result.reason.map(|r| r.as_str())).collect();
+    let results: Vec<String> = new
+        .iter()
+        .map(|n| serde_json::to_string(&n.result))
+        .collect::<Result<_, _>>()
+        .map_err(|e| LedgerError::Corrupt(format!("encoding a result: {e}")))?;
+    sqlx::query(
+        "INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at)
+         SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $8
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::text[], $6::text[], $7::text[])
+              AS r(id, user_id, op, amount, status, reason, result)",
+    )
+    .bind(&ids)
+    .bind(&users)
+    .bind(&ops)
+    .bind(&amounts)
+    .bind(&statuses)
+    .bind(&reasons)
+    .bind(&results)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+
+    let entries: Vec<_> = new.iter().filter_map(|n| n.entry.map(|e| (n, e))).collect();
+    if !entries.is_empty() {
+        let ids: Vec<&str> = entries.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
+        let users: Vec<&str> = entries.iter().map(|(n, _)| n.request.user_id.as_str()).collect();
+        let deltas: Vec<Decimal> = entries.iter().map(|(_, e)| Decimal::new(e.delta_cents, 2)).collect();
+        let after: Vec<Decimal> = entries.iter().map(|(_, e)| e.balance_after.as_decimal()).collect();
+        sqlx::query(
+            "INSERT INTO ledger_entries (request_id, user_id, delta, balance_after)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::numeric[], $4::numeric[])",
+        )
+        .bind(&ids)
+        .bind(&users)
+        .bind(&deltas)
+        .bind(&after)
+        .execute(&mut *tx)
+        .await?;
+    }
+
+    let coupons: Vec<_> = new.iter().filter_map(|n| n.result.coupon.as_ref().map(|c| (n, c))).collect();
+    if !coupons.is_empty() {
+        let codes: Vec<&str> = coupons.iter().map(|(_, c)| c.code.as_str()).collect();
+        let users: Vec<&str> = coupons.iter().map(|(n, _)| n.request.user_id.as_str()).collect();
+        let kinds: Vec<&str> = coupons.iter().map(|(_, c)| c.kind.as_str()).collect();
+        let ids: Vec<&str> = coupons.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO coupons (code, user_id, kind, request_id)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])",
+        )
+        .bind(&codes)
+        .bind(&users)
+        .bind(&kinds)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Per-user final balances, for callers that read many at once (tests, bench, audit).
+pub async fn balances(pool: &PgPool) -> anyhow::Result<HashMap<String, Money>> {
+    let rows = sqlx::query("SELECT user_id, balance FROM wallets").fetch_all(pool).await.context("reading balances")?;
+    rows.iter()
+        .map(|row| {
+            let user: String = row.try_get("user_id")?;
+            let balance: Decimal = row.try_get("balance")?;
+            Ok((user, Money::from_decimal(balance).context("stored balance is not valid money")?))
+        })
+        .collect()
+}

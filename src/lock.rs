@@ -1,0 +1,188 @@
+//! Per-user Redis locks with fencing tokens: the backstop behind single active consumers.
+//!
+//! A batch takes the lock of each of its users in one round trip (`SET NX PX` with a random
+//! token, all or nothing), and gets with it a fencing token per user that only grows:
+//! `max(previous + 1, Redis TIME in µs)`, so it keeps growing even after Redis restarts empty.
+//! PostgreSQL stores the highest token per user and refuses a lower one, so a worker whose
+//! lock expired can never write after a newer holder.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script};
+
+use crate::domain::UserId;
+use crate::telemetry::redact_url;
+
+/// How long a fencing counter outlives its last use. Tokens stay monotonic after it
+/// expires because they never fall below the Redis clock.
+const FENCE_KEY_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+
+const ACQUIRE: &str = r"
+local n = #KEYS / 2
+for i = 1, n do
+  if not redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    for j = 1, i - 1 do
+      if redis.call('GET', KEYS[j]) == ARGV[1] then redis.call('DEL', KEYS[j]) end
+    end
+    return {0, i}
+  end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {1}
+for i = 1, n do
+  local current = tonumber(redis.call('GET', KEYS[n + i]) or '0')
+  local fence = math.max(current + 1, now)
+  redis.call('SET', KEYS[n + i], string.format('%d', fence), 'PX', ARGV[3])
+  out[i + 1] = fence
+end
+return out
+";
+
+const EXTEND: &str = r"
+local held = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    held = held + 1
+  end
+end
+return held
+";
+
+const RELEASE: &str = r"
+local released = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+    released = released + 1
+  end
+end
+return released
+";
+
+/// Locks held for one batch: the users, the random token and each user's fencing token.
+#[derive(Debug, Clone)]
+pub struct LockGrant {
+    token: String,
+    lock_keys: Vec<String>,
+    /// `(user, fencing token)`, in the order the users were asked for.
+    pub fences: Vec<(UserId, i64)>,
+}
+
+/// The outcome of one attempt to lock a batch's users.
+#[derive(Debug)]
+pub enum Acquire {
+    Granted(LockGrant),
+    /// Another holder has this user's lock; nothing was taken.
+    Contended(UserId),
+}
+
+/// The per-user locks of one namespace.
+#[derive(Clone)]
+pub struct UserLocks {
+    redis: ConnectionManager,
+    prefix: String,
+    ttl_ms: u64,
+    acquire: Script,
+    extend: Script,
+    release: Script,
+}
+
+impl UserLocks {
+    /// Connects (with automatic reconnects) to Redis; keys are `<prefix>:lock:<user>`.
+    pub async fn connect(redis_url: &str, prefix: &str, ttl_ms: u64) -> anyhow::Result<Self> {
+        let client = Client::open(redis_url).with_context(|| format!("parsing Redis URL {}", redact_url(redis_url)))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_millis(500));
+        let redis = ConnectionManager::new_with_config(client, config)
+            .await
+            .with_context(|| format!("connecting to Redis at {}", redact_url(redis_url)))?;
+        Ok(UserLocks {
+            redis,
+            prefix: prefix.to_owned(),
+            ttl_ms,
+            acquire: Script::new(ACQUIRE),
+            extend: Script::new(EXTEND),
+            release: Script::new(RELEASE),
+        })
+    }
+
+    /// The lock TTL in milliseconds.
+    pub fn ttl_ms(&self) -> u64 {
+        self.ttl_ms
+    }
+
+    fn lock_key(&self, user: &UserId) -> String {
+        format!("{}:lock:{user}", self.prefix)
+    }
+
+    fn fence_key(&self, user: &UserId) -> String {
+        format!("{}:fence:{user}", self.prefix)
+    }
+
+    /// Tries once to lock all `users` (distinct) in one round trip: all or nothing.
+    pub async fn try_acquire(&self, users: &[UserId]) -> anyhow::Result<Acquire> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let lock_keys: Vec<String> = users.iter().map(|u| self.lock_key(u)).collect();
+        let mut invocation = self.acquire.prepare_invoke();
+        for key in &lock_keys {
+            invocation.key(key);
+        }
+        for user in users {
+            invocation.key(self.fence_key(user));
+        }
+        invocation.arg(&token).arg(self.ttl_ms).arg(FENCE_KEY_TTL_MS);
+        let reply: Vec<i64> =
+            invocation.invoke_async(&mut self.redis.clone()).await.context("taking user locks in Redis")?;
+        match reply.as_slice() {
+            [1, fences @ ..] if fences.len() == users.len() => Ok(Acquire::Granted(LockGrant {
+                token,
+                lock_keys,
+                fences: users.iter().cloned().zip(fences.iter().copied()).collect(),
+            })),
+            [0, position] => {
+                let index = usize::try_from(*position - 1).unwrap_or(0).min(users.len().saturating_sub(1));
+                let user = users.get(index).cloned().context("lock script named no user")?;
+                Ok(Acquire::Contended(user))
+            }
+            other => anyhow::bail!("unexpected reply from the lock script: {other:?}"),
+        }
+    }
+
+    /// Pushes the TTL of every lock still held back to the full TTL; true when all are held.
+    pub async fn extend(&self, grant: &LockGrant) -> anyhow::Result<bool> {
+        let held: usize =
+            self.run_on_locks(&self.extend, grant, Some(self.ttl_ms)).await.context("extending user locks")?;
+        Ok(held == grant.lock_keys.len())
+    }
+
+    /// Releases the locks this grant still holds (compare-and-delete).
+    pub async fn release(&self, grant: &LockGrant) -> anyhow::Result<()> {
+        let _released: usize = self.run_on_locks(&self.release, grant, None).await.context("releasing user locks")?;
+        Ok(())
+    }
+
+    async fn run_on_locks(&self, script: &Script, grant: &LockGrant, ttl_ms: Option<u64>) -> redis::RedisResult<usize> {
+        let mut invocation = script.prepare_invoke();
+        for key in &grant.lock_keys {
+            invocation.key(key);
+        }
+        invocation.arg(&grant.token);
+        if let Some(ttl_ms) = ttl_ms {
+            invocation.arg(ttl_ms);
+        }
+        invocation.invoke_async(&mut self.redis.clone()).await
+    }
+
+    /// A cheap round trip, for readiness checks.
+    pub async fn ping(&self) -> anyhow::Result<()> {
+        let _: String = redis::cmd("PING").query_async(&mut self.redis.clone()).await.context("pinging Redis")?;
+        Ok(())
+    }
+}

@@ -1,0 +1,164 @@
+//! One batch, in order: decode → lock users (Redis, fenced) → apply (one PostgreSQL
+//! transaction) → publish results (confirmed) → ack → release locks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use tokio_util::sync::CancellationToken;
+
+use super::WorkerContext;
+use crate::backoff::jittered_delay;
+use crate::broker::{Publisher, json_properties};
+use crate::domain::{InvalidRequest, Request, RequestResult, UserId, decode_request};
+use crate::lock::{Acquire, LockGrant};
+
+/// Applies one batch and acks it. On error nothing was acked: the caller returns the
+/// whole batch to the queue; whatever was committed is replayed, never applied twice.
+pub(super) async fn process_batch(
+    context: &WorkerContext,
+    publisher: &Publisher,
+    deliveries: &[Delivery],
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let decoded: Vec<Result<Request, InvalidRequest>> = deliveries.iter().map(|d| decode_request(&d.data)).collect();
+    let valid: Vec<Request> = decoded.iter().filter_map(|d| d.as_ref().ok().cloned()).collect();
+
+    let mut grant = None;
+    let mut applied = Vec::new();
+    if !valid.is_empty() {
+        let mut users: Vec<UserId> = Vec::new();
+        for request in &valid {
+            if !users.contains(&request.user_id) {
+                users.push(request.user_id.clone());
+            }
+        }
+        let locked = acquire(context, &users, stop).await?;
+        let lost = Arc::new(AtomicBool::new(false));
+        let keeper = tokio::spawn(keep_alive(context.locks.clone(), locked.clone(), lost.clone()));
+        let outcome = context.ledger.apply_batch(&valid, &locked.fences).await;
+        keeper.abort();
+        match outcome {
+            Ok(results) => applied = results,
+            Err(error) => {
+                release(context, &locked).await;
+                return Err(error).context("applying the batch in PostgreSQL");
+            }
+        }
+        if lost.load(Ordering::Relaxed) {
+            tracing::warn!("a user lock expired while its batch ran; fencing kept the write safe");
+        }
+        grant = Some(locked);
+    }
+
+    let outcome = publish_and_ack(context, publisher, deliveries, &decoded, applied).await;
+    if let Some(grant) = &grant {
+        release(context, grant).await;
+    }
+    outcome
+}
+
+async fn publish_and_ack(
+    context: &WorkerContext,
+    publisher: &Publisher,
+    deliveries: &[Delivery],
+    decoded: &[Result<Request, InvalidRequest>],
+    applied: Vec<RequestResult>,
+) -> anyhow::Result<()> {
+    let now = chrono::Utc::now();
+    let mut applied = applied.into_iter();
+    let mut confirms = Vec::with_capacity(deliveries.len());
+    let default_reply_to = context.names.results_queue();
+    for (delivery, decoded) in deliveries.iter().zip(decoded) {
+        let result = match decoded {
+            Ok(_) => applied.next().context("the ledger returned fewer results than requests")?,
+            Err(invalid) => {
+                tracing::info!(detail = %invalid.detail, "rejecting an invalid message; dead-lettering it");
+                RequestResult::invalid(invalid, now)
+            }
+        };
+        let properties = &delivery.properties;
+        let reply_to = properties.reply_to().as_ref().map(|s| s.as_str()).unwrap_or(default_reply_to.as_str());
+        let correlation_id = properties
+            .correlation_id()
+            .clone()
+            .or_else(|| properties.message_id().clone())
+            .or_else(|| result.request_id.as_ref().map(|id| id.as_str().into()));
+        let mut reply = json_properties();
+        if let Some(request_id) = &result.request_id {
+            reply = reply.with_message_id(request_id.as_str().into());
+        }
+        if let Some(correlation_id) = correlation_id {
+            reply = reply.with_correlation_id(correlation_id);
+        }
+        confirms.push(publisher.send("", reply_to, &result.to_json(), reply).await?);
+    }
+    for confirm in confirms {
+        Publisher::confirmed(confirm).await?;
+    }
+
+    let channel = publisher.channel();
+    let all_valid = decoded.iter().all(Result::is_ok);
+    let last = deliveries.last().context("empty batch")?;
+    if all_valid {
+        channel.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true }).await.context("acking the batch")?;
+        return Ok(());
+    }
+    for (delivery, decoded) in deliveries.iter().zip(decoded) {
+        if decoded.is_ok() {
+            channel.basic_ack(delivery.delivery_tag, BasicAckOptions::default()).await.context("acking")?;
+        } else {
+            channel
+                .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
+                .await
+                .context("dead-lettering an invalid message")?;
+        }
+    }
+    Ok(())
+}
+
+/// Takes the locks of `users` with bounded, jittered retries.
+async fn acquire(context: &WorkerContext, users: &[UserId], stop: &CancellationToken) -> anyhow::Result<LockGrant> {
+    let attempts = context.settings.lock_attempts;
+    for attempt in 1..=attempts {
+        match context.locks.try_acquire(users).await.context("Redis unavailable: not applying without the user lock")? {
+            Acquire::Granted(grant) => return Ok(grant),
+            Acquire::Contended(user) => {
+                tracing::debug!(%user, attempt, "user lock is held elsewhere; backing off");
+                if attempt == attempts || stop.is_cancelled() {
+                    bail!("the lock of user {user} stayed taken after {attempts} attempts");
+                }
+                tokio::time::sleep(jittered_delay(attempt, context.settings.backoff_max_ms)).await;
+            }
+        }
+    }
+    bail!("no lock attempts configured")
+}
+
+/// Extends the locks every third of their TTL while the batch runs.
+async fn keep_alive(locks: crate::lock::UserLocks, grant: LockGrant, lost: Arc<AtomicBool>) {
+    let period = Duration::from_millis((locks.ttl_ms() / 3).max(1));
+    loop {
+        tokio::time::sleep(period).await;
+        match locks.extend(&grant).await {
+            Ok(true) => {}
+            Ok(false) => {
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "could not extend user locks")
+            }
+        }
+    }
+}
+
+async fn release(context: &WorkerContext, grant: &LockGrant) {
+    if let Err(error) = context.locks.release(grant).await {
+        // The TTL frees them anyway; fencing keeps a late holder harmless.
+        tracing::warn!(error = %format!("{error:#}"), "could not release user locks; they will expire");
+    }
+}
