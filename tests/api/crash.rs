@@ -1,0 +1,124 @@
+//! Worker processes killed mid-stream, and graceful stops.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use walletq::configuration::{QueueType, TopologySettings};
+use walletq::domain::{Op, RequestResult};
+
+use crate::helpers::{Lcg, SequentialModel, TestApp, assert_matches_model, request, spawn_app_with};
+
+fn spawn_worker_process(app: &TestApp) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_walletq"))
+        .arg("worker")
+        .env("DATABASE_URL", &app.services.database_url)
+        .env("AMQP_URL", &app.services.amqp_url)
+        .env("REDIS_URL", &app.services.redis_url)
+        .env("WALLETQ_NAMESPACE", &app.services.namespace)
+        .env("WALLETQ_PARTITIONS", app.topology.partitions.to_string())
+        .env("WALLETQ_QUEUE_TYPE", "quorum")
+        .env("WALLETQ_LOCK_TTL_MS", "2000")
+        .env("WALLETQ_BACKOFF_MAX_MS", "200")
+        .env("WALLETQ_BATCH_MAX", "64")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the walletq binary")
+}
+
+async fn wait_for_stored(app: &TestApp, at_least: i64, timeout: Duration) -> i64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let stored = app.count("SELECT count(*) FROM requests").await;
+        if stored >= at_least {
+            return stored;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {stored} of {at_least} requests stored in {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    let mut app = spawn_app_with(TopologySettings { partitions: 4, queue_type: QueueType::Quorum }, false).await;
+    let mut rng = Lcg(42);
+    let requests: Vec<_> = (0..3_000)
+        .map(|i| {
+            let user = format!("k-{}", rng.next_below(20));
+            let op = if rng.next_below(2) == 0 { Op::Deposit } else { Op::Withdraw };
+            request(format!("k-{i}"), &user, op, 1 + rng.next_below(5_000) as i64)
+        })
+        .collect();
+    app.publish_all(&requests).await;
+
+    let mut first = spawn_worker_process(&app);
+    let seen = wait_for_stored(&app, 300, Duration::from_secs(60)).await;
+    first.kill().expect("SIGKILL the worker");
+    first.wait().expect("reap the worker");
+    assert!(seen < 3_000, "the worker was killed mid-stream");
+
+    let mut second = spawn_worker_process(&app);
+    wait_for_stored(&app, 3_000, Duration::from_secs(120)).await;
+
+    // Every request has exactly one stored result and matches the per-user sequential model.
+    let stored: Vec<(String, String)> = sqlx::query_as("SELECT request_id, result::text FROM requests")
+        .fetch_all(&app.pool)
+        .await
+        .expect("stored results");
+    assert_eq!(stored.len(), 3_000);
+    let stored: HashMap<String, RequestResult> =
+        stored.into_iter().map(|(id, r)| (id, serde_json::from_str(&r).expect("stored result"))).collect();
+    let mut model = SequentialModel::default();
+    let mut approved = 0;
+    for r in &requests {
+        let expected = model.apply(r);
+        approved += i64::from(expected.0 == walletq::domain::Status::Approved);
+        assert_matches_model(&stored[r.request_id.as_str()], expected);
+    }
+    assert_eq!(app.count("SELECT count(*) FROM ledger_entries").await, approved, "one ledger entry per approval");
+    for user in (0..20).map(|u| format!("k-{u}")) {
+        app.assert_ledger_matches_balance(&user).await;
+    }
+
+    // Every request got a result on the reply queue; the ones redelivered after the kill
+    // may come twice, the second time as a replay of the same result.
+    let replies = app.next_results(3_000).await;
+    let distinct: std::collections::HashSet<_> =
+        replies.iter().filter_map(|(_, r)| r.request_id.as_ref().map(|id| id.as_str().to_owned())).collect();
+    let mut extra = Vec::new();
+    if distinct.len() < 3_000 {
+        extra = app.next_results(3_000 - distinct.len()).await;
+    }
+    for (_, reply) in replies.iter().chain(&extra) {
+        let id = reply.request_id.as_ref().expect("id").as_str();
+        assert_eq!(reply.status, stored[id].status);
+        assert_eq!(reply.balance, stored[id].balance);
+    }
+
+    second.kill().expect("stop the second worker");
+    second.wait().expect("reap");
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn sigterm_finishes_the_batch_in_flight_and_exits_zero() {
+    let mut app = spawn_app_with(TopologySettings { partitions: 2, queue_type: QueueType::Quorum }, false).await;
+    let mut worker = spawn_worker_process(&app);
+    let requests: Vec<_> = (0..200).map(|i| request(format!("t-{i}"), "term", Op::Deposit, 100)).collect();
+    app.publish_all(&requests).await;
+    wait_for_stored(&app, 1, Duration::from_secs(60)).await;
+    // SAFETY: plain kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = tokio::task::spawn_blocking(move || worker.wait()).await.expect("join").expect("wait");
+    assert!(status.success(), "worker exited with {status}");
+    // What was stored was also acked or will be replayed; a new worker finishes the rest.
+    let mut next = spawn_worker_process(&app);
+    wait_for_stored(&app, 200, Duration::from_secs(60)).await;
+    let results = app.next_results(200).await;
+    assert!(results.iter().all(|(_, r)| r.status == walletq::domain::Status::Approved));
+    next.kill().expect("stop");
+    next.wait().expect("reap");
+    app.cleanup().await;
+}

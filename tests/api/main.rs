@@ -1,0 +1,8 @@
+//! Integration tests against the real RabbitMQ, Redis and PostgreSQL.
+//! Each test has its own namespace (queues, exchanges, Redis keys) and its own database.
+
+mod crash;
+mod helpers;
+mod malformed;
+mod pipeline;
+mod topology;
