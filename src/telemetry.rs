@@ -21,6 +21,21 @@ pub fn init(format: LogFormat) {
     };
 }
 
+/// Installs the process-wide Prometheus recorder once and returns its handle; every
+/// `metrics::counter!`/`histogram!` call after this is exported by `handle.render()`.
+pub fn prometheus() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+        .map_err(|e| anyhow::anyhow!("configuring metric buckets: {e}"))?
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
 /// The URL with any password replaced by `***`, for logs and errors.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
