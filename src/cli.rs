@@ -48,6 +48,27 @@ enum Command {
     Withdraw(SubmitArgs),
     /// Publish a deposit (confirmed); with --wait, print its result.
     Deposit(SubmitArgs),
+    /// Check the ledger's invariants; exits 1 with the offending rows on any violation.
+    Audit {
+        #[command(flatten)]
+        services: ServiceSettings,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show partitions with their active worker, queue depth and unacked count, and the live workers.
+    Status {
+        #[command(flatten)]
+        services: ServiceSettings,
+        #[command(flatten)]
+        topology: TopologySettings,
+        /// A worker silent for this long is shown as gone.
+        #[arg(long, env = "WALLETQ_MEMBER_TTL_MS", default_value_t = 3_000)]
+        member_ttl_ms: u64,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a user's balance and coupons.
     Balance {
         #[command(flatten)]
@@ -120,6 +141,32 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
             }
+        }
+        Command::Audit { services, json } => {
+            let ledger = Ledger::connect(&services.database_url, 1).await?;
+            let report = crate::ledger::audit::audit(ledger.pool()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for check in &report.checks {
+                    let verdict = if check.violations.is_empty() { "ok  " } else { "FAIL" };
+                    println!("{verdict} {} ({} rows checked)", check.name, check.checked);
+                    for violation in &check.violations {
+                        println!("       {violation}");
+                    }
+                }
+                println!("audit {}", if report.is_clean() { "clean" } else { "found violations" });
+            }
+            Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Status { services, topology, member_ttl_ms, json } => {
+            let status = crate::status::collect(&services, &topology, member_ttl_ms).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.to_table());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Withdraw(args) => submit(args, Op::Withdraw).await,
         Command::Deposit(args) => submit(args, Op::Deposit).await,

@@ -62,7 +62,7 @@ pub struct WorkerSettings {
     #[arg(long, env = "WALLETQ_PREFETCH", default_value_t = 0)]
     pub prefetch: u16,
     /// TTL of a per-user Redis lock; extended while the batch runs.
-    #[arg(long, env = "WALLETQ_LOCK_TTL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    #[arg(long, env = "WALLETQ_LOCK_TTL_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub lock_ttl_ms: u64,
     /// Attempts to take a batch's locks before the batch goes back to its queue.
     #[arg(long, env = "WALLETQ_LOCK_ATTEMPTS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
@@ -76,6 +76,18 @@ pub struct WorkerSettings {
     /// How long a shutdown waits for the batch in flight.
     #[arg(long, env = "WALLETQ_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
     pub drain_timeout_ms: u64,
+    /// Attempts at a message the database keeps refusing before it is rejected and dead-lettered.
+    #[arg(long, env = "WALLETQ_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+    /// Membership heartbeat period.
+    #[arg(long, env = "WALLETQ_HEARTBEAT_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub heartbeat_ms: u64,
+    /// A worker silent for this long is considered gone and its partitions move.
+    #[arg(long, env = "WALLETQ_MEMBER_TTL_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
+    pub member_ttl_ms: u64,
+    /// Serve /metrics, /healthz and /readyz on this address (off when unset).
+    #[arg(long, env = "WALLETQ_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl WorkerSettings {
@@ -113,11 +125,15 @@ impl Default for WorkerSettings {
         WorkerSettings {
             batch_max: 256,
             prefetch: 0,
-            lock_ttl_ms: 10_000,
+            lock_ttl_ms: 5_000,
             lock_attempts: 8,
             backoff_max_ms: 2_000,
             db_connections: 8,
             drain_timeout_ms: 30_000,
+            max_attempts: 5,
+            heartbeat_ms: 1_000,
+            member_ttl_ms: 3_000,
+            metrics_addr: None,
         }
     }
 }

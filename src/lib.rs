@@ -13,6 +13,8 @@ pub mod configuration;
 pub mod domain;
 pub mod ledger;
 pub mod lock;
+pub mod membership;
+pub mod status;
 pub mod telemetry;
 pub mod worker;
 

@@ -63,6 +63,19 @@ end
 return released
 ";
 
+/// A Redis connection that reconnects by itself; every command times out after 2 s.
+pub async fn connect_redis(redis_url: &str) -> anyhow::Result<ConnectionManager> {
+    let client = Client::open(redis_url).with_context(|| format!("parsing Redis URL {}", redact_url(redis_url)))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(2)))
+        .set_number_of_retries(3)
+        .set_max_delay(Duration::from_millis(500));
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .with_context(|| format!("connecting to Redis at {}", redact_url(redis_url)))
+}
+
 /// Locks held for one batch: the users, the random token and each user's fencing token.
 #[derive(Debug, Clone)]
 pub struct LockGrant {
@@ -94,17 +107,8 @@ pub struct UserLocks {
 impl UserLocks {
     /// Connects (with automatic reconnects) to Redis; keys are `<prefix>:lock:<user>`.
     pub async fn connect(redis_url: &str, prefix: &str, ttl_ms: u64) -> anyhow::Result<Self> {
-        let client = Client::open(redis_url).with_context(|| format!("parsing Redis URL {}", redact_url(redis_url)))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_millis(500));
-        let redis = ConnectionManager::new_with_config(client, config)
-            .await
-            .with_context(|| format!("connecting to Redis at {}", redact_url(redis_url)))?;
         Ok(UserLocks {
-            redis,
+            redis: connect_redis(redis_url).await?,
             prefix: prefix.to_owned(),
             ttl_ms,
             acquire: Script::new(ACQUIRE),

@@ -1,5 +1,6 @@
 //! Pure types and rules: no I/O, no broker, cache or database.
 
+pub mod assignment;
 pub mod coupon;
 pub mod money;
 pub mod outcome;

@@ -3,6 +3,8 @@
 //! A batch is applied in one transaction with a fixed number of set-based statements,
 //! whatever its size: fence check, two reads, then one insert per table.
 
+pub mod audit;
+
 use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use lapin::message::Delivery;
@@ -24,8 +24,13 @@ pub(super) async fn process_batch(
     deliveries: &[Delivery],
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let started = Instant::now();
     let decoded: Vec<Result<Request, InvalidRequest>> = deliveries.iter().map(|d| decode_request(&d.data)).collect();
     let valid: Vec<Request> = decoded.iter().filter_map(|d| d.as_ref().ok().cloned()).collect();
+    let redelivered = deliveries.iter().filter(|d| d.redelivered).count();
+    if redelivered > 0 {
+        metrics::counter!("walletq_redeliveries_total").increment(redelivered as u64);
+    }
 
     let mut grant = None;
     let mut applied = Vec::new();
@@ -58,7 +63,48 @@ pub(super) async fn process_batch(
     if let Some(grant) = &grant {
         release(context, grant).await;
     }
+    if outcome.is_ok() {
+        metrics::histogram!("walletq_batch_size").record(deliveries.len() as f64);
+        metrics::histogram!("walletq_batch_duration_seconds").record(started.elapsed().as_secs_f64());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for delivery in deliveries {
+            if let Some(published_ms) = delivery.properties.timestamp().and_then(|t| i64::try_from(t).ok()) {
+                // Producers stamp milliseconds; a value in seconds would look decades old.
+                if published_ms > 1_000_000_000_000 && published_ms <= now_ms {
+                    let seconds = (now_ms - published_ms) as f64 / 1000.0;
+                    metrics::histogram!("walletq_end_to_end_latency_seconds").record(seconds);
+                }
+            }
+        }
+    }
     outcome
+}
+
+/// Rejects one request the database refused `attempts` times: a result to its reply queue,
+/// then dead-lettered. Nothing is stored, so a corrected request may use the id again.
+pub(super) async fn reject_after_attempts(
+    context: &WorkerContext,
+    publisher: &Publisher,
+    delivery: &Delivery,
+    attempts: u32,
+    error: &anyhow::Error,
+) -> anyhow::Result<()> {
+    let detail = format!("not applied after {attempts} attempts: the database refused it ({error:#})");
+    let invalid = match decode_request(&delivery.data) {
+        Ok(request) => InvalidRequest {
+            detail,
+            request_id: Some(request.request_id),
+            user_id: Some(request.user_id),
+            op: Some(request.op),
+            amount: Some(request.amount),
+        },
+        Err(mut invalid) => {
+            invalid.detail = detail;
+            invalid
+        }
+    };
+    metrics::counter!("walletq_poison_messages_total").increment(1);
+    publish_and_ack(context, publisher, std::slice::from_ref(delivery), &[Err(invalid)], Vec::new()).await
 }
 
 async fn publish_and_ack(
@@ -77,9 +123,11 @@ async fn publish_and_ack(
             Ok(_) => applied.next().context("the ledger returned fewer results than requests")?,
             Err(invalid) => {
                 tracing::info!(detail = %invalid.detail, "rejecting an invalid message; dead-lettering it");
+                metrics::counter!("walletq_dead_lettered_total").increment(1);
                 RequestResult::invalid(invalid, now)
             }
         };
+        count_result(&result);
         let properties = &delivery.properties;
         let reply_to = properties.reply_to().as_ref().map(|s| s.as_str()).unwrap_or(default_reply_to.as_str());
         let correlation_id = properties
@@ -120,13 +168,39 @@ async fn publish_and_ack(
     Ok(())
 }
 
+fn count_result(result: &RequestResult) {
+    let op = result.op.map(|op| op.as_str()).unwrap_or("unknown");
+    let status = match result.status {
+        crate::domain::Status::Approved => "approved",
+        crate::domain::Status::Rejected => "rejected",
+    };
+    let reason = result.reason.map(|r| r.as_str()).unwrap_or("none");
+    metrics::counter!("walletq_requests_total", "op" => op, "status" => status, "reason" => reason).increment(1);
+    if result.replayed {
+        metrics::counter!("walletq_replays_total").increment(1);
+    }
+}
+
 /// Takes the locks of `users` with bounded, jittered retries.
 async fn acquire(context: &WorkerContext, users: &[UserId], stop: &CancellationToken) -> anyhow::Result<LockGrant> {
     let attempts = context.settings.lock_attempts;
+    let started = Instant::now();
     for attempt in 1..=attempts {
-        match context.locks.try_acquire(users).await.context("Redis unavailable: not applying without the user lock")? {
-            Acquire::Granted(grant) => return Ok(grant),
+        let outcome = context.locks.try_acquire(users).await;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                metrics::counter!("walletq_lock_unavailable_total").increment(1);
+                return Err(error).context("Redis unavailable: failing closed, not applying without the user locks");
+            }
+        };
+        match outcome {
+            Acquire::Granted(grant) => {
+                metrics::histogram!("walletq_lock_wait_seconds").record(started.elapsed().as_secs_f64());
+                return Ok(grant);
+            }
             Acquire::Contended(user) => {
+                metrics::counter!("walletq_lock_contention_total").increment(1);
                 tracing::debug!(%user, attempt, "user lock is held elsewhere; backing off");
                 if attempt == attempts || stop.is_cancelled() {
                     bail!("the lock of user {user} stayed taken after {attempts} attempts");

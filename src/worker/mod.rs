@@ -1,21 +1,31 @@
-//! The worker: connects the three services, declares the topology and runs one
-//! strictly ordered pipeline per partition queue. Reconnects after broker failures.
+//! The worker: connects the three services, declares the topology, joins the membership
+//! and runs one strictly ordered pipeline per partition it owns. Partitions are assigned
+//! by balanced rendezvous hashing over the live workers (heartbeats in Redis); single
+//! active consumer on every queue guards the handover, per-user fenced locks back it up.
 
 mod batch;
+mod endpoints;
 mod partition;
+mod stats;
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use chrono::Utc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::jittered_delay;
 use crate::broker::{self, Names, declare_topology};
 use crate::configuration::{ServiceSettings, TopologySettings, WorkerSettings};
+use crate::domain::assignment::partitions_of;
 use crate::ledger::Ledger;
 use crate::lock::UserLocks;
+use crate::membership::{Membership, WorkerReport};
+pub use stats::PartitionStats;
 
 /// What every partition pipeline shares.
 pub(crate) struct WorkerContext {
@@ -26,8 +36,15 @@ pub(crate) struct WorkerContext {
     pub worker_id: String,
 }
 
+/// Shared state for `/readyz`.
+#[derive(Debug, Default)]
+pub(crate) struct Readiness {
+    pub broker_connected: AtomicBool,
+    pub membership_ok: AtomicBool,
+}
+
 /// Runs a worker until `shutdown` is cancelled; then finishes and acks the batches in
-/// flight and returns `Ok`.
+/// flight, leaves the membership and returns `Ok`.
 pub async fn run_worker(
     services: ServiceSettings,
     topology: TopologySettings,
@@ -38,29 +55,41 @@ pub async fn run_worker(
     let ledger = Ledger::connect(&services.database_url, settings.db_connections).await?;
     let locks = UserLocks::connect(&services.redis_url, names.namespace(), settings.lock_ttl_ms).await?;
     let worker_id = format!("{}-{}", hostname(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let membership =
+        Membership::connect(&services.redis_url, names.namespace(), &worker_id, settings.member_ttl_ms).await?;
     tracing::info!(%worker_id, namespace = names.namespace(), partitions = topology.partitions, "worker starting");
     let context = Arc::new(WorkerContext { names, ledger, locks, settings, worker_id });
+    let readiness = Arc::new(Readiness::default());
+    if let Some(address) = context.settings.metrics_addr {
+        endpoints::spawn(address, context.clone(), readiness.clone(), shutdown.clone()).await?;
+    }
 
+    let started_at = Utc::now();
     let mut failures: u32 = 0;
-    loop {
+    let outcome = loop {
         let first_connection = failures == 0;
-        match run_connection(&context, &services.amqp_url, &topology, &shutdown, first_connection).await {
-            Ok(()) => {
-                tracing::info!("worker stopped");
-                return Ok(());
-            }
-            Err(ConnectionFailure::Fatal(error)) => return Err(error),
+        let session = Session { context: &context, membership: &membership, readiness: &readiness, started_at };
+        match session.run(&services.amqp_url, &topology, &shutdown, first_connection).await {
+            Ok(()) => break Ok(()),
+            Err(ConnectionFailure::Fatal(error)) => break Err(error),
             Err(ConnectionFailure::Transient(error)) => {
+                readiness.broker_connected.store(false, Ordering::Relaxed);
+                metrics::counter!("walletq_reconnects_total", "service" => "rabbitmq").increment(1);
                 failures = failures.saturating_add(1);
                 let delay = jittered_delay(failures, context.settings.backoff_max_ms).max(Duration::from_millis(100));
                 tracing::warn!(error = %format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "broker connection lost; reconnecting");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = shutdown.cancelled() => break Ok(()),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
+    };
+    if let Err(error) = membership.leave().await {
+        tracing::warn!(error = %format!("{error:#}"), "could not leave the membership; it expires by itself");
     }
+    tracing::info!("worker stopped");
+    outcome
 }
 
 enum ConnectionFailure {
@@ -69,50 +98,164 @@ enum ConnectionFailure {
     Transient(anyhow::Error),
 }
 
-async fn run_connection(
-    context: &Arc<WorkerContext>,
-    amqp_url: &str,
-    topology: &TopologySettings,
-    shutdown: &CancellationToken,
-    first_connection: bool,
-) -> Result<(), ConnectionFailure> {
-    let connection =
-        broker::connect(amqp_url, &format!("walletq worker {}", context.worker_id)).await.map_err(|e| {
-            if first_connection { ConnectionFailure::Fatal(e) } else { ConnectionFailure::Transient(e) }
-        })?;
-    let connection = Arc::new(connection);
-    let declared = async {
-        let channel = connection.create_channel().await.context("opening a channel")?;
-        declare_topology(&channel, &context.names, topology).await?;
-        channel.close(200, "OK".into()).await.context("closing the set-up channel")
-    }
-    .await;
-    if let Err(error) = declared {
-        return Err(if first_connection {
-            ConnectionFailure::Fatal(error)
-        } else {
-            ConnectionFailure::Transient(error)
-        });
-    }
+/// One broker connection's life: serve the owned partitions until shutdown or failure.
+struct Session<'a> {
+    context: &'a Arc<WorkerContext>,
+    membership: &'a Membership,
+    readiness: &'a Arc<Readiness>,
+    started_at: chrono::DateTime<Utc>,
+}
 
-    let stop = shutdown.child_token();
-    let mut partitions = JoinSet::new();
-    for index in 0..topology.partitions {
-        let (context, connection, stop) = (context.clone(), connection.clone(), stop.clone());
-        partitions.spawn(async move { partition::run(context, connection, index, stop).await });
-    }
-    let mut first_error = None;
-    while let Some(joined) = partitions.join_next().await {
-        let outcome = joined.map_err(anyhow::Error::from).and_then(|result| result);
-        if let Err(error) = outcome {
-            stop.cancel();
-            first_error.get_or_insert(error);
+struct RunningPartition {
+    generation: u64,
+    stop: CancellationToken,
+    stats: Arc<PartitionStats>,
+}
+
+impl Session<'_> {
+    async fn run(
+        &self,
+        amqp_url: &str,
+        topology: &TopologySettings,
+        shutdown: &CancellationToken,
+        first_connection: bool,
+    ) -> Result<(), ConnectionFailure> {
+        let classify = |e: anyhow::Error| {
+            if first_connection { ConnectionFailure::Fatal(e) } else { ConnectionFailure::Transient(e) }
+        };
+        let context = self.context;
+        let connection =
+            broker::connect(amqp_url, &format!("walletq worker {}", context.worker_id)).await.map_err(classify)?;
+        let connection = Arc::new(connection);
+        let declared = async {
+            let channel = connection.create_channel().await.context("opening a channel")?;
+            declare_topology(&channel, &context.names, topology).await?;
+            channel.close(200, "OK".into()).await.context("closing the set-up channel")
+        }
+        .await;
+        declared.map_err(classify)?;
+        self.readiness.broker_connected.store(true, Ordering::Relaxed);
+
+        let mut running: HashMap<u16, RunningPartition> = HashMap::new();
+        let mut tasks: JoinSet<(u16, u64, anyhow::Result<()>)> = JoinSet::new();
+        let mut generation: u64 = 0;
+        let mut last_heartbeat_ok = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(context.settings.heartbeat_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let member_ttl = Duration::from_millis(context.settings.member_ttl_ms);
+
+        let failure = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break None,
+                _ = tick.tick() => {
+                    let desired = match self.heartbeat(&running, topology.partitions).await {
+                        Ok(desired) => {
+                            last_heartbeat_ok = Instant::now();
+                            Some(desired)
+                        }
+                        Err(error) if last_heartbeat_ok.elapsed() > member_ttl => {
+                            tracing::warn!(error = %format!("{error:#}"), "membership lost: releasing every partition");
+                            Some(BTreeSet::new())
+                        }
+                        Err(error) => {
+                            tracing::warn!(error = %format!("{error:#}"), "heartbeat failed; keeping the current partitions");
+                            None
+                        }
+                    };
+                    if let Some(desired) = desired {
+                        self.reconcile(&desired, &mut running, &mut tasks, &mut generation, &connection);
+                    }
+                }
+                Some(joined) = tasks.join_next() => {
+                    let (partition, task_generation, outcome) = match joined {
+                        Ok(done) => done,
+                        Err(error) => break Some(anyhow::Error::from(error).context("a partition task panicked")),
+                    };
+                    if running.get(&partition).is_some_and(|r| r.generation == task_generation) {
+                        running.remove(&partition);
+                    }
+                    if let Err(error) = outcome {
+                        break Some(error);
+                    }
+                }
+            }
+        };
+
+        for partition in running.values() {
+            partition.stop.cancel();
+        }
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((partition, _, Err(error))) = joined {
+                tracing::debug!(partition, error = %format!("{error:#}"), "partition stopped with an error");
+            }
+        }
+        metrics::gauge!("walletq_partitions_owned").set(0.0);
+        let _ = connection.close(200, "OK".into()).await;
+        match failure {
+            None => Ok(()),
+            Some(error) => Err(ConnectionFailure::Transient(error)),
         }
     }
-    let _ = connection.close(200, "OK".into()).await;
-    match first_error {
-        None => Ok(()),
-        Some(error) => Err(ConnectionFailure::Transient(error)),
+
+    /// Heartbeats with this worker's reports and returns the partitions it should serve.
+    async fn heartbeat(
+        &self,
+        running: &HashMap<u16, RunningPartition>,
+        partitions: u16,
+    ) -> anyhow::Result<BTreeSet<u16>> {
+        let context = self.context;
+        let mut owned: Vec<u16> = running.keys().copied().collect();
+        owned.sort_unstable();
+        let report = WorkerReport {
+            worker_id: context.worker_id.clone(),
+            started_at: self.started_at,
+            heartbeat_at: Utc::now(),
+            partitions: owned,
+        };
+        let partition_reports: Vec<_> = running.iter().map(|(p, r)| (*p, r.stats.report(&context.worker_id))).collect();
+        let live = self.membership.heartbeat(&report, &partition_reports).await;
+        self.readiness.membership_ok.store(live.is_ok(), Ordering::Relaxed);
+        let live = live?;
+        Ok(partitions_of(&context.worker_id, partitions, &live).into_iter().collect())
+    }
+
+    /// Starts the partitions newly owned and stops (after their batch in flight) the ones
+    /// that moved away.
+    fn reconcile(
+        &self,
+        desired: &BTreeSet<u16>,
+        running: &mut HashMap<u16, RunningPartition>,
+        tasks: &mut JoinSet<(u16, u64, anyhow::Result<()>)>,
+        generation: &mut u64,
+        connection: &Arc<lapin::Connection>,
+    ) {
+        running.retain(|partition, task| {
+            let keep = desired.contains(partition);
+            if !keep {
+                tracing::info!(partition, "partition moved to another worker; handing it over");
+                task.stop.cancel();
+            }
+            keep
+        });
+        for &partition in desired {
+            if running.contains_key(&partition) {
+                continue;
+            }
+            *generation += 1;
+            let stop = CancellationToken::new();
+            let stats = Arc::new(PartitionStats::default());
+            running.insert(
+                partition,
+                RunningPartition { generation: *generation, stop: stop.clone(), stats: stats.clone() },
+            );
+            let (context, connection, task_generation) = (self.context.clone(), connection.clone(), *generation);
+            tracing::info!(partition, "taking partition");
+            tasks.spawn(async move {
+                let outcome = partition::run(context, connection, partition, stats, stop).await;
+                (partition, task_generation, outcome)
+            });
+        }
+        metrics::gauge!("walletq_partitions_owned").set(running.len() as f64);
     }
 }
 

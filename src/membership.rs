@@ -1,0 +1,163 @@
+//! Worker membership in Redis: heartbeats, the live list, and what each worker reports
+//! for `walletq status`. The assignment itself is pure: [`crate::domain::assignment`].
+//!
+//! Keys (all under the namespace): `<ns>:workers` (sorted set: worker id → last heartbeat,
+//! Redis clock, ms), `<ns>:worker:<id>` (JSON report, expires), `<ns>:partitions` (hash:
+//! partition → JSON report of its current owner).
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use redis::Script;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+use crate::lock::connect_redis;
+
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ttl * 2)
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+end
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+";
+
+/// What a worker says about itself at each heartbeat.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerReport {
+    pub worker_id: String,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    pub partitions: Vec<u16>,
+}
+
+/// What the owner of a partition says about it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PartitionReport {
+    pub worker_id: String,
+    /// Deliveries received but not yet acked or rejected.
+    pub unacked: u64,
+    /// Requests processed by this owner since it took the partition.
+    pub processed: u64,
+    pub last_processed_at: Option<DateTime<Utc>>,
+    pub reported_at: DateTime<Utc>,
+}
+
+/// This worker's membership.
+#[derive(Clone)]
+pub struct Membership {
+    redis: ConnectionManager,
+    namespace: String,
+    worker_id: String,
+    member_ttl_ms: u64,
+    heartbeat: Script,
+}
+
+impl Membership {
+    /// Connects to Redis (reconnecting automatically afterwards).
+    pub async fn connect(
+        redis_url: &str,
+        namespace: &str,
+        worker_id: &str,
+        member_ttl_ms: u64,
+    ) -> anyhow::Result<Self> {
+        let redis = connect_redis(redis_url).await?;
+        Ok(Membership {
+            redis,
+            namespace: namespace.to_owned(),
+            worker_id: worker_id.to_owned(),
+            member_ttl_ms,
+            heartbeat: Script::new(HEARTBEAT),
+        })
+    }
+
+    /// Records a heartbeat with this worker's report and its partitions' reports, drops
+    /// members silent for longer than the member TTL, and returns the live workers.
+    pub async fn heartbeat(
+        &self,
+        report: &WorkerReport,
+        partitions: &[(u16, PartitionReport)],
+    ) -> anyhow::Result<Vec<String>> {
+        let mut invocation = self.heartbeat.prepare_invoke();
+        invocation
+            .key(workers_key(&self.namespace))
+            .key(worker_key(&self.namespace, &self.worker_id))
+            .key(partitions_key(&self.namespace))
+            .arg(&self.worker_id)
+            .arg(self.member_ttl_ms)
+            .arg(serde_json::to_string(report)?);
+        for (partition, report) in partitions {
+            invocation.arg(partition).arg(serde_json::to_string(report)?);
+        }
+        invocation.invoke_async(&mut self.redis.clone()).await.context("heartbeat to Redis")
+    }
+
+    /// Leaves the membership at once (graceful stop), so others take over without waiting.
+    pub async fn leave(&self) -> anyhow::Result<()> {
+        let mut redis = self.redis.clone();
+        redis::pipe()
+            .zrem(workers_key(&self.namespace), &self.worker_id)
+            .del(worker_key(&self.namespace, &self.worker_id))
+            .query_async::<()>(&mut redis)
+            .await
+            .context("leaving the membership")
+    }
+}
+
+/// Everything `walletq status` reads from Redis.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MembershipSnapshot {
+    pub workers: Vec<WorkerReport>,
+    pub partitions: Vec<(u16, PartitionReport)>,
+}
+
+/// Reads the live workers and the partition reports of `namespace`.
+pub async fn snapshot(redis_url: &str, namespace: &str, member_ttl_ms: u64) -> anyhow::Result<MembershipSnapshot> {
+    let mut redis = connect_redis(redis_url).await?;
+    let (seconds, micros): (i64, i64) =
+        redis::cmd("TIME").query_async(&mut redis).await.context("reading Redis time")?;
+    let now_ms = seconds * 1000 + micros / 1000;
+    let live: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+        .arg(workers_key(namespace))
+        .arg(now_ms - i64::try_from(member_ttl_ms).unwrap_or(i64::MAX))
+        .arg("+inf")
+        .query_async(&mut redis)
+        .await
+        .context("reading live workers")?;
+    let mut workers = Vec::new();
+    for id in live {
+        let report: Option<String> = redis::cmd("GET")
+            .arg(worker_key(namespace, &id))
+            .query_async(&mut redis)
+            .await
+            .context("reading a worker")?;
+        if let Some(report) = report.and_then(|r| serde_json::from_str(&r).ok()) {
+            workers.push(report);
+        }
+    }
+    let raw: Vec<(u16, String)> = redis::cmd("HGETALL")
+        .arg(partitions_key(namespace))
+        .query_async(&mut redis)
+        .await
+        .context("reading partitions")?;
+    let mut partitions: Vec<(u16, PartitionReport)> =
+        raw.into_iter().filter_map(|(p, r)| serde_json::from_str(&r).ok().map(|r| (p, r))).collect();
+    partitions.sort_by_key(|(p, _)| *p);
+    Ok(MembershipSnapshot { workers, partitions })
+}
+
+fn workers_key(namespace: &str) -> String {
+    format!("{namespace}:workers")
+}
+
+fn worker_key(namespace: &str, worker_id: &str) -> String {
+    format!("{namespace}:worker:{worker_id}")
+}
+
+fn partitions_key(namespace: &str) -> String {
+    format!("{namespace}:partitions")
+}

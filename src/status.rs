@@ -1,0 +1,115 @@
+//! `walletq status`: who serves which partition, how deep each queue is.
+
+use std::fmt::Write;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use serde::Serialize;
+
+use crate::broker::{self, Names};
+use crate::configuration::{ServiceSettings, TopologySettings};
+use crate::membership::{self, WorkerReport};
+
+/// One partition queue as seen now.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    pub partition: u16,
+    pub queue: String,
+    /// The live worker that reports owning it, if any.
+    pub active_worker: Option<String>,
+    /// Messages ready in the queue.
+    pub depth: u32,
+    /// Deliveries the owner holds unacked.
+    pub unacked: u64,
+    pub consumers: u32,
+    pub last_processed_at: Option<DateTime<Utc>>,
+}
+
+/// The whole picture.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub namespace: String,
+    pub partitions: Vec<PartitionStatus>,
+    pub workers: Vec<WorkerReport>,
+    pub dead_lettered: u32,
+}
+
+/// Reads Redis (membership) and RabbitMQ (queue depths).
+pub async fn collect(
+    services: &ServiceSettings,
+    topology: &TopologySettings,
+    member_ttl_ms: u64,
+) -> anyhow::Result<Status> {
+    let names = Names::new(services.namespace.clone());
+    let snapshot = membership::snapshot(&services.redis_url, names.namespace(), member_ttl_ms).await?;
+    let connection = broker::connect(&services.amqp_url, "walletq status").await?;
+    let channel = connection.create_channel().await.context("opening a channel")?;
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let live: Vec<&str> = snapshot.workers.iter().map(|w| w.worker_id.as_str()).collect();
+    let mut partitions = Vec::with_capacity(usize::from(topology.partitions));
+    for partition in 0..topology.partitions {
+        let queue = names.partition_queue(partition);
+        let declared = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+            .with_context(|| format!("queue {queue} does not exist: has a worker started in this namespace?"))?;
+        let report = snapshot.partitions.iter().find(|(p, _)| *p == partition).map(|(_, r)| r);
+        let owner = report.filter(|r| live.contains(&r.worker_id.as_str()));
+        partitions.push(PartitionStatus {
+            partition,
+            queue,
+            active_worker: owner.map(|r| r.worker_id.clone()),
+            depth: declared.message_count(),
+            unacked: owner.map_or(0, |r| r.unacked),
+            consumers: declared.consumer_count(),
+            last_processed_at: report.and_then(|r| r.last_processed_at),
+        });
+    }
+    let dead = channel
+        .queue_declare(names.dead_queue().as_str().into(), passive, FieldTable::default())
+        .await
+        .map(|q| q.message_count())
+        .unwrap_or(0);
+    let _ = connection.close(200, "OK".into()).await;
+    Ok(Status { namespace: names.namespace().to_owned(), partitions, workers: snapshot.workers, dead_lettered: dead })
+}
+
+impl Status {
+    /// A human-readable table.
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<9} {:<28} {:>7} {:>8} {:>9}  LAST PROCESSED",
+            "PARTITION", "ACTIVE WORKER", "DEPTH", "UNACKED", "CONSUMERS"
+        );
+        for p in &self.partitions {
+            let last = p.last_processed_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            let _ = writeln!(
+                out,
+                "{:<9} {:<28} {:>7} {:>8} {:>9}  {}",
+                p.partition,
+                p.active_worker.as_deref().unwrap_or("-"),
+                p.depth,
+                p.unacked,
+                p.consumers,
+                last.as_deref().unwrap_or("-")
+            );
+        }
+        let _ = writeln!(out, "\n{} live worker(s):", self.workers.len());
+        for w in &self.workers {
+            let partitions: Vec<String> = w.partitions.iter().map(u16::to_string).collect();
+            let _ = writeln!(
+                out,
+                "  {:<28} since {}  partitions [{}]",
+                w.worker_id,
+                w.started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                partitions.join(",")
+            );
+        }
+        let _ = writeln!(out, "\ndead-lettered messages waiting in {}.dead: {}", self.namespace, self.dead_lettered);
+        out
+    }
+}
