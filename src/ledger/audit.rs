@@ -4,9 +4,6 @@ use anyhow::Context;
 use serde::Serialize;
 use sqlx::{PgPool, Row};
 
-/// Most offending rows shown per violated check.
-pub const MAX_ROWS_SHOWN: i64 = 20;
-
 /// One invariant: what it checks, how many rows it looked at, and the rows that break it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -28,7 +25,8 @@ impl AuditReport {
     }
 }
 
-/// (name, count of rows checked, query returning one text column per offending row)
+/// (name, count of rows checked, query returning one text column per offending row, at
+/// most 20 rows each)
 const CHECKS: &[(&str, &str, &str)] = &[
     (
         "no negative balance",
@@ -104,6 +102,5 @@ pub async fn audit(pool: &PgPool) -> anyhow::Result<AuditReport> {
         checks.push(Check { name, checked, violations });
     }
     tx.rollback().await.context("ending the audit transaction")?;
-    debug_assert!(MAX_ROWS_SHOWN == 20, "the queries above show 20 rows");
     Ok(AuditReport { checks })
 }
