@@ -13,10 +13,10 @@ use crate::domain::{Money, Op, Status, UserId};
 use crate::ledger::Ledger;
 use crate::telemetry::{self, LogFormat};
 
-/// Exit code when a waited-for request was rejected.
-const EXIT_REJECTED: u8 = 2;
+/// Exit code when a waited-for request was rejected (2 is clap's usage error).
+const EXIT_REJECTED: u8 = 3;
 /// Exit code when no result came within `--wait`.
-const EXIT_NO_RESULT: u8 = 3;
+const EXIT_NO_RESULT: u8 = 4;
 
 #[derive(Parser, Debug)]
 #[command(name = "walletq", version, about = "Wallet withdrawals that are safe under any concurrency")]
@@ -175,7 +175,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let ledger = Ledger::connect(&services.database_url, 1).await?;
             match ledger.wallet(&user).await? {
                 Some(wallet) => println!("{}", serde_json::to_string_pretty(&wallet)?),
-                None => println!("{}", serde_json::json!({ "user_id": user, "balance": null, "coupons": [] })),
+                None => println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({ "user_id": user, "balance": null, "coupons": [] })
+                    )?
+                ),
             }
             Ok(ExitCode::SUCCESS)
         }

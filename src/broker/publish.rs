@@ -2,16 +2,40 @@
 
 use anyhow::{Context, bail};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
 
 use crate::domain::Request;
 
-/// Persistent JSON message properties, stamped with the publish time in milliseconds.
+/// Header carrying the publish time in Unix milliseconds (the AMQP `timestamp` property
+/// has whole seconds only); used for end-to-end latency.
+pub const PUBLISHED_MS_HEADER: &str = "x-published-ms";
+
+/// Persistent JSON message properties, stamped with the publish time (AMQP `timestamp` in
+/// seconds, and [`PUBLISHED_MS_HEADER`] in milliseconds).
 pub fn json_properties() -> BasicProperties {
+    let now = chrono::Utc::now();
+    let mut headers = FieldTable::default();
+    headers.insert(PUBLISHED_MS_HEADER.into(), AMQPValue::LongLongInt(now.timestamp_millis()));
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
-        .with_timestamp(chrono::Utc::now().timestamp_millis().max(0) as u64)
+        .with_timestamp(now.timestamp().max(0) as u64)
+        .with_headers(headers)
+}
+
+/// The publish time of a message in Unix milliseconds: the header when present, else the
+/// AMQP timestamp (seconds).
+pub fn published_at_ms(properties: &BasicProperties) -> Option<i64> {
+    let from_header = properties.headers().as_ref().and_then(|headers| {
+        headers.inner().get(PUBLISHED_MS_HEADER).and_then(|value| match value {
+            AMQPValue::LongLongInt(ms) => Some(*ms),
+            AMQPValue::LongInt(ms) => Some(i64::from(*ms)),
+            AMQPValue::LongUInt(ms) => Some(i64::from(*ms)),
+            _ => None,
+        })
+    });
+    from_header.or_else(|| properties.timestamp().and_then(|s| i64::try_from(s).ok()).map(|s| s.saturating_mul(1000)))
 }
 
 /// Properties of a request: persistent JSON with message_id = request_id.

@@ -6,13 +6,15 @@ use super::money::Money;
 
 /// The kind of coupon a deposit earns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
 pub enum CouponKind {
     /// 100 to under 300: a "10 off, no minimum" red packet.
+    #[serde(rename = "red_packet_10")]
     RedPacket10,
     /// 300 to under 500: "50 off 300".
+    #[serde(rename = "spend_300_save_50")]
     Spend300Save50,
     /// 500 and above: "lifetime 20% off".
+    #[serde(rename = "lifetime_20_off")]
     Lifetime20Off,
 }
 
@@ -50,6 +52,16 @@ mod tests {
 
     fn tier(text: &str) -> Option<CouponKind> {
         CouponKind::for_deposit(Money::parse(text).unwrap())
+    }
+
+    #[test]
+    fn wire_names_match_the_contract_and_the_database() {
+        for kind in [CouponKind::RedPacket10, CouponKind::Spend300Save50, CouponKind::Lifetime20Off] {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{}\"", kind.as_str()));
+            assert_eq!(serde_json::from_str::<CouponKind>(&json).unwrap(), kind);
+        }
+        assert_eq!(CouponKind::Spend300Save50.as_str(), "spend_300_save_50");
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub const MONEY_SCALE: u32 = 2;
 pub const MAX_AMOUNT_CENTS: i64 = 100_000_000_000;
 /// Longest integer part accepted anywhere (balances included), in digits.
 const MAX_INTEGER_DIGITS: usize = 16;
+/// Largest balance a wallet may hold: 9999999999999999.99 (16 integer digits), in cents.
+pub const MAX_BALANCE_CENTS: i64 = 999_999_999_999_999_999;
 
 /// A non-negative quantity of money with exactly two decimals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -113,9 +115,9 @@ impl Money {
         i64::try_from(self.0.mantissa()).unwrap_or(i64::MAX)
     }
 
-    /// `self + other`, `None` on overflow of the supported range.
+    /// `self + other`, `None` past [`MAX_BALANCE_CENTS`].
     pub fn checked_add(self, other: Money) -> Option<Money> {
-        self.cents().checked_add(other.cents()).and_then(Money::from_cents)
+        self.cents().checked_add(other.cents()).filter(|&c| c <= MAX_BALANCE_CENTS).and_then(Money::from_cents)
     }
 
     /// `self - other`, `None` when the result would be negative.

@@ -61,7 +61,7 @@ pub struct BatchPlan {
 ///   `insufficient_funds`; otherwise it debits.
 ///
 /// A deposit that would push a balance past the supported range is rejected
-/// `invalid_request` rather than overflowing.
+/// `invalid_request` rather than overflowing, and like any invalid request not stored.
 pub fn plan_batch(
     requests: &[Request],
     mut state: LedgerState,
@@ -94,9 +94,11 @@ pub fn plan_batch(
             },
             (Op::Deposit, balance) => match balance.unwrap_or(Money::ZERO).checked_add(request.amount) {
                 None => {
+                    // Like every invalid request, it is not stored: its id stays usable.
                     let mut result = RequestResult::rejected(request, Reason::InvalidRequest, balance, now);
                     result.detail = Some("deposit would exceed the largest supported balance".into());
-                    (result, None)
+                    plan.results.push(result);
+                    continue;
                 }
                 Some(after) => {
                     let coupon =
@@ -163,6 +165,18 @@ mod tests {
         let sum: i64 = plan.new_requests.iter().filter_map(|n| n.entry).map(|e| e.delta_cents).sum();
         assert_eq!(sum, 0);
         assert_eq!(plan.results[0].coupon.as_ref().map(|c| c.kind), Some(CouponKind::Spend300Save50));
+    }
+
+    #[test]
+    fn a_deposit_past_the_supported_range_is_invalid_and_not_stored() {
+        let mut state = LedgerState::default();
+        let huge = Money::parse("9999999999999999.99").unwrap();
+        state.balances.insert(UserId::parse("u").unwrap(), huge);
+        let plan = plan(&[request("d", "u", Op::Deposit, "1")], state);
+        assert_eq!(plan.results[0].reason, Some(Reason::InvalidRequest));
+        assert_eq!(plan.results[0].balance, Some(huge));
+        assert!(plan.new_requests.is_empty());
+        assert!(plan.balances.is_empty());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::WorkerContext;
 use crate::backoff::jittered_delay;
-use crate::broker::{Publisher, json_properties};
+use crate::broker::{Publisher, json_properties, published_at_ms};
 use crate::domain::{InvalidRequest, Request, RequestResult, UserId, decode_request};
 use crate::lock::{Acquire, LockGrant};
 
@@ -68,9 +68,8 @@ pub(super) async fn process_batch(
         metrics::histogram!("walletq_batch_duration_seconds").record(started.elapsed().as_secs_f64());
         let now_ms = chrono::Utc::now().timestamp_millis();
         for delivery in deliveries {
-            if let Some(published_ms) = delivery.properties.timestamp().and_then(|t| i64::try_from(t).ok()) {
-                // Producers stamp milliseconds; a value in seconds would look decades old.
-                if published_ms > 1_000_000_000_000 && published_ms <= now_ms {
+            if let Some(published_ms) = published_at_ms(&delivery.properties) {
+                if published_ms <= now_ms {
                     let seconds = (now_ms - published_ms) as f64 / 1000.0;
                     metrics::histogram!("walletq_end_to_end_latency_seconds").record(seconds);
                 }
@@ -114,7 +113,7 @@ async fn publish_and_ack(
     decoded: &[Result<Request, InvalidRequest>],
     applied: Vec<RequestResult>,
 ) -> anyhow::Result<()> {
-    let now = chrono::Utc::now();
+    let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
     let mut applied = applied.into_iter();
     let mut confirms = Vec::with_capacity(deliveries.len());
     let default_reply_to = context.names.results_queue();
@@ -129,7 +128,12 @@ async fn publish_and_ack(
         };
         count_result(&result);
         let properties = &delivery.properties;
-        let reply_to = properties.reply_to().as_ref().map(|s| s.as_str()).unwrap_or(default_reply_to.as_str());
+        let reply_to = match (properties.reply_to().as_ref(), decoded.is_ok()) {
+            (Some(reply_to), _) => reply_to.as_str(),
+            (None, true) => default_reply_to.as_str(),
+            // An invalid message without a reply_to only goes to the dead-letter queue.
+            (None, false) => continue,
+        };
         let correlation_id = properties
             .correlation_id()
             .clone()

@@ -1,43 +1,14 @@
 //! Worker processes killed mid-stream, and graceful stops.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use walletq::configuration::{QueueType, TopologySettings};
 use walletq::domain::{Op, RequestResult};
 
-use crate::helpers::{Lcg, SequentialModel, TestApp, assert_matches_model, request, spawn_app_with};
-
-fn spawn_worker_process(app: &TestApp) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_walletq"))
-        .arg("worker")
-        .env("DATABASE_URL", &app.services.database_url)
-        .env("AMQP_URL", &app.services.amqp_url)
-        .env("REDIS_URL", &app.services.redis_url)
-        .env("WALLETQ_NAMESPACE", &app.services.namespace)
-        .env("WALLETQ_PARTITIONS", app.topology.partitions.to_string())
-        .env("WALLETQ_QUEUE_TYPE", "quorum")
-        .env("WALLETQ_LOCK_TTL_MS", "2000")
-        .env("WALLETQ_BACKOFF_MAX_MS", "200")
-        .env("WALLETQ_BATCH_MAX", "64")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the walletq binary")
-}
-
-async fn wait_for_stored(app: &TestApp, at_least: i64, timeout: Duration) -> i64 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let stored = app.count("SELECT count(*) FROM requests").await;
-        if stored >= at_least {
-            return stored;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "only {stored} of {at_least} requests stored in {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use crate::helpers::{
+    Lcg, SequentialModel, assert_matches_model, request, spawn_app_with, spawn_worker_process, wait_for_stored,
+};
 
 #[tokio::test]
 async fn a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice() {
@@ -54,11 +25,10 @@ async fn a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice() {
 
     let mut first = spawn_worker_process(&app);
     let seen = wait_for_stored(&app, 300, Duration::from_secs(60)).await;
-    first.kill().expect("SIGKILL the worker");
-    first.wait().expect("reap the worker");
+    first.kill();
     assert!(seen < 3_000, "the worker was killed mid-stream");
 
-    let mut second = spawn_worker_process(&app);
+    let _second = spawn_worker_process(&app);
     wait_for_stored(&app, 3_000, Duration::from_secs(120)).await;
 
     // Every request has exactly one stored result and matches the per-user sequential model.
@@ -96,29 +66,22 @@ async fn a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice() {
         assert_eq!(reply.balance, stored[id].balance);
     }
 
-    second.kill().expect("stop the second worker");
-    second.wait().expect("reap");
     app.cleanup().await;
 }
 
 #[tokio::test]
 async fn sigterm_finishes_the_batch_in_flight_and_exits_zero() {
     let mut app = spawn_app_with(TopologySettings { partitions: 2, queue_type: QueueType::Quorum }, false).await;
-    let mut worker = spawn_worker_process(&app);
+    let worker = spawn_worker_process(&app);
     let requests: Vec<_> = (0..200).map(|i| request(format!("t-{i}"), "term", Op::Deposit, 100)).collect();
     app.publish_all(&requests).await;
     wait_for_stored(&app, 1, Duration::from_secs(60)).await;
-    // SAFETY: plain kill(2) on our own child's pid.
-    let rc = unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    let status = tokio::task::spawn_blocking(move || worker.wait()).await.expect("join").expect("wait");
+    let status = worker.terminate().await;
     assert!(status.success(), "worker exited with {status}");
     // What was stored was also acked or will be replayed; a new worker finishes the rest.
-    let mut next = spawn_worker_process(&app);
+    let _next = spawn_worker_process(&app);
     wait_for_stored(&app, 200, Duration::from_secs(60)).await;
     let results = app.next_results(200).await;
     assert!(results.iter().all(|(_, r)| r.status == walletq::domain::Status::Approved));
-    next.kill().expect("stop");
-    next.wait().expect("reap");
     app.cleanup().await;
 }

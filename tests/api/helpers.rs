@@ -1,6 +1,7 @@
 //! `spawn_app`: an isolated walletq (namespace, database, Redis prefix) with a worker.
 
 use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -322,4 +323,104 @@ impl Lcg {
         self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (self.0 >> 33) % bound
     }
+}
+
+/// A `walletq worker` child process, killed when dropped so a failing test leaves none behind.
+pub struct WorkerProcess(Child);
+
+impl WorkerProcess {
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        assert_eq!(rc, 0, "SIGTERM the worker");
+        let mut child = std::mem::replace(&mut self.0, Command::new("true").spawn().expect("placeholder"));
+        tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait")
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts the real `walletq worker` binary on this app's namespace and database.
+pub fn spawn_worker_process(app: &TestApp) -> WorkerProcess {
+    spawn_worker_process_with(app, &[])
+}
+
+/// Same, with extra environment (for instance `WALLETQ_METRICS_ADDR`).
+pub fn spawn_worker_process_with(app: &TestApp, extra_env: &[(&str, &str)]) -> WorkerProcess {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_walletq"));
+    command
+        .arg("worker")
+        .env("DATABASE_URL", &app.services.database_url)
+        .env("AMQP_URL", &app.services.amqp_url)
+        .env("REDIS_URL", &app.services.redis_url)
+        .env("WALLETQ_NAMESPACE", &app.services.namespace)
+        .env("WALLETQ_PARTITIONS", app.topology.partitions.to_string())
+        .env("WALLETQ_QUEUE_TYPE", app.topology.queue_type.as_str())
+        .env("WALLETQ_LOCK_TTL_MS", "2000")
+        .env("WALLETQ_BACKOFF_MAX_MS", "200")
+        .env("WALLETQ_BATCH_MAX", "64")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    for (key, value) in extra_env {
+        command.env(key, value);
+    }
+    WorkerProcess(command.spawn().expect("start the walletq binary"))
+}
+
+/// Waits until at least `at_least` requests are stored.
+pub async fn wait_for_stored(app: &TestApp, at_least: i64, timeout: Duration) -> i64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let stored = app.count("SELECT count(*) FROM requests").await;
+        if stored >= at_least {
+            return stored;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {stored} of {at_least} requests stored in {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls `probe` every 50 ms until it returns `Some`, or fails after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what} did not happen within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A minimal HTTP/1.1 GET over loopback: (status code, body).
+pub async fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// A free loopback port for a child process to bind.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }

@@ -4,5 +4,7 @@
 mod crash;
 mod helpers;
 mod malformed;
+mod operations;
 mod pipeline;
+mod scaling;
 mod topology;

@@ -1,0 +1,197 @@
+//! Running it: poison messages, audit, metrics and health endpoints, status.
+
+use std::process::Command;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::BasicConsumeOptions;
+use lapin::types::FieldTable;
+use walletq::configuration::{QueueType, TopologySettings};
+use walletq::domain::{Money, Op, Reason, Status};
+
+use crate::helpers::{
+    RESULT_TIMEOUT, eventually, free_port, http_get, request, spawn_app, spawn_app_with, spawn_worker_process_with,
+};
+
+#[tokio::test]
+async fn a_request_the_database_always_refuses_is_rejected_after_bounded_attempts() {
+    let mut app = spawn_app().await;
+    sqlx::query(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.request_id = 'poison' THEN RAISE EXCEPTION 'refused by the test trigger'; END IF;
+           RETURN NEW;
+         END $$",
+    )
+    .execute(&app.pool)
+    .await
+    .expect("trigger function");
+    sqlx::query("CREATE TRIGGER refuse_poison BEFORE INSERT ON requests FOR EACH ROW EXECUTE FUNCTION refuse_poison()")
+        .execute(&app.pool)
+        .await
+        .expect("trigger");
+
+    app.publish_all(&[
+        request("before", "ivan", Op::Deposit, 1_000),
+        request("poison", "ivan", Op::Deposit, 500),
+        request("after", "ivan", Op::Deposit, 100),
+    ])
+    .await;
+    let results = app.next_results(3).await;
+    let ids: Vec<_> = results.iter().map(|(_, r)| r.request_id.as_ref().map(|i| i.as_str().to_owned())).collect();
+    assert_eq!(ids, vec![Some("before".into()), Some("poison".into()), Some("after".into())], "order kept");
+    let poison = &results[1].1;
+    assert_eq!(poison.status, Status::Rejected);
+    assert_eq!(poison.reason, Some(Reason::InvalidRequest));
+    let detail = poison.detail.as_deref().unwrap_or_default();
+    assert!(detail.contains("not applied after 5 attempts"), "{detail}");
+    assert!(detail.contains("refused by the test trigger"), "{detail}");
+    assert_eq!(results[2].1.balance, Money::from_cents(1_100));
+    assert_eq!(app.count("SELECT count(*) FROM requests WHERE request_id = 'poison'").await, 0);
+
+    let channel = app.connection.create_channel().await.expect("channel");
+    let mut dead = channel
+        .basic_consume(
+            app.names.dead_queue().as_str().into(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume dead letters");
+    let delivery =
+        tokio::time::timeout(RESULT_TIMEOUT, dead.next()).await.expect("in time").expect("open").expect("ok");
+    assert_eq!(delivery.data, request("poison", "ivan", Op::Deposit, 500).to_json());
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn audit_is_clean_then_names_the_rows_that_break_an_invariant() {
+    let mut app = spawn_app().await;
+    app.publish_all(&[request("a-1", "judy", Op::Deposit, 5_000), request("a-2", "judy", Op::Withdraw, 1_000)]).await;
+    app.next_results(2).await;
+
+    let audit = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_walletq"))
+            .arg("audit")
+            .args(args)
+            .env("DATABASE_URL", &app.services.database_url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run walletq audit")
+    };
+    let clean = audit(&[]);
+    let text = String::from_utf8_lossy(&clean.stdout).to_string();
+    assert!(clean.status.success(), "{text}");
+    assert!(text.contains("audit clean"), "{text}");
+    assert!(text.contains("(2 rows checked)"), "{text}");
+
+    sqlx::query("UPDATE wallets SET balance = balance + 1 WHERE user_id = 'judy'")
+        .execute(&app.pool)
+        .await
+        .expect("corrupt a balance");
+    let dirty = audit(&[]);
+    let text = String::from_utf8_lossy(&dirty.stdout).to_string();
+    assert_eq!(dirty.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL every balance equals the sum of its ledger entries"), "{text}");
+    assert!(text.contains("judy: balance 41.00, ledger sum 40.00"), "{text}");
+    let json: serde_json::Value = serde_json::from_slice(&audit(&["--json"]).stdout).expect("json report");
+    assert!(json["checks"].as_array().is_some_and(|c| c.len() >= 6));
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_worker_serves_metrics_health_readiness_and_status() {
+    let mut app = spawn_app_with(TopologySettings { partitions: 4, queue_type: QueueType::Classic }, false).await;
+    let address = format!("127.0.0.1:{}", free_port());
+    let _worker = spawn_worker_process_with(&app, &[("WALLETQ_METRICS_ADDR", address.as_str())]);
+
+    eventually("/readyz answering 200", Duration::from_secs(20), || async {
+        http_get(&address, "/readyz").await.filter(|(status, _)| *status == 200)
+    })
+    .await;
+    assert_eq!(http_get(&address, "/healthz").await.map(|(s, _)| s), Some(200));
+
+    app.publish_all(&[request("m-1", "kim", Op::Deposit, 100), request("m-2", "kim", Op::Withdraw, 500)]).await;
+    app.next_results(2).await;
+    let metrics = eventually("request counters in /metrics", Duration::from_secs(10), || async {
+        http_get(&address, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .filter(|b| b.contains("walletq_requests_total") && b.contains("walletq_batch_duration_seconds_bucket"))
+    })
+    .await;
+    assert!(metrics.contains(r#"walletq_requests_total{op="deposit",status="approved",reason="none"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"reason="insufficient_funds"} 1"#), "{metrics}");
+    assert!(metrics.contains("walletq_batch_duration_seconds_bucket"), "{metrics}");
+    assert!(metrics.contains("walletq_partitions_owned 4"), "{metrics}");
+
+    let status_json = || {
+        let output = Command::new(env!("CARGO_BIN_EXE_walletq"))
+            .args(["status", "--json", "--partitions", "4"])
+            .env("AMQP_URL", &app.services.amqp_url)
+            .env("REDIS_URL", &app.services.redis_url)
+            .env("WALLETQ_NAMESPACE", &app.services.namespace)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run walletq status");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("status json")
+    };
+    // Partition reports follow within a heartbeat of the worker taking the partitions.
+    let status = eventually("status naming the active worker of every partition", Duration::from_secs(10), || {
+        let status = status_json();
+        async move {
+            let all_active = status["partitions"].as_array()?.iter().all(|p| p["active_worker"].is_string());
+            all_active.then_some(status)
+        }
+    })
+    .await;
+    let workers = status["workers"].as_array().expect("workers");
+    assert_eq!(workers.len(), 1);
+    let partitions = status["partitions"].as_array().expect("partitions");
+    assert_eq!(partitions.len(), 4);
+    for partition in partitions {
+        assert_eq!(partition["active_worker"], workers[0]["worker_id"], "{partition}");
+        assert_eq!(partition["depth"], 0);
+    }
+    let table = Command::new(env!("CARGO_BIN_EXE_walletq"))
+        .args(["status", "--partitions", "4"])
+        .env("AMQP_URL", &app.services.amqp_url)
+        .env("REDIS_URL", &app.services.redis_url)
+        .env("WALLETQ_NAMESPACE", &app.services.namespace)
+        .output()
+        .expect("run walletq status");
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    assert!(table.contains("1 live worker(s)"), "{table}");
+
+    // The CLI producer: publish, wait for the result, exit code by status; then the balance.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_walletq"))
+            .args(args)
+            .env("DATABASE_URL", &app.services.database_url)
+            .env("AMQP_URL", &app.services.amqp_url)
+            .env("WALLETQ_NAMESPACE", &app.services.namespace)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run walletq")
+    };
+    let deposit = cli(&["deposit", "--user", "lee", "--amount", "150", "--request-id", "cli-1", "--wait", "20"]);
+    let printed: serde_json::Value = serde_json::from_slice(&deposit.stdout).expect("result json");
+    assert_eq!(deposit.status.code(), Some(0), "{printed}");
+    assert_eq!(printed["status"], "approved");
+    assert_eq!(printed["balance"], "150.00");
+    assert_eq!(printed["coupon"]["kind"], "red_packet_10");
+    let refused = cli(&["withdraw", "--user", "lee", "--amount", "150.01", "--wait", "20"]);
+    assert_eq!(refused.status.code(), Some(3), "{}", String::from_utf8_lossy(&refused.stdout));
+    let balance = cli(&["balance", "--user", "lee"]);
+    assert!(balance.status.success(), "{}", String::from_utf8_lossy(&balance.stderr));
+    let wallet: serde_json::Value = serde_json::from_slice(&balance.stdout).expect("wallet json");
+    assert_eq!(wallet["balance"], "150.00");
+    assert_eq!(wallet["coupons"][0]["kind"], "red_packet_10");
+    let bad = cli(&["withdraw", "--user", "lee", "--amount", "1.001"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("more than 2 decimal places"));
+
+    app.cleanup().await;
+}
