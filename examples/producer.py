@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Publish one walletq request and wait for its result (Python, pika).
+
+The same steps any producer takes (see docs/PROTOCOL.md):
+
+1. publish to the exchange `<namespace>.requests` with routing key = user_id,
+   persistent, content type application/json, message_id = request_id,
+   a reply_to queue and a correlation_id, on a channel with publisher confirms;
+2. read the result from the reply queue, matched by correlation_id.
+
+    apt-get install python3-pika     # Debian; or: pip install pika (in a virtualenv)
+    python3 examples/producer.py --user alice --op deposit --amount 300
+    python3 examples/producer.py --user alice --op withdraw --amount 12.34 --request-id order-42
+
+Environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f) and
+WALLETQ_NAMESPACE (default walletq), as for the walletq binary.
+Exit code: 0 approved, 2 rejected, 3 no result in time, 1 error (as `walletq deposit --wait`).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+
+import pika
+from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--user", required=True, help="user_id: 1-64 characters of [A-Za-z0-9._:-]")
+    parser.add_argument("--op", required=True, choices=["withdraw", "deposit"])
+    # Money is text: sent as a JSON string, never through float.
+    parser.add_argument("--amount", required=True, help="plain decimal text, e.g. 12.34")
+    parser.add_argument("--request-id", help="idempotency key (default: a fresh UUID)")
+    parser.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the result")
+    args = parser.parse_args()
+
+    url = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+    namespace = os.environ.get("WALLETQ_NAMESPACE", "walletq")
+    request_id = args.request_id or str(uuid.uuid4())
+    correlation_id = str(uuid.uuid4())
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()  # basic_publish now returns only once the broker has the message
+        # A private reply queue: deleted when this connection closes.
+        reply_to = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
+
+        body = json.dumps({"request_id": request_id, "user_id": args.user, "op": args.op, "amount": args.amount})
+        properties = pika.BasicProperties(
+            delivery_mode=2,  # persistent
+            content_type="application/json",
+            message_id=request_id,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+            timestamp=int(time.time() * 1000),  # milliseconds: walletq's convention (latency metric)
+        )
+        try:
+            channel.basic_publish(
+                exchange=f"{namespace}.requests",
+                routing_key=args.user,  # the partition key: one user, one queue, one order
+                body=body.encode(),
+                properties=properties,
+                mandatory=True,  # fail loudly when no partition queue is bound
+            )
+        except ChannelClosedByBroker as error:
+            print(f"producer: the broker refused the publish ({error}); has a worker declared the topology?",
+                  file=sys.stderr)
+            return 1
+        except (NackError, UnroutableError) as error:
+            print(f"producer: request {request_id} was not accepted by the broker: {error!r}", file=sys.stderr)
+            return 1
+
+        deadline = time.monotonic() + args.wait
+        for _method, props, reply in channel.consume(reply_to, auto_ack=True, inactivity_timeout=0.25):
+            if reply is not None and props.correlation_id == correlation_id:
+                result = json.loads(reply)
+                print(json.dumps(result, indent=2))
+                return 0 if result["status"] == "approved" else 2
+            if time.monotonic() >= deadline:
+                print(f"producer: no result for request {request_id} within {args.wait}s; it may still be applied",
+                      file=sys.stderr)
+                return 3
+        return 1
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
