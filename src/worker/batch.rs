@@ -114,6 +114,10 @@ async fn publish_and_ack(
     applied: Vec<RequestResult>,
 ) -> anyhow::Result<()> {
     let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
+    let span = tracing::Span::current();
+    span.record("approved", applied.iter().filter(|r| r.status == crate::domain::Status::Approved).count());
+    span.record("rejected", applied.iter().filter(|r| r.status == crate::domain::Status::Rejected).count());
+    span.record("invalid", decoded.iter().filter(|d| d.is_err()).count());
     let mut applied = applied.into_iter();
     let mut confirms = Vec::with_capacity(deliveries.len());
     let default_reply_to = context.names.results_queue();

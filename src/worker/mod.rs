@@ -52,11 +52,29 @@ pub async fn run_worker(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let names = Names::new(services.namespace.clone());
-    let ledger = Ledger::connect(&services.database_url, settings.db_connections).await?;
-    let locks = UserLocks::connect(&services.redis_url, names.namespace(), settings.lock_ttl_ms).await?;
+    let backoff_max_ms = settings.backoff_max_ms;
+    let Some(ledger) = retry_until_up("PostgreSQL", backoff_max_ms, &shutdown, || {
+        Ledger::connect(&services.database_url, settings.db_connections)
+    })
+    .await
+    else {
+        return Ok(());
+    };
+    let Some(locks) = retry_until_up("Redis", backoff_max_ms, &shutdown, || {
+        UserLocks::connect(&services.redis_url, names.namespace(), settings.lock_ttl_ms)
+    })
+    .await
+    else {
+        return Ok(());
+    };
     let worker_id = format!("{}-{}", hostname(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let membership =
-        Membership::connect(&services.redis_url, names.namespace(), &worker_id, settings.member_ttl_ms).await?;
+    let Some(membership) = retry_until_up("Redis", backoff_max_ms, &shutdown, || {
+        Membership::connect(&services.redis_url, names.namespace(), &worker_id, settings.member_ttl_ms)
+    })
+    .await
+    else {
+        return Ok(());
+    };
     tracing::info!(%worker_id, namespace = names.namespace(), partitions = topology.partitions, "worker starting");
     let context = Arc::new(WorkerContext { names, ledger, locks, settings, worker_id });
     let readiness = Arc::new(Readiness::default());
@@ -67,9 +85,8 @@ pub async fn run_worker(
     let started_at = Utc::now();
     let mut failures: u32 = 0;
     let outcome = loop {
-        let first_connection = failures == 0;
         let session = Session { context: &context, membership: &membership, readiness: &readiness, started_at };
-        match session.run(&services.amqp_url, &topology, &shutdown, first_connection).await {
+        match session.run(&services.amqp_url, &topology, &shutdown).await {
             Ok(()) => break Ok(()),
             Err(ConnectionFailure::Fatal(error)) => break Err(error),
             Err(ConnectionFailure::Transient(error)) => {
@@ -92,8 +109,39 @@ pub async fn run_worker(
     outcome
 }
 
+/// Connects with capped, jittered backoff until it works or `shutdown` (then `None`): a
+/// worker started during an outage waits for the service instead of exiting.
+async fn retry_until_up<T, F, Fut>(
+    service: &str,
+    backoff_max_ms: u64,
+    shutdown: &CancellationToken,
+    mut connect: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut attempt: u32 = 0;
+    loop {
+        match connect().await {
+            Ok(value) => return Some(value),
+            Err(error) => {
+                attempt = attempt.saturating_add(1);
+                let delay = jittered_delay(attempt, backoff_max_ms.max(1_000)).max(Duration::from_millis(100));
+                metrics::counter!("walletq_reconnects_total", "service" => service.to_owned()).increment(1);
+                tracing::warn!(service, error = %format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "service unavailable at start-up; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
 enum ConnectionFailure {
-    /// A configuration problem no retry fixes (for instance the plugin is missing).
+    /// A configuration problem no retry fixes (the plugin is missing, a queue exists with
+    /// other arguments): the broker refused the declaration on a live connection.
     Fatal(anyhow::Error),
     Transient(anyhow::Error),
 }
@@ -118,22 +166,20 @@ impl Session<'_> {
         amqp_url: &str,
         topology: &TopologySettings,
         shutdown: &CancellationToken,
-        first_connection: bool,
     ) -> Result<(), ConnectionFailure> {
-        let classify = |e: anyhow::Error| {
-            if first_connection { ConnectionFailure::Fatal(e) } else { ConnectionFailure::Transient(e) }
-        };
         let context = self.context;
-        let connection =
-            broker::connect(amqp_url, &format!("walletq worker {}", context.worker_id)).await.map_err(classify)?;
+        let connection = broker::connect(amqp_url, &format!("walletq worker {}", context.worker_id))
+            .await
+            .map_err(ConnectionFailure::Transient)?;
         let connection = Arc::new(connection);
-        let declared = async {
-            let channel = connection.create_channel().await.context("opening a channel")?;
-            declare_topology(&channel, &context.names, topology).await?;
-            channel.close(200, "OK".into()).await.context("closing the set-up channel")
+        let channel =
+            connection.create_channel().await.context("opening a channel").map_err(ConnectionFailure::Transient)?;
+        if let Err(error) = declare_topology(&channel, &context.names, topology).await {
+            let text = format!("{error:#}");
+            let refused = text.contains("x-consistent-hash") || text.contains("PRECONDITION_FAILED");
+            return Err(if refused { ConnectionFailure::Fatal(error) } else { ConnectionFailure::Transient(error) });
         }
-        .await;
-        declared.map_err(classify)?;
+        let _ = channel.close(200, "OK".into()).await;
         self.readiness.broker_connected.store(true, Ordering::Relaxed);
 
         let mut running: HashMap<u16, RunningPartition> = HashMap::new();

@@ -92,7 +92,14 @@ pub(super) async fn run(
             }
             stats.received(deliveries.len());
 
-            let span = tracing::debug_span!("batch", partition = index, size = deliveries.len());
+            let span = tracing::debug_span!(
+                "batch",
+                partition = index,
+                size = deliveries.len(),
+                approved = tracing::field::Empty,
+                rejected = tracing::field::Empty,
+                invalid = tracing::field::Empty
+            );
             let outcome =
                 tracing::Instrument::instrument(process_batch(&context, &publisher, &deliveries, &stop), span).await;
             match outcome {

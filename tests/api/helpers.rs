@@ -224,7 +224,10 @@ impl TestApp {
     /// Stops the worker and removes the namespace's queues, exchanges, Redis keys and database.
     pub async fn cleanup(mut self) {
         self.stop_worker().await;
-        let channel = self.connection.create_channel().await.expect("channel");
+        // A fresh connection: the test may have restarted the broker under the old one.
+        let connection =
+            walletq::broker::connect(&self.services.amqp_url, "walletq test cleanup").await.expect("broker");
+        let channel = connection.create_channel().await.expect("channel");
         let mut queues: Vec<String> = (0..self.topology.partitions).map(|i| self.names.partition_queue(i)).collect();
         queues.push(self.names.dead_queue());
         queues.push(self.names.results_queue());
@@ -234,6 +237,7 @@ impl TestApp {
         for exchange in [self.names.requests_exchange(), self.names.dead_exchange()] {
             let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
         }
+        let _ = connection.close(200, "OK".into()).await;
         let _ = self.connection.close(200, "OK".into()).await;
         if let Ok(client) = redis::Client::open(self.services.redis_url.as_str()) {
             if let Ok(mut redis) = client.get_multiplexed_async_connection().await {

@@ -1,0 +1,194 @@
+//! Chaos: three worker processes, one SIGKILLed every 2 s and replaced, Redis restarted,
+//! the workers' PostgreSQL connections killed and RabbitMQ restarted, all while 20,000
+//! requests flow. Nothing may be lost, applied twice or applied out of per-user order.
+//!
+//! Its own test binary: it restarts shared services, so it must not run beside other tests
+//! (cargo runs test binaries one after another).
+
+#[allow(dead_code)]
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use helpers::{Lcg, SequentialModel, WorkerProcess, request, spawn_app_with, spawn_worker_process};
+use walletq::broker::{Publisher, request_properties};
+use walletq::configuration::{QueueType, TopologySettings};
+use walletq::domain::{Op, Request, RequestResult, Status};
+
+const REQUESTS: usize = 20_000;
+const USERS: u64 = 200;
+const WINDOW: usize = 500;
+const DEADLINE: Duration = Duration::from_secs(600);
+
+fn run(program: &str, args: &[&str]) {
+    let status = Command::new(program).args(args).status().unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(status.success(), "{program} {args:?} failed: {status}");
+}
+
+async fn restart_redis() {
+    tokio::task::spawn_blocking(|| {
+        // Shutting down closes the connection, so redis-cli reports an error: ignore it.
+        let _ = Command::new("redis-cli").args(["-h", "127.0.0.1", "-p", "6379", "shutdown", "nosave"]).status();
+        run(
+            "redis-server",
+            &["--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"],
+        );
+    })
+    .await
+    .expect("restart redis");
+}
+
+async fn restart_rabbitmq() {
+    tokio::task::spawn_blocking(|| {
+        run("rabbitmqctl", &["stop_app"]);
+        run("rabbitmqctl", &["start_app"]);
+        run("rabbitmqctl", &["await_startup"]);
+    })
+    .await
+    .expect("restart rabbitmq");
+}
+
+/// Publishes every request with confirms in windows; after a broker failure it reconnects
+/// and sends the unconfirmed window again (duplicates are replays, order is kept).
+async fn publish_resilient(amqp_url: String, exchange: String, requests: Vec<Request>) -> usize {
+    let mut resent_windows = 0;
+    let mut publisher: Option<(lapin::Connection, Publisher)> = None;
+    for window in requests.chunks(WINDOW) {
+        loop {
+            if publisher.is_none() {
+                match walletq::broker::connect(&amqp_url, "chaos publisher").await {
+                    Ok(connection) => match Publisher::open(&connection).await {
+                        Ok(p) => publisher = Some((connection, p)),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    },
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+                continue;
+            }
+            let Some((_, current)) = &publisher else { continue };
+            let attempt = async {
+                let mut confirms = Vec::with_capacity(window.len());
+                for r in window {
+                    let properties = request_properties(r.request_id.as_str());
+                    confirms.push(current.send(&exchange, r.user_id.as_str(), &r.to_json(), properties).await?);
+                }
+                for confirm in confirms {
+                    Publisher::confirmed(confirm).await?;
+                }
+                anyhow::Ok(())
+            };
+            match tokio::time::timeout(Duration::from_secs(15), attempt).await {
+                Ok(Ok(())) => break,
+                _ => {
+                    resent_windows += 1;
+                    publisher = None;
+                }
+            }
+        }
+    }
+    resent_windows
+}
+
+async fn stored_count(pool: &sqlx::PgPool) -> Option<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM requests").fetch_one(pool).await.ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
+    let app = spawn_app_with(TopologySettings { partitions: 16, queue_type: QueueType::Quorum }, false).await;
+    let mut rng = Lcg(2026);
+    let requests: Vec<Request> = (0..REQUESTS)
+        .map(|i| {
+            let user = format!("c-{}", rng.next_below(USERS));
+            let op = if rng.next_below(5) < 2 { Op::Deposit } else { Op::Withdraw };
+            request(format!("chaos-{i}"), &user, op, 1 + rng.next_below(10_000) as i64)
+        })
+        .collect();
+
+    let mut workers: Vec<WorkerProcess> = (0..3).map(|_| spawn_worker_process(&app)).collect();
+    let publishing =
+        tokio::spawn(publish_resilient(app.services.amqp_url.clone(), app.names.requests_exchange(), requests.clone()));
+
+    let started = Instant::now();
+    let (mut kills, mut outages) = (0usize, 0usize);
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        assert!(started.elapsed() < DEADLINE, "chaos run did not finish within {DEADLINE:?}");
+        let victim = rng.next_below(workers.len() as u64) as usize;
+        workers[victim].kill();
+        workers[victim] = spawn_worker_process(&app);
+        kills += 1;
+        match kills {
+            2 => {
+                restart_redis().await;
+                outages += 1;
+            }
+            4 => {
+                sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                )
+                .execute(&app.pool)
+                .await
+                .expect("kill the workers' PostgreSQL connections");
+                outages += 1;
+            }
+            6 => {
+                restart_rabbitmq().await;
+                outages += 1;
+            }
+            _ => {}
+        }
+        let stored = stored_count(&app.pool).await.unwrap_or(0);
+        if outages == 3 && publishing.is_finished() && stored == REQUESTS as i64 {
+            break;
+        }
+    }
+    let resent_windows = publishing.await.expect("publisher");
+    drop(workers);
+
+    let stored: Vec<(String, String)> = sqlx::query_as("SELECT request_id, result::text FROM requests")
+        .fetch_all(&app.pool)
+        .await
+        .expect("stored results");
+    let stored: HashMap<String, RequestResult> =
+        stored.into_iter().map(|(id, r)| (id, serde_json::from_str(&r).expect("stored result"))).collect();
+    let mut model = SequentialModel::default();
+    let (mut lost, mut out_of_order, mut approved) = (0usize, 0usize, 0i64);
+    for r in &requests {
+        let (status, reason, balance) = model.apply(r);
+        approved += i64::from(status == Status::Approved);
+        match stored.get(r.request_id.as_str()) {
+            None => lost += 1,
+            Some(result) => {
+                let matches = result.status == status
+                    && result.reason.map(|x| x.as_str()) == reason
+                    && result.balance.map(|b| b.cents()) == balance;
+                out_of_order += usize::from(!matches);
+            }
+        }
+    }
+    let entries: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM ledger_entries").fetch_one(&app.pool).await.expect("entries");
+    let applied_twice = usize::try_from((entries - approved).max(0)).unwrap_or(usize::MAX);
+    let audit = walletq::ledger::audit::audit(&app.pool).await.expect("audit");
+
+    let summary = format!(
+        "chaos: {REQUESTS} requests, {kills} kills, {outages} outages, {lost} lost, {applied_twice} applied twice, \
+         {out_of_order} out of order ({resent_windows} publish windows re-sent, {:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    // Straight to the terminal, past the test harness's capture, so CI shows the figures.
+    let _ = writeln!(std::io::stderr(), "{summary}");
+    assert_eq!((lost, applied_twice, out_of_order), (0, 0, 0), "{summary}");
+    assert_eq!(stored.len(), REQUESTS, "exactly one stored result per request");
+    assert_eq!(entries, approved, "one ledger entry per approved request");
+    assert!(audit.is_clean(), "audit: {audit:?}");
+    app.cleanup().await;
+}
