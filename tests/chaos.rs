@@ -9,15 +9,14 @@
 #[path = "api/helpers.rs"]
 mod helpers;
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use helpers::{Lcg, SequentialModel, WorkerProcess, request, spawn_app_with, spawn_worker_process};
+use helpers::{Lcg, SequentialModel, WorkerProcess, mixed_requests, spawn_app_with, spawn_worker_process};
 use walletq::broker::{Publisher, request_properties};
 use walletq::configuration::{QueueType, TopologySettings};
-use walletq::domain::{Op, Request, RequestResult, Status};
+use walletq::domain::{Request, Status};
 
 const REQUESTS: usize = 20_000;
 const USERS: u64 = 200;
@@ -100,14 +99,8 @@ async fn stored_count(pool: &sqlx::PgPool) -> Option<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
     let app = spawn_app_with(TopologySettings { partitions: 16, queue_type: QueueType::Quorum }, false).await;
-    let mut rng = Lcg(2026);
-    let requests: Vec<Request> = (0..REQUESTS)
-        .map(|i| {
-            let user = format!("c-{}", rng.next_below(USERS));
-            let op = if rng.next_below(5) < 2 { Op::Deposit } else { Op::Withdraw };
-            request(format!("chaos-{i}"), &user, op, 1 + rng.next_below(10_000) as i64)
-        })
-        .collect();
+    let requests = mixed_requests("c", REQUESTS, USERS, 4, 10_000, 2026);
+    let mut rng = Lcg(7);
 
     let mut workers: Vec<WorkerProcess> = (0..3).map(|_| spawn_worker_process(&app)).collect();
     let publishing =
@@ -153,12 +146,7 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
     let resent_windows = publishing.await.expect("publisher");
     drop(workers);
 
-    let stored: Vec<(String, String)> = sqlx::query_as("SELECT request_id, result::text FROM requests")
-        .fetch_all(&app.pool)
-        .await
-        .expect("stored results");
-    let stored: HashMap<String, RequestResult> =
-        stored.into_iter().map(|(id, r)| (id, serde_json::from_str(&r).expect("stored result"))).collect();
+    let stored = app.stored_results().await;
     let mut model = SequentialModel::default();
     let (mut lost, mut out_of_order, mut approved) = (0usize, 0usize, 0i64);
     for r in &requests {

@@ -18,3 +18,30 @@ pub async fn connect(amqp_url: &str, connection_name: &str) -> anyhow::Result<Co
         .await
         .with_context(|| format!("connecting to RabbitMQ at {}", redact_url(amqp_url)))
 }
+
+/// Declares an exclusive, server-named reply queue on its own channel and consumes it
+/// without acks (replies are re-sendable results). Returns the queue name and the consumer.
+pub async fn open_reply_queue(connection: &Connection) -> anyhow::Result<(String, lapin::Consumer)> {
+    use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    let channel = connection.create_channel().await.context("opening the reply channel")?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
+            FieldTable::default(),
+        )
+        .await
+        .context("declaring the reply queue")?;
+    let name = queue.name().as_str().to_owned();
+    let consumer = channel
+        .basic_consume(
+            name.as_str().into(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+            FieldTable::default(),
+        )
+        .await
+        .context("consuming the reply queue")?;
+    Ok((name, consumer))
+}

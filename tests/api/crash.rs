@@ -1,26 +1,19 @@
 //! Worker processes killed mid-stream, and graceful stops.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use walletq::configuration::{QueueType, TopologySettings};
-use walletq::domain::{Op, RequestResult};
+use walletq::domain::Op;
 
 use crate::helpers::{
-    Lcg, SequentialModel, assert_matches_model, request, spawn_app_with, spawn_worker_process, wait_for_stored,
+    SequentialModel, assert_matches_model, mixed_requests, request, spawn_app_with, spawn_worker_process,
+    wait_for_stored,
 };
 
 #[tokio::test]
 async fn a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice() {
     let mut app = spawn_app_with(TopologySettings { partitions: 4, queue_type: QueueType::Quorum }, false).await;
-    let mut rng = Lcg(42);
-    let requests: Vec<_> = (0..3_000)
-        .map(|i| {
-            let user = format!("k-{}", rng.next_below(20));
-            let op = if rng.next_below(2) == 0 { Op::Deposit } else { Op::Withdraw };
-            request(format!("k-{i}"), &user, op, 1 + rng.next_below(5_000) as i64)
-        })
-        .collect();
+    let requests = mixed_requests("k", 3_000, 20, 5, 5_000, 42);
     app.publish_all(&requests).await;
 
     let mut first = spawn_worker_process(&app);
@@ -32,13 +25,8 @@ async fn a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice() {
     wait_for_stored(&app, 3_000, Duration::from_secs(120)).await;
 
     // Every request has exactly one stored result and matches the per-user sequential model.
-    let stored: Vec<(String, String)> = sqlx::query_as("SELECT request_id, result::text FROM requests")
-        .fetch_all(&app.pool)
-        .await
-        .expect("stored results");
+    let stored = app.stored_results().await;
     assert_eq!(stored.len(), 3_000);
-    let stored: HashMap<String, RequestResult> =
-        stored.into_iter().map(|(id, r)| (id, serde_json::from_str(&r).expect("stored result"))).collect();
     let mut model = SequentialModel::default();
     let mut approved = 0;
     for r in &requests {

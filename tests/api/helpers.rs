@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicConsumeOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 use sqlx::PgPool;
@@ -68,25 +68,7 @@ pub async fn spawn_app_with(topology: TopologySettings, worker: bool) -> TestApp
     declare_topology(&setup, &names, &topology).await.expect("topology");
     let publisher = Publisher::open(&connection).await.expect("publisher");
 
-    let replies = connection.create_channel().await.expect("channel");
-    let queue = replies
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
-    let reply_queue = queue.name().as_str().to_owned();
-    let mut consumer = replies
-        .basic_consume(
-            reply_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume replies");
+    let (reply_queue, mut consumer) = walletq::broker::open_reply_queue(&connection).await.expect("reply queue");
     let (sender, results) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
@@ -427,4 +409,58 @@ pub async fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
 /// A free loopback port for a child process to bind.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// `count` deterministic requests over `users` users named `<prefix>-<n>`: deposits with
+/// probability `deposits_per_10` in 10, amounts 0.01 to `max_cents` cents.
+pub fn mixed_requests(
+    prefix: &str,
+    count: usize,
+    users: u64,
+    deposits_per_10: u64,
+    max_cents: u64,
+    seed: u64,
+) -> Vec<Request> {
+    let mut rng = Lcg(seed);
+    (0..count)
+        .map(|i| {
+            let user = format!("{prefix}-{}", rng.next_below(users));
+            let op = if rng.next_below(10) < deposits_per_10 { Op::Deposit } else { Op::Withdraw };
+            request(format!("{prefix}-{i}"), &user, op, 1 + rng.next_below(max_cents) as i64)
+        })
+        .collect()
+}
+
+impl TestApp {
+    /// Every stored result, by request id.
+    pub async fn stored_results(&self) -> HashMap<String, RequestResult> {
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT request_id, result::text FROM requests")
+            .fetch_all(&self.pool)
+            .await
+            .expect("stored results");
+        rows.into_iter().map(|(id, r)| (id, serde_json::from_str(&r).expect("a stored result"))).collect()
+    }
+
+    /// Consumes `queue` without acks (for reading results or dead letters in tests).
+    pub async fn consume(&self, queue: &str) -> lapin::Consumer {
+        let channel = self.connection.create_channel().await.expect("channel");
+        channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume")
+    }
+
+    /// The next message on a consumer, failing the test after [`RESULT_TIMEOUT`].
+    pub async fn next_delivery(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+        tokio::time::timeout(RESULT_TIMEOUT, consumer.next())
+            .await
+            .expect("a message in time")
+            .expect("consumer open")
+            .expect("a delivery")
+    }
 }

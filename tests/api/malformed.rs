@@ -1,11 +1,8 @@
 //! Malformed input: a clear rejection, dead-lettered intact, and the partition keeps flowing.
 
-use futures_util::StreamExt;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
 use walletq::domain::{Op, Reason, Status};
 
-use crate::helpers::{RESULT_TIMEOUT, request, spawn_app};
+use crate::helpers::{TestApp, request, spawn_app};
 
 #[tokio::test]
 async fn malformed_messages_are_rejected_dead_lettered_and_never_block() {
@@ -48,22 +45,9 @@ async fn malformed_messages_are_rejected_dead_lettered_and_never_block() {
     assert_eq!(last.status, Status::Approved, "the partition kept flowing");
 
     // Dead-lettered with the original bodies, in order.
-    let channel = app.connection.create_channel().await.expect("channel");
-    let mut dead = channel
-        .basic_consume(
-            app.names.dead_queue().as_str().into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume dead letters");
+    let mut dead = app.consume(&app.names.dead_queue()).await;
     for (body, _) in &cases {
-        let delivery = tokio::time::timeout(RESULT_TIMEOUT, dead.next())
-            .await
-            .expect("dead letter in time")
-            .expect("stream open")
-            .expect("delivery");
+        let delivery = TestApp::next_delivery(&mut dead).await;
         assert_eq!(&delivery.data, body, "dead letter keeps the original body");
     }
     // Invalid requests are not stored: a corrected request may reuse the id.
@@ -79,18 +63,8 @@ async fn malformed_messages_are_rejected_dead_lettered_and_never_block() {
 async fn results_without_reply_to_go_to_the_results_queue() {
     let app = spawn_app().await;
     app.publish_raw("gina", br#"{"request_id":"no-reply","user_id":"gina","op":"deposit","amount":"2"}"#, None).await;
-    let channel = app.connection.create_channel().await.expect("channel");
-    let mut results = channel
-        .basic_consume(
-            app.names.results_queue().as_str().into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume results");
-    let delivery =
-        tokio::time::timeout(RESULT_TIMEOUT, results.next()).await.expect("in time").expect("open").expect("delivery");
+    let mut results = app.consume(&app.names.results_queue()).await;
+    let delivery = TestApp::next_delivery(&mut results).await;
     let result: walletq::domain::RequestResult = serde_json::from_slice(&delivery.data).expect("result");
     assert_eq!(result.status, Status::Approved);
     // No correlation_id nor message_id on the request: the request_id stands in.

@@ -3,14 +3,11 @@
 use std::process::Command;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::BasicConsumeOptions;
-use lapin::types::FieldTable;
 use walletq::configuration::{QueueType, TopologySettings};
 use walletq::domain::{Money, Op, Reason, Status};
 
 use crate::helpers::{
-    RESULT_TIMEOUT, eventually, free_port, http_get, request, spawn_app, spawn_app_with, spawn_worker_process_with,
+    TestApp, eventually, free_port, http_get, request, spawn_app, spawn_app_with, spawn_worker_process_with,
 };
 
 #[tokio::test]
@@ -49,18 +46,8 @@ async fn a_request_the_database_always_refuses_is_rejected_after_bounded_attempt
     assert_eq!(results[2].1.balance, Money::from_cents(1_100));
     assert_eq!(app.count("SELECT count(*) FROM requests WHERE request_id = 'poison'").await, 0);
 
-    let channel = app.connection.create_channel().await.expect("channel");
-    let mut dead = channel
-        .basic_consume(
-            app.names.dead_queue().as_str().into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume dead letters");
-    let delivery =
-        tokio::time::timeout(RESULT_TIMEOUT, dead.next()).await.expect("in time").expect("open").expect("ok");
+    let mut dead = app.consume(&app.names.dead_queue()).await;
+    let delivery = TestApp::next_delivery(&mut dead).await;
     assert_eq!(delivery.data, request("poison", "ivan", Op::Deposit, 500).to_json());
     app.cleanup().await;
 }

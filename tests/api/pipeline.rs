@@ -2,7 +2,7 @@
 
 use walletq::domain::{CouponKind, Money, Op, Reason, Status};
 
-use crate::helpers::{Lcg, SequentialModel, assert_matches_model, request, spawn_app};
+use crate::helpers::{SequentialModel, assert_matches_model, mixed_requests, request, spawn_app};
 
 #[tokio::test]
 async fn the_seeds_race_approves_exactly_300_of_500_in_publish_order() {
@@ -34,14 +34,7 @@ async fn the_seeds_race_approves_exactly_300_of_500_in_publish_order() {
 #[tokio::test]
 async fn interleaved_requests_of_50_users_match_a_sequential_model() {
     let mut app = spawn_app().await;
-    let mut rng = Lcg(7);
-    let requests: Vec<_> = (0..2_000)
-        .map(|i| {
-            let user = format!("user-{}", rng.next_below(50));
-            let op = if rng.next_below(3) == 0 { Op::Deposit } else { Op::Withdraw };
-            request(format!("r-{i}"), &user, op, 1 + rng.next_below(20_000) as i64)
-        })
-        .collect();
+    let requests = mixed_requests("user", 2_000, 50, 3, 20_000, 7);
     app.publish_all(&requests).await;
     let results = app.results_by_id(requests.len()).await;
 

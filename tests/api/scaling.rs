@@ -4,10 +4,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use walletq::configuration::{QueueType, TopologySettings};
-use walletq::domain::Op;
 
 use crate::helpers::{
-    Lcg, SequentialModel, TestApp, assert_matches_model, eventually, request, spawn_app_with, spawn_worker_process,
+    SequentialModel, TestApp, assert_matches_model, eventually, mixed_requests, spawn_app_with, spawn_worker_process,
     wait_for_stored,
 };
 
@@ -38,14 +37,7 @@ async fn workers_share_partitions_evenly_and_take_over_after_a_kill() {
     let mut workers: Vec<_> = (0..3).map(|_| spawn_worker_process(&app)).collect();
     eventually("3 workers sharing 16 partitions 6/5/5", Duration::from_secs(20), || balanced(&app, 3, 5..=6)).await;
 
-    let mut rng = Lcg(99);
-    let requests: Vec<_> = (0..4_000)
-        .map(|i| {
-            let user = format!("s-{}", rng.next_below(40));
-            let op = if rng.next_below(2) == 0 { Op::Deposit } else { Op::Withdraw };
-            request(format!("s-{i}"), &user, op, 1 + rng.next_below(3_000) as i64)
-        })
-        .collect();
+    let requests = mixed_requests("s", 4_000, 40, 5, 3_000, 99);
     let (first_half, second_half) = requests.split_at(2_000);
     app.publish_all(first_half).await;
 
@@ -62,11 +54,8 @@ async fn workers_share_partitions_evenly_and_take_over_after_a_kill() {
     app.publish_all(second_half).await;
 
     wait_for_stored(&app, 4_000, Duration::from_secs(120)).await;
-    let stored: Vec<(String, String)> =
-        sqlx::query_as("SELECT request_id, result::text FROM requests").fetch_all(&app.pool).await.expect("results");
+    let stored = app.stored_results().await;
     assert_eq!(stored.len(), 4_000);
-    let stored: std::collections::HashMap<String, walletq::domain::RequestResult> =
-        stored.into_iter().map(|(id, r)| (id, serde_json::from_str(&r).expect("result"))).collect();
     let mut model = SequentialModel::default();
     for r in &requests {
         assert_matches_model(&stored[r.request_id.as_str()], model.apply(r));
