@@ -14,7 +14,8 @@ The same steps any producer takes (see docs/PROTOCOL.md):
 
 Environment: AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f) and
 WALLETQ_NAMESPACE (default walletq), as for the walletq binary.
-Exit code: 0 approved, 2 rejected, 3 no result in time, 1 error (as `walletq deposit --wait`).
+Exit code, as for `walletq deposit --wait`: 0 approved, 1 error, 2 usage error,
+3 rejected, 4 no result in time.
 """
 
 import argparse
@@ -51,13 +52,15 @@ def main() -> int:
         reply_to = channel.queue_declare(queue="", exclusive=True, auto_delete=True).method.queue
 
         body = json.dumps({"request_id": request_id, "user_id": args.user, "op": args.op, "amount": args.amount})
+        published_ms = time.time_ns() // 1_000_000
         properties = pika.BasicProperties(
             delivery_mode=2,  # persistent
             content_type="application/json",
             message_id=request_id,
             reply_to=reply_to,
             correlation_id=correlation_id,
-            timestamp=int(time.time() * 1000),  # milliseconds: walletq's convention (latency metric)
+            timestamp=published_ms // 1000,  # whole seconds, as AMQP 0-9-1 defines it
+            headers={"x-published-ms": published_ms},  # Unix ms (a 64-bit int): end-to-end latency metric
         )
         try:
             channel.basic_publish(
@@ -80,11 +83,11 @@ def main() -> int:
             if reply is not None and props.correlation_id == correlation_id:
                 result = json.loads(reply)
                 print(json.dumps(result, indent=2))
-                return 0 if result["status"] == "approved" else 2
+                return 0 if result["status"] == "approved" else 3
             if time.monotonic() >= deadline:
                 print(f"producer: no result for request {request_id} within {args.wait}s; it may still be applied",
                       file=sys.stderr)
-                return 3
+                return 4
         return 1
     finally:
         if connection.is_open:
