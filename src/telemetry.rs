@@ -31,6 +31,11 @@ pub fn prometheus() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHan
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
         .map_err(|e| anyhow::anyhow!("configuring metric buckets: {e}"))?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_batch_size".into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0],
+        )
+        .map_err(|e| anyhow::anyhow!("configuring batch size buckets: {e}"))?
         .install_recorder()
         .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
     Ok(HANDLE.get_or_init(|| handle).clone())

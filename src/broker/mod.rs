@@ -11,12 +11,20 @@ use lapin::{Connection, ConnectionProperties};
 
 use crate::telemetry::redact_url;
 
+/// AMQP heartbeat used when the URL sets none: a lost machine's connection (and so its
+/// single-active-consumer slots) is noticed within about twice this.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
 /// Opens an AMQP connection (the URL's password never reaches errors or logs).
 pub async fn connect(amqp_url: &str, connection_name: &str) -> anyhow::Result<Connection> {
+    let shown = redact_url(amqp_url);
+    let mut uri: lapin::uri::AMQPUri =
+        amqp_url.parse().map_err(|e: String| anyhow::anyhow!("parsing the AMQP URL {shown}: {e}"))?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+    }
     let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
-    Connection::connect(amqp_url, properties)
-        .await
-        .with_context(|| format!("connecting to RabbitMQ at {}", redact_url(amqp_url)))
+    Connection::connect_uri(uri, properties).await.with_context(|| format!("connecting to RabbitMQ at {shown}"))
 }
 
 /// Declares an exclusive, server-named reply queue on its own channel and consumes it

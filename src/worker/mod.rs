@@ -53,6 +53,10 @@ pub async fn run_worker(
 ) -> anyhow::Result<()> {
     let names = Names::new(services.namespace.clone());
     let backoff_max_ms = settings.backoff_max_ms;
+    if settings.metrics_addr.is_some() {
+        // Before anything is counted, so start-up retries are exported too.
+        crate::telemetry::prometheus()?;
+    }
     let Some(ledger) = retry_until_up("PostgreSQL", backoff_max_ms, &shutdown, || {
         Ledger::connect(&services.database_url, settings.db_connections)
     })
