@@ -11,6 +11,14 @@ pub fn jittered_delay(attempt: u32, max_ms: u64) -> Duration {
     Duration::from_millis(rand::random_range(0..=ceiling))
 }
 
+/// Sleeps [`jittered_delay`] unless `stop` is cancelled first.
+pub async fn pause(stop: &tokio_util::sync::CancellationToken, attempt: u32, max_ms: u64) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = tokio::time::sleep(jittered_delay(attempt, max_ms)) => {}
+    }
+}
+
 /// The upper bound of the delay before retry number `attempt` (0-based).
 pub fn backoff_ceiling_ms(attempt: u32, max_ms: u64) -> u64 {
     BACKOFF_BASE_MS.saturating_mul(1u64.checked_shl(attempt.min(32)).unwrap_or(u64::MAX)).min(max_ms)

@@ -33,6 +33,8 @@ pub struct Status {
     pub namespace: String,
     pub partitions: Vec<PartitionStatus>,
     pub workers: Vec<WorkerReport>,
+    /// Messages waiting in the ingress queue for the router.
+    pub ingress_depth: u32,
     pub dead_lettered: u32,
 }
 
@@ -72,8 +74,19 @@ pub async fn collect(
         .await
         .map(|q| q.message_count())
         .unwrap_or(0);
+    let ingress_depth = channel
+        .queue_declare(names.ingress_queue().as_str().into(), passive, FieldTable::default())
+        .await
+        .map(|q| q.message_count())
+        .unwrap_or(0);
     let _ = connection.close(200, "OK".into()).await;
-    Ok(Status { namespace: names.namespace().to_owned(), partitions, workers: snapshot.workers, dead_lettered: dead })
+    Ok(Status {
+        namespace: names.namespace().to_owned(),
+        partitions,
+        workers: snapshot.workers,
+        ingress_depth,
+        dead_lettered: dead,
+    })
 }
 
 impl Status {
@@ -109,7 +122,8 @@ impl Status {
                 partitions.join(",")
             );
         }
-        let _ = writeln!(out, "\ndead-lettered messages waiting in {}.dead: {}", self.namespace, self.dead_lettered);
+        let _ = writeln!(out, "\ningress queue {}.ingress: {} waiting", self.namespace, self.ingress_depth);
+        let _ = writeln!(out, "dead-lettered messages waiting in {}.dead: {}", self.namespace, self.dead_lettered);
         out
     }
 }

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use helpers::{Lcg, SequentialModel, WorkerProcess, mixed_requests, spawn_app_with, spawn_worker_process};
+use helpers::{Lcg, SequentialModel, WorkerProcess, mixed_requests, spawn_app_with, spawn_worker_process_with};
 use walletq::broker::{Publisher, request_properties};
 use walletq::configuration::{QueueType, TopologySettings};
 use walletq::domain::{Request, Status};
@@ -22,6 +22,8 @@ const REQUESTS: usize = 20_000;
 const USERS: u64 = 200;
 const WINDOW: usize = 500;
 const DEADLINE: Duration = Duration::from_secs(600);
+/// Publishing is paced so the kills and outages hit a stream still in flight.
+const PUBLISH_RATE_PER_SEC: u64 = 1_000;
 
 fn run(program: &str, args: &[&str]) {
     let status = Command::new(program).args(args).status().unwrap_or_else(|e| panic!("running {program}: {e}"));
@@ -56,7 +58,10 @@ async fn restart_rabbitmq() {
 async fn publish_resilient(amqp_url: String, exchange: String, requests: Vec<Request>) -> usize {
     let mut resent_windows = 0;
     let mut publisher: Option<(lapin::Connection, Publisher)> = None;
-    for window in requests.chunks(WINDOW) {
+    let started = tokio::time::Instant::now();
+    for (index, window) in requests.chunks(WINDOW).enumerate() {
+        let due = Duration::from_millis((index * WINDOW) as u64 * 1_000 / PUBLISH_RATE_PER_SEC);
+        tokio::time::sleep_until(started + due).await;
         loop {
             if publisher.is_none() {
                 match walletq::broker::connect(&amqp_url, "chaos publisher").await {
@@ -102,7 +107,9 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
     let requests = mixed_requests("c", REQUESTS, USERS, 4, 10_000, 2026);
     let mut rng = Lcg(7);
 
-    let mut workers: Vec<WorkerProcess> = (0..3).map(|_| spawn_worker_process(&app)).collect();
+    // Worker logs at error only: the outages make every worker warn many times a second.
+    let spawn = || spawn_worker_process_with(&app, &[("RUST_LOG", "error")]);
+    let mut workers: Vec<WorkerProcess> = (0..3).map(|_| spawn()).collect();
     let publishing =
         tokio::spawn(publish_resilient(app.services.amqp_url.clone(), app.names.requests_exchange(), requests.clone()));
 
@@ -115,14 +122,14 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
         assert!(started.elapsed() < DEADLINE, "chaos run did not finish within {DEADLINE:?}");
         let victim = rng.next_below(workers.len() as u64) as usize;
         workers[victim].kill();
-        workers[victim] = spawn_worker_process(&app);
+        workers[victim] = spawn();
         kills += 1;
         match kills {
-            2 => {
+            1 => {
                 restart_redis().await;
                 outages += 1;
             }
-            4 => {
+            3 => {
                 sqlx::query(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
                      WHERE datname = current_database() AND pid <> pg_backend_pid()",
@@ -132,7 +139,7 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
                 .expect("kill the workers' PostgreSQL connections");
                 outages += 1;
             }
-            6 => {
+            5 => {
                 restart_rabbitmq().await;
                 outages += 1;
             }

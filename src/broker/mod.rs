@@ -4,7 +4,7 @@ mod publish;
 mod topology;
 
 pub use publish::{PUBLISHED_MS_HEADER, Publisher, json_properties, published_at_ms, request_properties};
-pub use topology::{CONSISTENT_HASH_PLUGIN, Names, declare_topology};
+pub use topology::{Names, declare_topology};
 
 use anyhow::Context;
 use lapin::{Connection, ConnectionProperties};

@@ -81,13 +81,37 @@ impl Publisher {
             .with_context(|| format!("publishing to exchange {exchange:?} with key {routing_key:?}"))
     }
 
-    /// Waits for one confirm; a broker nack is an error.
+    /// Waits for one confirm; a broker nack, or a mandatory message returned as
+    /// unroutable, is an error.
     pub async fn confirmed(confirm: PublisherConfirm) -> anyhow::Result<()> {
         let confirmation = confirm.await.context("waiting for a publisher confirm")?;
         if confirmation.is_nack() {
             bail!("the broker refused (nacked) a published message");
         }
+        if let Some(returned) = confirmation.take_message() {
+            bail!("the broker returned a message as unroutable (routing key {:?})", returned.delivery.routing_key);
+        }
         Ok(())
+    }
+
+    /// Sends a message to `queue` through the default exchange as mandatory: if the queue
+    /// is missing, the confirm reports it instead of the broker dropping the message.
+    pub async fn forward(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> anyhow::Result<PublisherConfirm> {
+        self.channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                body,
+                properties,
+            )
+            .await
+            .with_context(|| format!("forwarding to queue {queue:?}"))
     }
 
     /// Publishes a request to the partitioning exchange and waits for its confirm.

@@ -1,16 +1,11 @@
 //! Names and idempotent declaration of the exchanges and queues.
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
 use crate::configuration::{QueueType, TopologySettings};
-
-/// The RabbitMQ plugin that provides the `x-consistent-hash` exchange type.
-pub const CONSISTENT_HASH_PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
-/// Points each partition queue has on the hash ring; equal weights spread users evenly.
-const BINDING_WEIGHT: &str = "20";
 
 /// Names of the exchanges and queues of one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,9 +22,14 @@ impl Names {
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
-    /// The consistent-hash exchange producers publish to.
+    /// The exchange producers publish to (routing key = user id).
     pub fn requests_exchange(&self) -> String {
         format!("{}.requests", self.namespace)
+    }
+    /// The single ordered queue behind the requests exchange; the router empties it into
+    /// the partition queues.
+    pub fn ingress_queue(&self) -> String {
+        format!("{}.ingress", self.namespace)
     }
     /// Partition queue `index`.
     pub fn partition_queue(&self, index: u16) -> String {
@@ -55,8 +55,9 @@ fn queue_arguments(queue_type: QueueType) -> FieldTable {
     arguments
 }
 
-/// Declares exchanges, partition queues (single active consumer, dead-lettering),
-/// the dead-letter queue and the results queue. Safe to repeat.
+/// Declares the requests exchange (fanout) and its ingress queue, the partition queues
+/// (all with single active consumer and dead-lettering), the dead-letter exchange and
+/// queue and the results queue. Safe to repeat.
 pub async fn declare_topology(channel: &Channel, names: &Names, settings: &TopologySettings) -> anyhow::Result<()> {
     let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     let queue_options = QueueDeclareOptions::durable();
@@ -84,43 +85,35 @@ pub async fn declare_topology(channel: &Channel, names: &Names, settings: &Topol
         .await
         .with_context(|| format!("declaring queue {}", names.results_queue()))?;
 
-    if let Err(error) = channel
-        .exchange_declare(
-            names.requests_exchange().into(),
-            ExchangeKind::Custom("x-consistent-hash".into()),
-            durable,
-            FieldTable::default(),
-        )
+    channel
+        .exchange_declare(names.requests_exchange().into(), ExchangeKind::Fanout, durable, FieldTable::default())
         .await
-    {
-        let text = error.to_string();
-        if text.contains("x-consistent-hash") || text.contains("exchange type") {
-            bail!(
-                "RabbitMQ lacks the x-consistent-hash exchange type: enable it with `rabbitmq-plugins enable {CONSISTENT_HASH_PLUGIN}` ({text})"
-            );
-        }
-        return Err(error).context("declaring the requests exchange");
-    }
-
-    for index in 0..settings.partitions {
-        let queue = names.partition_queue(index);
+        .with_context(|| {
+            format!(
+                "declaring the requests exchange {} (fanout; an older x-consistent-hash one must be deleted first)",
+                names.requests_exchange()
+            )
+        })?;
+    let mut queues = vec![names.ingress_queue()];
+    queues.extend((0..settings.partitions).map(|index| names.partition_queue(index)));
+    for queue in &queues {
         let mut arguments = queue_arguments(settings.queue_type);
         arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(names.dead_exchange().into()));
         channel.queue_declare(queue.as_str().into(), queue_options, arguments).await.with_context(|| {
-            format!("declaring partition queue {queue} (an existing queue with other arguments must be deleted first)")
+            format!("declaring queue {queue} (an existing queue with other arguments must be deleted first)")
         })?;
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                names.requests_exchange().into(),
-                BINDING_WEIGHT.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("binding partition queue {queue}"))?;
     }
+    channel
+        .queue_bind(
+            names.ingress_queue().into(),
+            names.requests_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .context("binding the ingress queue")?;
     Ok(())
 }
 
@@ -132,6 +125,7 @@ mod tests {
     fn names_follow_the_wire_contract() {
         let names = Names::new("walletq");
         assert_eq!(names.requests_exchange(), "walletq.requests");
+        assert_eq!(names.ingress_queue(), "walletq.ingress");
         assert_eq!(names.partition_queue(15), "walletq.requests.15");
         assert_eq!(names.dead_exchange(), "walletq.dead");
         assert_eq!(names.results_queue(), "walletq.results");

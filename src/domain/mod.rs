@@ -4,6 +4,7 @@ pub mod assignment;
 pub mod coupon;
 pub mod money;
 pub mod outcome;
+pub mod partitioning;
 pub mod request;
 pub mod rules;
 

@@ -6,6 +6,7 @@
 mod batch;
 mod endpoints;
 mod partition;
+pub mod router;
 mod stats;
 
 use std::collections::{BTreeSet, HashMap};
@@ -186,6 +187,19 @@ impl Session<'_> {
         let _ = channel.close(200, "OK".into()).await;
         self.readiness.broker_connected.store(true, Ordering::Relaxed);
 
+        let stop_router = CancellationToken::new();
+        let router_settings = router::RouterSettings {
+            partitions: topology.partitions,
+            prefetch: context.settings.effective_prefetch(),
+            backoff_max_ms: context.settings.backoff_max_ms,
+            consumer_tag: format!("{}/router", context.worker_id),
+        };
+        let mut router = tokio::spawn(router::run_router(
+            connection.clone(),
+            context.names.clone(),
+            router_settings,
+            stop_router.clone(),
+        ));
         let mut running: HashMap<u16, RunningPartition> = HashMap::new();
         let mut tasks: JoinSet<(u16, u64, anyhow::Result<()>)> = JoinSet::new();
         let mut generation: u64 = 0;
@@ -216,6 +230,14 @@ impl Session<'_> {
                         self.reconcile(&desired, &mut running, &mut tasks, &mut generation, &connection);
                     }
                 }
+                routed = &mut router => {
+                    let error = match routed {
+                        Ok(Ok(())) => anyhow::anyhow!("the router stopped"),
+                        Ok(Err(error)) => error,
+                        Err(error) => anyhow::Error::from(error).context("the router panicked"),
+                    };
+                    break Some(error);
+                }
                 Some(joined) = tasks.join_next() => {
                     let (partition, task_generation, outcome) = match joined {
                         Ok(done) => done,
@@ -231,8 +253,12 @@ impl Session<'_> {
             }
         };
 
+        stop_router.cancel();
         for partition in running.values() {
             partition.stop.cancel();
+        }
+        if !router.is_finished() {
+            let _ = (&mut router).await;
         }
         while let Some(joined) = tasks.join_next().await {
             if let Ok((partition, _, Err(error))) = joined {

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::WorkerContext;
 use super::batch::{process_batch, reject_after_attempts};
 use super::stats::PartitionStats;
-use crate::backoff::jittered_delay;
+use crate::backoff::pause;
 use crate::broker::Publisher;
 use crate::ledger::LedgerError;
 
@@ -171,11 +171,4 @@ fn message_key(delivery: &Delivery) -> u64 {
     delivery.properties.message_id().as_ref().map(|m| m.as_str()).hash(&mut hasher);
     delivery.data.hash(&mut hasher);
     hasher.finish()
-}
-
-async fn pause(stop: &CancellationToken, attempt: u32, max_ms: u64) {
-    tokio::select! {
-        _ = stop.cancelled() => {}
-        _ = tokio::time::sleep(jittered_delay(attempt, max_ms)) => {}
-    }
 }

@@ -212,6 +212,7 @@ impl TestApp {
         let channel = connection.create_channel().await.expect("channel");
         let mut queues: Vec<String> = (0..self.topology.partitions).map(|i| self.names.partition_queue(i)).collect();
         queues.push(self.names.dead_queue());
+        queues.push(self.names.ingress_queue());
         queues.push(self.names.results_queue());
         for queue in queues {
             let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
