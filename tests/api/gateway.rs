@@ -286,6 +286,9 @@ async fn replaying_an_idempotency_key_returns_the_same_request_and_debits_once()
     app.cleanup().await;
 }
 
+/// A submission body and headers, with the status, problem type and detail it must get.
+type BodyCase<'a> = (String, Vec<(&'a str, &'a str)>, StatusCode, &'a str, &'a str);
+
 fn signed(secret: &[u8], algorithm: Algorithm, sub: &str, exp_offset_s: i64) -> String {
     let now = jsonwebtoken::get_current_timestamp();
     let claims = Claims { sub: sub.into(), iat: now, exp: now.saturating_add_signed(exp_offset_s) };
@@ -319,7 +322,7 @@ async fn every_error_is_a_problem_document() {
 
     // 400, 413, 415, 422: the body and headers of a submission.
     let long_key = "k".repeat(65);
-    let cases: Vec<(String, Vec<(&str, &str)>, StatusCode, &str, &str)> = vec![
+    let cases: Vec<BodyCase> = vec![
         ("{".into(), vec![], StatusCode::BAD_REQUEST, "invalid-body", "JSON object"),
         ("".into(), vec![], StatusCode::BAD_REQUEST, "invalid-body", "EOF"),
         (r#"{"value":"1"}"#.into(), vec![], StatusCode::BAD_REQUEST, "invalid-body", "unknown field `value`"),
