@@ -255,7 +255,7 @@ fn as_json_string(raw: &RawValue) -> Option<String> {
 }
 
 /// Keeps echoed input short in error details.
-fn truncate(text: &str) -> String {
+pub(crate) fn truncate(text: &str) -> String {
     const MAX: usize = 40;
     match text.char_indices().nth(MAX) {
         Some((cut, _)) => format!("{}…", &text[..cut]),

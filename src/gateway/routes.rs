@@ -18,6 +18,7 @@ use super::Shared;
 use super::auth::User;
 use super::ids::IdempotencyKey;
 use super::problem::{Problem, ProblemKind};
+use crate::domain::request::truncate;
 use crate::domain::{Coupon, Op, Request, RequestId, RequestResult, Status, UserId, parse_json_amount};
 
 /// Largest request body accepted, in bytes.
@@ -148,17 +149,7 @@ pub struct WalletView {
     post, path = "/v1/withdrawals", tag = "requests",
     request_body = AmountBody,
     params(SubmitHeaders),
-    responses(
-        (status = 200, description = "Processed within `Prefer: wait` (approved or rejected)", body = RequestView),
-        (status = 202, description = "Published; poll `Location`", body = RequestView,
-            headers(("Location" = String, description = "/v1/requests/{request_id}"))),
-        (status = 400, description = "Malformed body or Idempotency-Key", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 16 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Amount not acceptable", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Broker unavailable (see Retry-After)", body = Problem, content_type = "application/problem+json"),
-    ),
+    responses(SubmitResponses),
     security(("bearer" = []))
 )]
 pub async fn post_withdrawal(
@@ -175,17 +166,7 @@ pub async fn post_withdrawal(
     post, path = "/v1/deposits", tag = "requests",
     request_body = AmountBody,
     params(SubmitHeaders),
-    responses(
-        (status = 200, description = "Processed within `Prefer: wait`", body = RequestView),
-        (status = 202, description = "Published; poll `Location`", body = RequestView,
-            headers(("Location" = String, description = "/v1/requests/{request_id}"))),
-        (status = 400, description = "Malformed body or Idempotency-Key", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing, invalid or expired token", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body over 16 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Amount not acceptable", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Broker unavailable (see Retry-After)", body = Problem, content_type = "application/problem+json"),
-    ),
+    responses(SubmitResponses),
     security(("bearer" = []))
 )]
 pub async fn post_deposit(
@@ -195,6 +176,36 @@ pub async fn post_deposit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     submit(&shared, user, Op::Deposit, &headers, body).await
+}
+
+/// The answers to a submission.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // documents the responses built by `submit`
+enum SubmitResponses {
+    /// Processed within `Prefer: wait` (approved or rejected).
+    #[response(status = 200)]
+    Processed(RequestView),
+    /// Published (confirmed by the broker); poll `Location`.
+    #[response(status = 202, headers(("Location" = String, description = "/v1/requests/{request_id}")))]
+    Accepted(RequestView),
+    /// Malformed body or Idempotency-Key.
+    #[response(status = 400, content_type = "application/problem+json")]
+    BadRequest(Problem),
+    /// Missing, invalid or expired token.
+    #[response(status = 401, content_type = "application/problem+json")]
+    Unauthorized(Problem),
+    /// Body over 16 KiB.
+    #[response(status = 413, content_type = "application/problem+json")]
+    TooLarge(Problem),
+    /// Body is not JSON.
+    #[response(status = 415, content_type = "application/problem+json")]
+    NotJson(Problem),
+    /// Amount not acceptable.
+    #[response(status = 422, content_type = "application/problem+json")]
+    BadAmount(Problem),
+    /// Broker unavailable (see Retry-After); retry with the same Idempotency-Key.
+    #[response(status = 503, content_type = "application/problem+json")]
+    Unavailable(Problem),
 }
 
 /// Headers of a submission.
@@ -307,7 +318,7 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
     } else {
         Err(Problem::new(
             ProblemKind::UnsupportedMediaType,
-            format!("Content-Type must be application/json, got {:?}", shorten(&essence)),
+            format!("Content-Type must be application/json, got {:?}", truncate(&essence)),
         ))
     }
 }
@@ -342,7 +353,7 @@ fn parse_amount_body(body: &[u8]) -> Result<crate::domain::Money, Problem> {
         )
     })?;
     parse_json_amount(field.amount).map_err(|e| {
-        Problem::new(ProblemKind::InvalidAmount, format!("`amount` {e}, got {}", shorten(field.amount.get())))
+        Problem::new(ProblemKind::InvalidAmount, format!("`amount` {e}, got {}", truncate(field.amount.get())))
     })
 }
 
@@ -365,7 +376,7 @@ pub async fn get_request(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<RequestView>, Problem> {
     let id = id.map(|Path(id)| id).unwrap_or_default();
-    let unknown = || Problem::new(ProblemKind::NotFound, format!("this user has no request {:?}", shorten(&id)));
+    let unknown = || Problem::new(ProblemKind::NotFound, format!("this user has no request {:?}", truncate(&id)));
     if !shared.ids.belongs_to(&id, &user) {
         return Err(unknown());
     }
@@ -401,15 +412,6 @@ pub async fn get_wallet(State(shared): State<Arc<Shared>>, User(user): User) -> 
 pub(super) fn database_problem(error: anyhow::Error) -> Problem {
     tracing::warn!(error = %format!("{error:#}"), "database read failed");
     Problem::new(ProblemKind::DatabaseUnavailable, "the database is unavailable; retry later")
-}
-
-/// Keeps echoed input short.
-fn shorten(text: &str) -> String {
-    const MAX: usize = 64;
-    match text.char_indices().nth(MAX) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
-    }
 }
 
 #[cfg(test)]
