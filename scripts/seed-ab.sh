@@ -34,9 +34,10 @@ have ab || missing+=(apache2-utils)
 have curl || missing+=(curl)
 if [ "${#missing[@]}" -gt 0 ]; then
 	log "installing ${missing[*]}"
-	export DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1
-	as_root apt-get update -qq
-	as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+	apt=(env DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1 apt-get -qq)
+	as_root "${apt[@]}" update || die "apt-get update failed"
+	as_root "${apt[@]}" install -y --no-install-recommends "${missing[@]}" >/dev/null ||
+		die "apt-get install ${missing[*]} failed"
 fi
 
 scripts/services-up.sh >/dev/null
@@ -44,18 +45,22 @@ log "building the release binary"
 cargo build --release --locked --quiet
 WALLETQ="$PWD/target/release/walletq"
 
-# --- A fresh namespace and database --------------------------------------------
+# --- A fresh namespace, database and RabbitMQ virtual host ----------------------
+work=$(mktemp -d)
+pids=()
 namespace="ab$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 base_db="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/walletq}"
 export DATABASE_URL="${base_db%/*}/walletq_${namespace}"
-export AMQP_URL="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+# A RabbitMQ virtual host of its own, deleted with everything in it on exit.
+base_amqp="${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+amqp_user="${base_amqp#amqp://}"
+amqp_user="${amqp_user%%:*}"
+export AMQP_URL="${base_amqp%/*}/$namespace"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export WALLETQ_NAMESPACE="$namespace"
 export WALLETQ_PARTITIONS=4
 export WALLETQ_LOG_FORMAT=json
 export WALLETQ_JWT_SECRET="$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')"
-work=$(mktemp -d)
-pids=()
 
 cleanup() {
 	local status=$?
@@ -67,11 +72,7 @@ cleanup() {
 	done
 	psql -X -q "${base_db%/*}/postgres" -c "DROP DATABASE IF EXISTS \"walletq_${namespace}\" WITH (FORCE)" \
 		>/dev/null 2>&1 || true
-	if have rabbitmqctl; then
-		for queue in "$namespace.requests."{0..3} "$namespace.dead" "$namespace.results"; do
-			as_root rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
-		done
-	fi
+	as_root rabbitmqctl -q delete_vhost "$namespace" >/dev/null 2>&1 || true
 	redis-cli -u "$REDIS_URL" --scan --pattern "$namespace:*" 2>/dev/null |
 		xargs -r redis-cli -u "$REDIS_URL" del >/dev/null 2>&1 || true
 	[ "$status" -eq 0 ] || log "logs kept in $work"
@@ -80,6 +81,8 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+as_root rabbitmqctl -q add_vhost "$namespace" >/dev/null
+as_root rabbitmqctl -q set_permissions -p "$namespace" "$amqp_user" '.*' '.*' '.*' >/dev/null
 
 log "namespace $namespace, database walletq_$namespace"
 "$WALLETQ" worker >"$work/worker.log" 2>&1 &
@@ -98,7 +101,7 @@ until [ -n "$address" ]; do
 done
 base="http://$address"
 # Ready once the worker has declared the topology and the broker and database answer.
-until curl -fsS -o /dev/null "$base/readyz"; do
+until curl -fs -o /dev/null "$base/readyz"; do
 	kill -0 "${pids[0]}" 2>/dev/null || die "the worker exited: $(tail -n5 "$work/worker.log")"
 	[ "$SECONDS" -lt "$deadline" ] || die "the gateway is not ready: $(curl -sS "$base/readyz")"
 	sleep 0.2
