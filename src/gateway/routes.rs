@@ -341,16 +341,22 @@ struct AmountField<'a> {
 fn parse_amount_body(body: &[u8]) -> Result<crate::domain::Money, Problem> {
     let text =
         std::str::from_utf8(body).map_err(|_| Problem::new(ProblemKind::InvalidBody, "the body is not UTF-8"))?;
-    let field: AmountField = serde_json::from_str(text).map_err(|e| {
-        let hint = if e.to_string().contains("unknown field") {
-            " (the body names only the amount; the user is the token's subject)"
-        } else {
-            ""
-        };
+    let invalid = |why: &dyn std::fmt::Display| {
         Problem::new(
             ProblemKind::InvalidBody,
-            format!(r#"the body must be a JSON object {{"amount": "12.34"}}: {e}{hint}"#),
+            format!(r#"the body must be a JSON object {{"amount": "12.34"}}: {why}"#),
         )
+    };
+    // A derived struct would also take an array (`[1]`) as its fields in order.
+    if !text.trim_start().starts_with('{') && !text.trim().is_empty() {
+        return Err(invalid(&"it is not an object"));
+    }
+    let field: AmountField = serde_json::from_str(text).map_err(|e| {
+        if e.to_string().contains("unknown field") {
+            invalid(&format!("{e} (the body names only the amount; the user is the token's subject)"))
+        } else {
+            invalid(&e)
+        }
     })?;
     parse_json_amount(field.amount).map_err(|e| {
         Problem::new(ProblemKind::InvalidAmount, format!("`amount` {e}, got {}", truncate(field.amount.get())))
@@ -453,7 +459,9 @@ mod tests {
             (br#"{"amount":"1","amount":"2"}"#, ProblemKind::InvalidBody, "duplicate field"),
             (br#"{}"#, ProblemKind::InvalidBody, "missing field `amount`"),
             (b"", ProblemKind::InvalidBody, "EOF"),
-            (b"[1]", ProblemKind::InvalidBody, "JSON object"),
+            (b"[1]", ProblemKind::InvalidBody, "not an object"),
+            (b" [\"1\"]", ProblemKind::InvalidBody, "not an object"),
+            (b"\"1\"", ProblemKind::InvalidBody, "not an object"),
             (b"\xff", ProblemKind::InvalidBody, "UTF-8"),
         ] {
             let problem = parse_amount_body(body).unwrap_err();

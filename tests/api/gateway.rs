@@ -325,6 +325,7 @@ async fn every_error_is_a_problem_document() {
     let cases: Vec<BodyCase> = vec![
         ("{".into(), vec![], StatusCode::BAD_REQUEST, "invalid-body", "JSON object"),
         ("".into(), vec![], StatusCode::BAD_REQUEST, "invalid-body", "EOF"),
+        (r#"["5"]"#.into(), vec![], StatusCode::BAD_REQUEST, "invalid-body", "not an object"),
         (r#"{"value":"1"}"#.into(), vec![], StatusCode::BAD_REQUEST, "invalid-body", "unknown field `value`"),
         (r#"{"amount":"abc"}"#.into(), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid-amount", "plain decimal"),
         (r#"{"amount":1.005}"#.into(), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid-amount", "2 decimal places"),
