@@ -108,6 +108,11 @@ impl Client {
         self.connection.status().connected() && self.publisher.channel().status().connected()
     }
 
+    /// Closes the connection; its reply queue goes with it.
+    pub async fn close(&self) {
+        let _ = self.connection.close(200, "OK".into()).await;
+    }
+
     /// This client's exclusive reply queue: results sent there and not waited for are dropped.
     pub fn reply_queue(&self) -> &str {
         &self.reply_queue

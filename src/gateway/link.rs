@@ -15,14 +15,15 @@ use crate::telemetry::redact_url;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed attempt, requests fail fast for this long before the next attempt.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+const UNREACHABLE: &str = "the message broker is unreachable; retry later";
 
 /// A lazily (re)connected, shared broker client.
 pub struct BrokerLink {
     amqp_url: String,
     namespace: String,
     current: RwLock<Option<Arc<Client>>>,
-    /// Held while connecting; remembers when the last attempt failed.
-    attempt: Mutex<Option<Instant>>,
+    /// Held while connecting; remembers when and why the last attempt failed.
+    attempt: Mutex<Option<(Instant, String)>>,
 }
 
 /// Why no client is available; the detail is safe to show (no URL, no credentials).
@@ -51,11 +52,15 @@ impl BrokerLink {
         if let Some(client) = self.connected() {
             return Ok(client);
         }
-        if last_failure.is_some_and(|at| at.elapsed() < RETRY_INTERVAL) {
-            return Err(BrokerDown("the message broker is unreachable; retry later".into()));
+        if let Some((_, why)) = last_failure.as_ref().filter(|(at, _)| at.elapsed() < RETRY_INTERVAL) {
+            return Err(BrokerDown(why.clone()));
         }
-        match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(&self.amqp_url, &self.namespace)).await {
-            Ok(Ok(client)) => {
+        let outcome = tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await.unwrap_or_else(|_| {
+            tracing::warn!("gateway cannot reach the broker: no connection within {CONNECT_TIMEOUT:?}");
+            Err(BrokerDown(UNREACHABLE.into()))
+        });
+        match outcome {
+            Ok(client) => {
                 let client = Arc::new(client);
                 if let Ok(mut current) = self.current.write() {
                     *current = Some(client.clone());
@@ -64,16 +69,33 @@ impl BrokerLink {
                 tracing::info!(broker = %redact_url(&self.amqp_url), "gateway connected to the broker");
                 Ok(client)
             }
-            outcome => {
-                let error = match outcome {
-                    Ok(Err(error)) => format!("{error:#}"),
-                    _ => format!("no connection within {CONNECT_TIMEOUT:?}"),
-                };
-                tracing::warn!(%error, "gateway cannot reach the broker");
-                *last_failure = Some(Instant::now());
-                Err(BrokerDown("the message broker is unreachable; retry later".into()))
+            Err(down) => {
+                *last_failure = Some((Instant::now(), down.0.clone()));
+                Err(down)
             }
         }
+    }
+
+    /// A new client, once the requests exchange is known to exist: publishing to a missing
+    /// exchange would close the publishing channel.
+    async fn connect(&self) -> Result<Client, BrokerDown> {
+        let client = Client::connect(&self.amqp_url, &self.namespace).await.map_err(|error| {
+            tracing::warn!(error = %format!("{error:#}"), "gateway cannot reach the broker");
+            BrokerDown(UNREACHABLE.into())
+        })?;
+        let missing = match client.requests_exchange_exists().await {
+            Ok(true) => return Ok(client),
+            Ok(false) => {
+                tracing::warn!(namespace = %self.namespace, "the requests exchange does not exist: start a worker");
+                BrokerDown("the request queues are not declared yet: start a worker, it declares them".into())
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "gateway cannot check the requests exchange");
+                BrokerDown(UNREACHABLE.into())
+            }
+        };
+        client.close().await;
+        Err(missing)
     }
 
     fn connected(&self) -> Option<Arc<Client>> {

@@ -25,7 +25,7 @@ pub async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// Readiness: the broker is connected, the requests exchange exists and the database answers.
+/// Readiness: the broker is connected, the request queues are declared and the database answers.
 #[utoipa::path(
     get, path = "/readyz", tag = "operations",
     responses(
@@ -35,17 +35,8 @@ pub async fn healthz() -> Json<Health> {
 )]
 pub async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Health>, Problem> {
     let mut problems = Vec::new();
-    match shared.link.client().await {
-        Err(down) => problems.push(down.0),
-        Ok(client) => match client.requests_exchange_exists().await {
-            Ok(true) => {}
-            Ok(false) => problems
-                .push("the requests exchange does not exist yet: start a worker, it declares the topology".into()),
-            Err(error) => {
-                tracing::warn!(error = %format!("{error:#}"), "readiness: broker check failed");
-                problems.push("the message broker does not answer".into());
-            }
-        },
+    if let Err(down) = shared.link.client().await {
+        problems.push(down.0);
     }
     if let Err(error) = sqlx::query("SELECT 1").execute(shared.ledger.pool()).await {
         tracing::warn!(%error, "readiness: database check failed");

@@ -478,11 +478,13 @@ async fn a_broker_outage_answers_503_with_retry_after_and_recovers() {
         parts(gateway.post("/v1/withdrawals", "frank", r#"{"amount":"1"}"#, &[key, wait]).await).await;
     assert_eq!((status, &body["status"], &body["balance"]), (StatusCode::OK, &json!("approved"), &json!("4.00")));
 
-    // A namespace whose topology was never declared is not ready either.
+    // A namespace whose queues no worker has declared yet: not ready, and nothing is published.
     let elsewhere = ServiceSettings { namespace: format!("{}x", app.services.namespace), ..app.services.clone() };
     let lonely = spawn_gateway(&elsewhere).await;
     let not_ready = parts(lonely.get("/readyz", "frank").await).await;
     assert_problem(&not_ready, StatusCode::SERVICE_UNAVAILABLE, "not-ready", "start a worker");
+    let early = parts(lonely.post("/v1/deposits", "frank", r#"{"amount":"5"}"#, &[]).await).await;
+    assert_problem(&early, StatusCode::SERVICE_UNAVAILABLE, "broker-unavailable", "start a worker");
 
     lonely.stop().await;
     gateway.stop().await;
