@@ -22,7 +22,7 @@ RUN apt-get update \
         --home-dir /nonexistent --shell /usr/sbin/nologin walletq
 COPY --from=builder /usr/local/bin/walletq /usr/local/bin/walletq
 USER walletq
-# Prometheus metrics (WALLETQ_METRICS_ADDR).
-EXPOSE 9100
+# Prometheus metrics (WALLETQ_METRICS_ADDR); the HTTP gateway (`gateway --listen 0.0.0.0:8080`).
+EXPOSE 9100 8080
 ENTRYPOINT ["/usr/local/bin/walletq"]
 CMD ["worker"]

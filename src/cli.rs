@@ -8,8 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::Client;
-use crate::configuration::{ServiceSettings, TopologySettings, WorkerSettings};
+use crate::configuration::{GatewaySettings, ServiceSettings, TopologySettings, WorkerSettings};
 use crate::domain::{Money, Op, Status, UserId};
+use crate::gateway::auth::{JwtSecret, mint_token};
 use crate::ledger::Ledger;
 use crate::telemetry::{self, LogFormat};
 
@@ -68,6 +69,23 @@ enum Command {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+    },
+    /// Serve the HTTP API until SIGTERM or ctrl-c. Needs WALLETQ_JWT_SECRET (at least 32
+    /// bytes) to verify bearer tokens; see docs/HTTP.md.
+    Gateway {
+        #[command(flatten)]
+        services: ServiceSettings,
+        #[command(flatten)]
+        gateway: GatewaySettings,
+    },
+    /// Print an HS256 bearer token for a user, signed with WALLETQ_JWT_SECRET (local use, tests).
+    Token {
+        /// The user the token speaks for (its `sub`).
+        #[arg(long)]
+        user: String,
+        /// How long the token is valid, e.g. 30m, 1h, 7days.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
     },
     /// Print a user's balance and coupons.
     Balance {
@@ -168,6 +186,26 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Gateway { services, gateway } => {
+            let secret = JwtSecret::from_env()?;
+            let listener = tokio::net::TcpListener::bind(gateway.listen)
+                .await
+                .with_context(|| format!("listening on {}", gateway.listen))?;
+            let app = crate::gateway::app(&services, &gateway, &secret).await?;
+            crate::gateway::serve(listener, app, async {
+                if let Err(error) = shutdown_signal().await {
+                    tracing::error!(error = %format!("{error:#}"), "signal handling failed; stopping");
+                }
+                tracing::info!("stopping: finishing the requests in flight");
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { user, ttl } => {
+            let user = UserId::parse(&user).context("user id must be 1-64 characters of [A-Za-z0-9._:-]")?;
+            println!("{}", mint_token(&JwtSecret::from_env()?, &user, ttl)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Withdraw(args) => submit(args, Op::Withdraw).await,
         Command::Deposit(args) => submit(args, Op::Deposit).await,
         Command::Balance { services, user } => {
@@ -207,6 +245,14 @@ async fn submit(args: SubmitArgs, op: Op) -> anyhow::Result<ExitCode> {
         }
         Err(error) => Err(error),
     }
+}
+
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl.as_secs() == 0 {
+        return Err("must be at least 1s".into());
+    }
+    Ok(ttl)
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

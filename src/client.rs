@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use lapin::Connection;
+use lapin::options::ExchangeDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Connection, ExchangeKind};
 use tokio::sync::oneshot;
 
 use crate::broker::{self, Names, Publisher};
@@ -29,7 +31,7 @@ pub const MAX_WAITING: usize = 100_000;
 
 /// A producer of wallet requests.
 pub struct Client {
-    _connection: Connection,
+    connection: Connection,
     publisher: Publisher,
     names: Names,
     reply_queue: String,
@@ -59,7 +61,7 @@ impl Client {
                 }
             }
         });
-        Ok(Client { _connection: connection, publisher, names: Names::new(namespace), reply_queue, waiters })
+        Ok(Client { connection, publisher, names: Names::new(namespace), reply_queue, waiters })
     }
 
     /// Builds a validated request; a fresh UUID request id when none is given.
@@ -82,9 +84,56 @@ impl Client {
         self.publisher.publish_request(&self.names.requests_exchange(), request, reply_to).await
     }
 
+    /// Whether the connection and the publishing channel are still open; a client that is
+    /// not must be replaced by a new [`Client::connect`].
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.publisher.channel().status().connected()
+    }
+
+    /// Closes the connection; its reply queue goes with it.
+    pub async fn close(&self) {
+        let _ = self.connection.close(200, "OK".into()).await;
+    }
+
+    /// This client's exclusive reply queue: results sent there and not waited for are dropped.
+    pub fn reply_queue(&self) -> &str {
+        &self.reply_queue
+    }
+
+    /// Whether the namespace's requests exchange exists (a worker declares it), checked
+    /// passively on a short-lived channel.
+    pub async fn requests_exchange_exists(&self) -> anyhow::Result<bool> {
+        let channel = self.connection.create_channel().await.context("opening a channel")?;
+        let options = ExchangeDeclareOptions { passive: true, ..ExchangeDeclareOptions::default() };
+        let exchange = self.names.requests_exchange();
+        let kind = ExchangeKind::Fanout;
+        match channel.exchange_declare(exchange.as_str().into(), kind, options, FieldTable::default()).await {
+            Ok(()) => {
+                let _ = channel.close(200, "OK".into()).await;
+                Ok(true)
+            }
+            // A passive declare of a missing exchange closes the channel with 404 NOT_FOUND.
+            Err(error) if error.to_string().contains("NOT_FOUND") => Ok(false),
+            Err(error) => Err(error).with_context(|| format!("checking exchange {exchange}")),
+        }
+    }
+
     /// Publishes a request and waits up to `timeout` for its result on this client's
     /// reply queue.
     pub async fn submit_and_wait(&self, request: &Request, timeout: Duration) -> anyhow::Result<RequestResult> {
+        self.submit_and_wait_for(request, timeout).await?.ok_or_else(|| {
+            anyhow::anyhow!("no result for request {} within {timeout:?}; it may still be applied", request.request_id)
+        })
+    }
+
+    /// Publishes a request and waits up to `timeout` for its result: `Ok(None)` when it was
+    /// published (confirmed) but no result came in time, or a concurrent wait for the same
+    /// request id took the result over. An error means it may not have been published.
+    pub async fn submit_and_wait_for(
+        &self,
+        request: &Request,
+        timeout: Duration,
+    ) -> anyhow::Result<Option<RequestResult>> {
         let (sender, receiver) = oneshot::channel();
         let key = request.request_id.as_str().to_owned();
         {
@@ -92,15 +141,12 @@ impl Client {
             anyhow::ensure!(waiters.len() < MAX_WAITING, "more than {MAX_WAITING} requests are waiting for results");
             waiters.insert(key.clone(), sender);
         }
-        let submitted = self.submit(request, Some(&self.reply_queue)).await;
-        let outcome = match submitted {
-            Ok(()) => tokio::time::timeout(timeout, receiver)
-                .await
-                .map_err(|_| anyhow::anyhow!("no result for request {key} within {timeout:?}; it may still be applied"))
-                .and_then(|r| r.context("the reply consumer stopped")),
+        let outcome = match self.submit(request, Some(&self.reply_queue)).await {
+            // A closed receiver means another wait for this id replaced ours: no result here.
+            Ok(()) => Ok(tokio::time::timeout(timeout, receiver).await.ok().and_then(Result::ok)),
             Err(error) => Err(error),
         };
-        if outcome.is_err() {
+        if !matches!(outcome, Ok(Some(_))) {
             if let Ok(mut waiters) = self.waiters.lock() {
                 waiters.remove(&key);
             }

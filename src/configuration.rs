@@ -90,6 +90,23 @@ pub struct WorkerSettings {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// Where and how the HTTP gateway serves.
+#[derive(Args, Debug, Clone)]
+pub struct GatewaySettings {
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "WALLETQ_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// PostgreSQL connections in the gateway's pool (reads of results and wallets).
+    #[arg(long, env = "WALLETQ_DB_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub db_connections: u32,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings { listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)), db_connections: 8 }
+    }
+}
+
 impl WorkerSettings {
     /// Prefetch per partition channel.
     pub fn effective_prefetch(&self) -> u16 {

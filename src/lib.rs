@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod configuration;
 pub mod domain;
+pub mod gateway;
 pub mod ledger;
 pub mod lock;
 pub mod membership;

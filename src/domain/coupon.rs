@@ -5,16 +5,19 @@ use serde::{Deserialize, Serialize};
 use super::money::Money;
 
 /// The kind of coupon a deposit earns.
+///
+/// The wire names are those of [`CouponKind::as_str`] (also stored in the `coupons` table);
+/// the aliases read results written when serde's `snake_case` gave `spend300_save50`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CouponKind {
     /// 100 to under 300: a "10 off, no minimum" red packet.
-    #[serde(rename = "red_packet_10")]
+    #[serde(rename = "red_packet_10", alias = "red_packet10")]
     RedPacket10,
     /// 300 to under 500: "50 off 300".
-    #[serde(rename = "spend_300_save_50")]
+    #[serde(rename = "spend_300_save_50", alias = "spend300_save50")]
     Spend300Save50,
     /// 500 and above: "lifetime 20% off".
-    #[serde(rename = "lifetime_20_off")]
+    #[serde(rename = "lifetime_20_off", alias = "lifetime20_off")]
     Lifetime20Off,
 }
 
@@ -73,5 +76,16 @@ mod tests {
         assert_eq!(tier("499.99"), Some(CouponKind::Spend300Save50));
         assert_eq!(tier("500"), Some(CouponKind::Lifetime20Off));
         assert_eq!(tier("1000000000"), Some(CouponKind::Lifetime20Off));
+    }
+
+    #[test]
+    fn wire_names_match_the_stored_kinds() {
+        for kind in [CouponKind::RedPacket10, CouponKind::Spend300Save50, CouponKind::Lifetime20Off] {
+            let json = serde_json::to_value(kind).unwrap();
+            assert_eq!(json, kind.as_str(), "serialized as the coupons table stores it");
+            assert_eq!(serde_json::from_value::<CouponKind>(json).unwrap(), kind);
+        }
+        let old: CouponKind = serde_json::from_str("\"spend300_save50\"").unwrap();
+        assert_eq!(old, CouponKind::Spend300Save50);
     }
 }

@@ -11,5 +11,5 @@ pub mod rules;
 pub use coupon::{Coupon, CouponKind};
 pub use money::{Money, MoneyError};
 pub use outcome::{Reason, RequestResult, Status};
-pub use request::{InvalidRequest, Op, Request, RequestId, UserId, decode_request};
+pub use request::{InvalidRequest, Op, Request, RequestId, UserId, decode_request, parse_json_amount};
 pub use rules::{BatchPlan, LedgerState, StoredRequest, plan_batch};

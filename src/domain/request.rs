@@ -6,7 +6,7 @@ use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use super::money::Money;
+use super::money::{Money, MoneyError};
 
 /// Largest message body accepted, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
@@ -203,10 +203,7 @@ pub fn decode_request(body: &[u8]) -> Result<Request, InvalidRequest> {
             None
         }
         Some(raw) => {
-            let text = as_json_string(raw).unwrap_or_else(|| raw.get().to_owned());
-            Money::parse_amount(&text)
-                .map_err(|e| problems.push(format!("`amount` {e}, got {}", truncate(raw.get()))))
-                .ok()
+            parse_json_amount(raw).map_err(|e| problems.push(format!("`amount` {e}, got {}", truncate(raw.get())))).ok()
         }
     };
 
@@ -226,6 +223,13 @@ pub fn decode_request(body: &[u8]) -> Result<Request, InvalidRequest> {
             Err(invalid)
         }
     }
+}
+
+/// Parses a JSON amount exactly: a string (`"12.34"`) or the source text of a number
+/// (`12.34`, never through `f64`), then [`Money::parse_amount`].
+pub fn parse_json_amount(raw: &RawValue) -> Result<Money, MoneyError> {
+    let text = as_json_string(raw).unwrap_or_else(|| raw.get().to_owned());
+    Money::parse_amount(&text)
 }
 
 fn id_field<T>(
@@ -251,7 +255,7 @@ fn as_json_string(raw: &RawValue) -> Option<String> {
 }
 
 /// Keeps echoed input short in error details.
-fn truncate(text: &str) -> String {
+pub(crate) fn truncate(text: &str) -> String {
     const MAX: usize = 40;
     match text.char_indices().nth(MAX) {
         Some((cut, _)) => format!("{}…", &text[..cut]),

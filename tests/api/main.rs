@@ -2,6 +2,7 @@
 //! Each test has its own namespace (queues, exchanges, Redis keys) and its own database.
 
 mod crash;
+mod gateway;
 mod helpers;
 mod malformed;
 mod operations;

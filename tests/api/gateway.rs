@@ -1,0 +1,592 @@
+//! The HTTP gateway, through a real gateway (in-process, port 0) in front of a real worker.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use walletq::configuration::{GatewaySettings, ServiceSettings};
+use walletq::domain::UserId;
+use walletq::gateway::auth::{Claims, JwtSecret, mint_token};
+
+use crate::helpers::{RESULT_TIMEOUT, TestApp, spawn_app};
+
+const PROBLEM_JSON: &str = "application/problem+json";
+/// The operation keys of an OpenAPI path item.
+const HTTP_METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+
+/// A gateway serving on 127.0.0.1:0 in this process.
+struct TestGateway {
+    base: String,
+    http: reqwest::Client,
+    secret: JwtSecret,
+    secret_text: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+async fn spawn_gateway(services: &ServiceSettings) -> TestGateway {
+    let secret_text = format!("test-secret-{}", uuid::Uuid::new_v4().simple());
+    let secret = JwtSecret::new(secret_text.clone()).expect("a long enough secret");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let address = listener.local_addr().expect("local address");
+    let settings = GatewaySettings { listen: address, db_connections: 4 };
+    let app = walletq::gateway::app(services, &settings, &secret).await.expect("gateway app");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(walletq::gateway::serve(listener, app, shutdown.clone().cancelled_owned()));
+    TestGateway {
+        base: format!("http://{address}"),
+        http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("HTTP client"),
+        secret,
+        secret_text,
+        shutdown,
+        task,
+    }
+}
+
+impl TestGateway {
+    fn token(&self, user: &str) -> String {
+        mint_token(&self.secret, &UserId::parse(user).expect("user id"), Duration::from_secs(600)).expect("token")
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn post(&self, path: &str, user: &str, body: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(self.token(user))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("POST")
+    }
+
+    async fn get(&self, path: &str, user: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).bearer_auth(self.token(user)).send().await.expect("GET")
+    }
+
+    /// Polls `location` until the request is no longer pending.
+    async fn result_of(&self, location: &str, user: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + RESULT_TIMEOUT;
+        loop {
+            let response = self.get(location, user).await;
+            assert_eq!(response.status(), StatusCode::OK, "GET {location}");
+            let body: Value = response.json().await.expect("JSON");
+            if body["status"] != "pending" {
+                return body;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{location} still pending after {RESULT_TIMEOUT:?}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("gateway task").expect("gateway stopped cleanly");
+    }
+}
+
+/// Status, headers and JSON body of a response.
+async fn parts(response: reqwest::Response) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let text = response.text().await.expect("body");
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, headers, body)
+}
+
+fn header<'a>(headers: &'a reqwest::header::HeaderMap, name: &str) -> &'a str {
+    headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
+}
+
+/// Asserts an RFC 9457 problem of the given status and type whose detail mentions `needle`.
+fn assert_problem(
+    (status, headers, body): &(StatusCode, reqwest::header::HeaderMap, Value),
+    expected: StatusCode,
+    kind: &str,
+    needle: &str,
+) {
+    assert_eq!(*status, expected, "{body}");
+    assert_eq!(header(headers, "content-type"), PROBLEM_JSON, "{body}");
+    assert_eq!(body["type"], format!("urn:walletq:problem:{kind}"), "{body}");
+    assert_eq!(body["status"], expected.as_u16(), "{body}");
+    assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()), "{body}");
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains(needle), "detail {detail:?} should mention {needle:?}");
+}
+
+async fn balance(gateway: &TestGateway, user: &str) -> Value {
+    let (status, _, body) = parts(gateway.get("/v1/wallet", user).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user_id"], user);
+    body["balance"].clone()
+}
+
+#[tokio::test]
+async fn submissions_are_accepted_then_applied_for_the_tokens_user_only() {
+    let app = spawn_app().await;
+    let gateway = spawn_gateway(&app.services).await;
+
+    let (status, headers, body) =
+        parts(gateway.post("/v1/deposits", "alice", r#"{"amount":"300.00"}"#, &[]).await).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "pending");
+    let request_id = body["request_id"].as_str().expect("request_id").to_owned();
+    let location = header(&headers, "location").to_owned();
+    assert_eq!(location, format!("/v1/requests/{request_id}"));
+
+    let result = gateway.result_of(&location, "alice").await;
+    assert_eq!(result["status"], "approved", "{result}");
+    assert_eq!(result["request_id"], request_id);
+    assert_eq!(result["op"], "deposit");
+    assert_eq!(result["amount"], "300.00");
+    assert_eq!(result["balance"], "300.00");
+    assert_eq!(result["coupon"]["kind"], "spend_300_save_50");
+
+    // A JSON number is read exactly from its text.
+    let (status, _, body) =
+        parts(gateway.post("/v1/withdrawals", "alice", r#"{"amount":0.1}"#, &[("prefer", "wait=20")]).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (&body["status"], &body["amount"], &body["balance"]),
+        (&json!("approved"), &json!("0.10"), &json!("299.90"))
+    );
+
+    let (status, _, wallet) = parts(gateway.get("/v1/wallet", "alice").await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(wallet["balance"], "299.90");
+    assert_eq!(wallet["coupons"].as_array().map(Vec::len), Some(1));
+
+    // Bob can neither read Alice's request nor see or spend her wallet.
+    let stolen = parts(gateway.get(&location, "bob").await).await;
+    assert_problem(&stolen, StatusCode::NOT_FOUND, "not-found", "no request");
+    assert_eq!(balance(&gateway, "bob").await, Value::Null);
+    let (status, _, body) =
+        parts(gateway.post("/v1/withdrawals", "bob", r#"{"amount":"1.00"}"#, &[("prefer", "wait=20")]).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((&body["status"], &body["reason"]), (&json!("rejected"), &json!("no_wallet")));
+    let named =
+        parts(gateway.post("/v1/withdrawals", "bob", r#"{"amount":"1.00","user_id":"alice"}"#, &[]).await).await;
+    assert_problem(&named, StatusCode::BAD_REQUEST, "invalid-body", "token's subject");
+    assert_eq!(balance(&gateway, "alice").await, "299.90");
+    app.assert_ledger_matches_balance("alice").await;
+    assert_eq!(app.count("SELECT count(*) FROM requests WHERE user_id = 'bob'").await, 1);
+
+    gateway.stop().await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn prefer_wait_answers_200_with_the_result_or_202_when_it_is_late() {
+    let mut app = spawn_app().await;
+    let gateway = spawn_gateway(&app.services).await;
+
+    let (status, headers, body) =
+        parts(gateway.post("/v1/deposits", "carol", r#"{"amount":"50"}"#, &[("prefer", "wait=20")]).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(header(&headers, "preference-applied"), "wait=20");
+    assert_eq!(
+        (&body["status"], &body["balance"], &body["replayed"]),
+        (&json!("approved"), &json!("50.00"), &json!(false))
+    );
+
+    // Without a worker no result can come: after the wait the answer is 202 and the request
+    // stays queued until a worker is back.
+    app.stop_worker().await;
+    let started = std::time::Instant::now();
+    let (status, headers, body) = parts(
+        gateway.post("/v1/withdrawals", "carol", r#"{"amount":"20"}"#, &[("prefer", "respond-async, wait=1")]).await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert!(started.elapsed() >= Duration::from_secs(1), "it waited");
+    assert_eq!(header(&headers, "preference-applied"), "wait=1");
+    let location = header(&headers, "location").to_owned();
+    let (status, _, pending) = parts(gateway.get(&location, "carol").await).await;
+    assert_eq!((status, &pending["status"]), (StatusCode::OK, &json!("pending")));
+
+    app.start_worker();
+    let result = gateway.result_of(&location, "carol").await;
+    assert_eq!((&result["status"], &result["balance"]), (&json!("approved"), &json!("30.00")));
+
+    gateway.stop().await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn replaying_an_idempotency_key_returns_the_same_request_and_debits_once() {
+    let app = spawn_app().await;
+    let gateway = spawn_gateway(&app.services).await;
+    let wait = ("prefer", "wait=20");
+    let (status, _, _) = parts(gateway.post("/v1/deposits", "dave", r#"{"amount":"10"}"#, &[wait]).await).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let key = ("idempotency-key", "order-1");
+    let (status, _, first) =
+        parts(gateway.post("/v1/withdrawals", "dave", r#"{"amount":"4"}"#, &[key, wait]).await).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(
+        (&first["status"], &first["balance"], &first["replayed"]),
+        (&json!("approved"), &json!("6.00"), &json!(false))
+    );
+    let request_id = first["request_id"].as_str().expect("request_id").to_owned();
+
+    // Replays, waited for and not, sequential and concurrent: the same request every time.
+    let (status, _, again) =
+        parts(gateway.post("/v1/withdrawals", "dave", r#"{"amount":"4.00"}"#, &[key, wait]).await).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!((&again["request_id"], &again["replayed"]), (&json!(request_id), &json!(true)));
+    assert_eq!((&again["balance"], &again["processed_at"]), (&first["balance"], &first["processed_at"]));
+    let keys = [key];
+    let replays = (0..10).map(|_| gateway.post("/v1/withdrawals", "dave", r#"{"amount":"4"}"#, &keys));
+    for response in futures_util::future::join_all(replays).await {
+        let (status, headers, body) = parts(response).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(header(&headers, "location"), format!("/v1/requests/{request_id}"));
+    }
+    // The replays are behind the next waited request in dave's partition: all applied by then.
+    let (status, _, later) = parts(
+        gateway.post("/v1/withdrawals", "dave", r#"{"amount":"1"}"#, &[("idempotency-key", "order-2"), wait]).await,
+    )
+    .await;
+    assert_eq!((status, &later["balance"]), (StatusCode::OK, &json!("5.00")), "{later}");
+
+    // The key is scoped to its user: Eve's "order-1" is another request.
+    let (_, _, eve) = parts(gateway.post("/v1/withdrawals", "eve", r#"{"amount":"4"}"#, &[key, wait]).await).await;
+    assert_ne!(eve["request_id"], json!(request_id));
+    assert_eq!(eve["reason"], "no_wallet");
+
+    // Reusing a key for another amount is a conflict: nothing moves.
+    let (status, _, conflict) =
+        parts(gateway.post("/v1/withdrawals", "dave", r#"{"amount":"5"}"#, &[key, wait]).await).await;
+    assert_eq!(status, StatusCode::OK, "{conflict}");
+    assert_eq!((&conflict["status"], &conflict["reason"]), (&json!("rejected"), &json!("conflict")));
+
+    assert_eq!(balance(&gateway, "dave").await, "5.00");
+    app.assert_ledger_matches_balance("dave").await;
+    let debits = app.count("SELECT count(*) FROM ledger_entries WHERE user_id = 'dave' AND delta < 0").await;
+    assert_eq!(debits, 2, "order-1 debited once, order-2 once");
+    let stored = gateway.result_of(&format!("/v1/requests/{request_id}"), "dave").await;
+    assert_eq!((&stored["amount"], &stored["replayed"]), (&json!("4.00"), &json!(false)));
+
+    gateway.stop().await;
+    app.cleanup().await;
+}
+
+/// A submission body and headers, with the status, problem type and detail it must get.
+type BodyCase<'a> = (String, Vec<(&'a str, &'a str)>, StatusCode, &'a str, &'a str);
+
+fn signed(secret: &[u8], algorithm: Algorithm, sub: &str, exp_offset_s: i64) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    let claims = Claims { sub: sub.into(), iat: now, exp: now.saturating_add_signed(exp_offset_s) };
+    jsonwebtoken::encode(&Header::new(algorithm), &claims, &EncodingKey::from_secret(secret)).expect("token")
+}
+
+#[tokio::test]
+async fn every_error_is_a_problem_document() {
+    let app = spawn_app().await;
+    let gateway = spawn_gateway(&app.services).await;
+    let http = &gateway.http;
+    let secret = gateway.secret_text.as_bytes();
+    let withdrawals = gateway.url("/v1/withdrawals");
+
+    // 401: missing, malformed, forged, expired, wrong algorithm, bad subject.
+    let unsigned = parts(http.post(&withdrawals).body(r#"{"amount":"1"}"#).send().await.expect("POST")).await;
+    assert_problem(&unsigned, StatusCode::UNAUTHORIZED, "unauthorized", "Authorization");
+    assert!(header(&unsigned.1, "www-authenticate").starts_with("Bearer"));
+    let basic = http.get(gateway.url("/v1/wallet")).header("authorization", "Basic YTpi").send().await.expect("GET");
+    assert_problem(&parts(basic).await, StatusCode::UNAUTHORIZED, "unauthorized", "Bearer <token>");
+    for (token, needle) in [
+        (signed(b"another-secret-of-at-least-32-bytes!", Algorithm::HS256, "alice", 600), "signature"),
+        (signed(secret, Algorithm::HS256, "alice", -3600), "expired"),
+        (signed(secret, Algorithm::HS512, "alice", 600), "HS256"),
+        (signed(secret, Algorithm::HS256, "not a user", 600), "`sub`"),
+        ("garbage".to_owned(), "not a valid JWT"),
+    ] {
+        let response = http.get(gateway.url("/v1/wallet")).bearer_auth(&token).send().await.expect("GET");
+        assert_problem(&parts(response).await, StatusCode::UNAUTHORIZED, "unauthorized", needle);
+    }
+
+    // 400, 413, 415, 422: the body and headers of a submission.
+    let long_key = "k".repeat(65);
+    let cases: Vec<BodyCase> = vec![
+        ("{".into(), vec![], StatusCode::BAD_REQUEST, "invalid-body", "JSON object"),
+        ("".into(), vec![], StatusCode::BAD_REQUEST, "invalid-body", "EOF"),
+        (r#"["5"]"#.into(), vec![], StatusCode::BAD_REQUEST, "invalid-body", "not an object"),
+        (r#"{"value":"1"}"#.into(), vec![], StatusCode::BAD_REQUEST, "invalid-body", "unknown field `value`"),
+        (r#"{"amount":"abc"}"#.into(), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid-amount", "plain decimal"),
+        (r#"{"amount":1.005}"#.into(), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid-amount", "2 decimal places"),
+        (r#"{"amount":"-1"}"#.into(), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid-amount", "plain decimal"),
+        (r#"{"amount":0}"#.into(), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid-amount", "greater than 0"),
+        (r#"{"amount":"1000000000.01"}"#.into(), vec![], StatusCode::UNPROCESSABLE_ENTITY, "invalid-amount", "at most"),
+        (
+            format!(r#"{{"amount":"1","pad":"{}"}}"#, "x".repeat(17 * 1024)),
+            vec![],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "16384-byte limit",
+        ),
+        (
+            r#"{"amount":"1"}"#.into(),
+            vec![("idempotency-key", "has spaces")],
+            StatusCode::BAD_REQUEST,
+            "invalid-idempotency-key",
+            "1-64 characters",
+        ),
+        (
+            r#"{"amount":"1"}"#.into(),
+            vec![("idempotency-key", long_key.as_str())],
+            StatusCode::BAD_REQUEST,
+            "invalid-idempotency-key",
+            "1-64 characters",
+        ),
+    ];
+    for (body, headers, status, kind, needle) in &cases {
+        let response = gateway.post("/v1/withdrawals", "alice", body, headers).await;
+        assert_problem(&parts(response).await, *status, kind, needle);
+    }
+    let text = http
+        .post(gateway.url("/v1/deposits"))
+        .bearer_auth(gateway.token("alice"))
+        .header("content-type", "text/plain")
+        .body("amount=1")
+        .send()
+        .await
+        .expect("POST");
+    assert_problem(&parts(text).await, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "text/plain");
+
+    // 404: unknown ids (made up, or in the gateway's format but never minted) and routes; 405.
+    for id in ["nope", &format!("g{}", "0".repeat(48)), &"x".repeat(300)] {
+        let response = gateway.get(&format!("/v1/requests/{id}"), "alice").await;
+        assert_problem(&parts(response).await, StatusCode::NOT_FOUND, "not-found", "no request");
+    }
+    let response = gateway.get("/v2/wallet", "alice").await;
+    assert_problem(&parts(response).await, StatusCode::NOT_FOUND, "no-such-route", "GET /v2/wallet");
+    let response = http.delete(gateway.url("/v1/wallet")).send().await.expect("DELETE");
+    let deleted = parts(response).await;
+    assert_problem(&deleted, StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "DELETE");
+    assert!(header(&deleted.1, "allow").contains("GET"), "405 names the allowed methods: {:?}", deleted.1);
+
+    assert_eq!(app.count("SELECT count(*) FROM requests").await, 0, "no bad request reached the ledger");
+    gateway.stop().await;
+    app.cleanup().await;
+}
+
+/// A TCP relay to RabbitMQ that can be cut (open connections dropped, new ones refused)
+/// and restored: the broker "goes down" for the gateway only.
+struct BrokerRelay {
+    address: SocketAddr,
+    up: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl BrokerRelay {
+    async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let address = listener.local_addr().expect("relay address");
+        let up = Arc::new(AtomicBool::new(true));
+        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = tokio::spawn({
+            let (up, connections) = (up.clone(), connections.clone());
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection is refused
+                    }
+                    let relay = tokio::spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    connections.lock().expect("relay list").push(relay);
+                }
+            }
+        });
+        BrokerRelay { address, up, connections, accept }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for relay in self.connections.lock().expect("relay list").drain(..) {
+            relay.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for BrokerRelay {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_broker_outage_answers_503_with_retry_after_and_recovers() {
+    let app = spawn_app().await;
+    let mut broker = url::Url::parse(&app.services.amqp_url).expect("AMQP URL");
+    let upstream = SocketAddr::new(
+        broker.host_str().unwrap_or("127.0.0.1").parse().expect("an IP broker host"),
+        broker.port().unwrap_or(5672),
+    );
+    let relay = BrokerRelay::start(upstream).await;
+    broker.set_port(Some(relay.address.port())).expect("port");
+    let services = ServiceSettings { amqp_url: broker.to_string(), ..app.services.clone() };
+    let gateway = spawn_gateway(&services).await;
+    let wait = ("prefer", "wait=20");
+
+    let (status, _, body) = parts(gateway.post("/v1/deposits", "frank", r#"{"amount":"5"}"#, &[wait]).await).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(gateway.get("/readyz", "frank").await.status(), StatusCode::OK);
+
+    relay.cut();
+    let key = ("idempotency-key", "during-the-outage");
+    let refused = parts(gateway.post("/v1/withdrawals", "frank", r#"{"amount":"1"}"#, &[key, wait]).await).await;
+    assert_problem(&refused, StatusCode::SERVICE_UNAVAILABLE, "broker-unavailable", "retry");
+    assert!(header(&refused.1, "retry-after").parse::<u64>().is_ok_and(|s| s > 0), "{:?}", refused.1);
+    let not_ready = parts(gateway.get("/readyz", "frank").await).await;
+    assert_problem(&not_ready, StatusCode::SERVICE_UNAVAILABLE, "not-ready", "broker");
+    assert!(header(&not_ready.1, "retry-after").parse::<u64>().is_ok());
+    assert_eq!(gateway.get("/healthz", "frank").await.status(), StatusCode::OK, "alive while the broker is down");
+    assert_eq!(balance(&gateway, "frank").await, "5.00", "reads need only the database");
+
+    relay.restore();
+    let deadline = tokio::time::Instant::now() + RESULT_TIMEOUT;
+    while gateway.get("/readyz", "frank").await.status() != StatusCode::OK {
+        assert!(tokio::time::Instant::now() < deadline, "the gateway did not reconnect");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The client retries with the same key once the broker is back: applied once.
+    let (status, _, body) =
+        parts(gateway.post("/v1/withdrawals", "frank", r#"{"amount":"1"}"#, &[key, wait]).await).await;
+    assert_eq!((status, &body["status"], &body["balance"]), (StatusCode::OK, &json!("approved"), &json!("4.00")));
+
+    // A namespace whose queues no worker has declared yet: not ready, and nothing is published.
+    let elsewhere = ServiceSettings { namespace: format!("{}x", app.services.namespace), ..app.services.clone() };
+    let lonely = spawn_gateway(&elsewhere).await;
+    let not_ready = parts(lonely.get("/readyz", "frank").await).await;
+    assert_problem(&not_ready, StatusCode::SERVICE_UNAVAILABLE, "not-ready", "start a worker");
+    let early = parts(lonely.post("/v1/deposits", "frank", r#"{"amount":"5"}"#, &[]).await).await;
+    assert_problem(&early, StatusCode::SERVICE_UNAVAILABLE, "broker-unavailable", "start a worker");
+
+    lonely.stop().await;
+    gateway.stop().await;
+    drop(relay);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn health_metrics_and_the_openapi_document_match_the_router() {
+    let app = spawn_app().await;
+    let gateway = spawn_gateway(&app.services).await;
+    let http = &gateway.http;
+
+    let (status, _, health) = parts(http.get(gateway.url("/healthz")).send().await.expect("GET")).await;
+    assert_eq!((status, &health["status"]), (StatusCode::OK, &json!("ok")));
+    let (status, _, ready) = parts(http.get(gateway.url("/readyz")).send().await.expect("GET")).await;
+    assert_eq!((status, &ready["status"]), (StatusCode::OK, &json!("ok")), "{ready}");
+
+    let (status, _, spec) = parts(http.get(gateway.url("/openapi.json")).send().await.expect("GET")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(spec["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{spec}");
+    assert_eq!(spec["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    let documented: BTreeSet<(String, String)> = spec["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(path, item)| {
+            let keys = item.as_object().expect("path item").keys();
+            let methods = keys.filter(|key| HTTP_METHODS.contains(&key.as_str()));
+            methods.map(move |method| (method.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let served: BTreeSet<(String, String)> = walletq::gateway::routes()
+        .into_iter()
+        .map(|(verb, path)| (verb.as_str().to_owned(), path.to_owned()))
+        .collect();
+    assert_eq!(documented, served, "the OpenAPI document lists exactly the router's routes");
+    assert!(served.len() >= 8, "{served:?}");
+
+    // And the router really serves each of them (no fallback 404 or 405).
+    for (method, path) in &served {
+        let url = gateway.url(&path.replace("{id}", "some-id"));
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let response = http.request(method, url).bearer_auth(gateway.token("gina")).send().await.expect("request");
+        let (status, _, body) = parts(response).await;
+        assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{path}: {body}");
+        assert_ne!(body["type"], "urn:walletq:problem:no-such-route", "{path} is routed");
+    }
+
+    let metrics = http.get(gateway.url("/metrics")).send().await.expect("GET");
+    assert_eq!(metrics.status(), StatusCode::OK);
+    assert!(header(metrics.headers(), "content-type").starts_with("text/plain"));
+    let text = metrics.text().await.expect("metrics text");
+    let counted = |route: &str, status: &str| {
+        text.lines().any(|line| {
+            line.starts_with("walletq_gateway_requests_total{")
+                && line.contains(&format!("route=\"{route}\""))
+                && line.contains(&format!("status=\"{status}\""))
+        })
+    };
+    assert!(counted("/healthz", "200"), "{text}");
+    assert!(counted("/v1/requests/{id}", "404"), "by route template, not by raw path: {text}");
+    assert!(counted("/v1/withdrawals", "400"), "the probe's empty body: {text}");
+    assert!(text.contains("walletq_gateway_request_duration_seconds"), "{text}");
+
+    gateway.stop().await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_token_command_mints_tokens_the_gateway_accepts() {
+    let app: TestApp = spawn_app().await;
+    let gateway = spawn_gateway(&app.services).await;
+    let token = |args: &[&str], secret: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_walletq"));
+        command.arg("token").args(args).env_remove("WALLETQ_JWT_SECRET").env("RUST_LOG", "warn");
+        if let Some(secret) = secret {
+            command.env("WALLETQ_JWT_SECRET", secret);
+        }
+        command.output().expect("run walletq token")
+    };
+
+    let minted = token(&["--user", "hana", "--ttl", "5m"], Some(&gateway.secret_text));
+    assert!(minted.status.success(), "{}", String::from_utf8_lossy(&minted.stderr));
+    let jwt = String::from_utf8(minted.stdout).expect("UTF-8").trim().to_owned();
+    let response = gateway.http.get(gateway.url("/v1/wallet")).bearer_auth(&jwt).send().await.expect("GET");
+    let (status, _, wallet) = parts(response).await;
+    assert_eq!((status, &wallet["user_id"]), (StatusCode::OK, &json!("hana")), "{wallet}");
+
+    for (args, secret, needle) in [
+        (&["--user", "hana"][..], None, "WALLETQ_JWT_SECRET must be set"),
+        (&["--user", "hana"], Some("short"), "at least 32 bytes"),
+        (&["--user", "hana", "--ttl", "0s"], Some(gateway.secret_text.as_str()), "at least 1s"),
+        (&["--user", "not valid"], Some(gateway.secret_text.as_str()), "user id"),
+    ] {
+        let output = token(args, secret);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} should fail");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains(&gateway.secret_text), "the secret is never printed");
+    }
+
+    gateway.stop().await;
+    app.cleanup().await;
+}
