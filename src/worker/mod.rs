@@ -145,8 +145,8 @@ where
 }
 
 enum ConnectionFailure {
-    /// A configuration problem no retry fixes (the plugin is missing, a queue exists with
-    /// other arguments): the broker refused the declaration on a live connection.
+    /// A configuration problem no retry fixes (an exchange or queue exists with another
+    /// type or other arguments): the broker refused the declaration.
     Fatal(anyhow::Error),
     Transient(anyhow::Error),
 }
@@ -181,7 +181,7 @@ impl Session<'_> {
             connection.create_channel().await.context("opening a channel").map_err(ConnectionFailure::Transient)?;
         if let Err(error) = declare_topology(&channel, &context.names, topology).await {
             let text = format!("{error:#}");
-            let refused = text.contains("x-consistent-hash") || text.contains("PRECONDITION_FAILED");
+            let refused = text.contains("PRECONDITION_FAILED");
             return Err(if refused { ConnectionFailure::Fatal(error) } else { ConnectionFailure::Transient(error) });
         }
         let _ = channel.close(200, "OK".into()).await;
