@@ -8,7 +8,14 @@ moved, so a user's older requests (still queued) and newer ones end up in differ
 partition queues and can be applied out of order. walletq routes with its own fixed
 function instead (src/domain/partitioning.rs, src/worker/router.rs).
 
-Needs: pika (pip install pika), rabbitmqctl, the plugin rabbitmq_consistent_hash_exchange.
+Needs: pika (pip install pika), rabbitmqctl, and the plugin rabbitmq_consistent_hash_exchange,
+which walletq itself no longer needs, so scripts/services-up.sh does not enable it. Enable it
+first (it stays enabled across restarts; disable it again afterwards if you like):
+
+    rabbitmq-plugins enable rabbitmq_consistent_hash_exchange
+    python3 scripts/consistent-hash-restart.py
+    rabbitmq-plugins disable rabbitmq_consistent_hash_exchange
+
 Restarts the local broker: do not run it beside other tests.
 """
 import subprocess

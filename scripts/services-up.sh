@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the services walletq needs are installed and answering on loopback
 # (Debian 12): PostgreSQL 127.0.0.1:5432 (user postgres, trust auth over TCP),
-# Redis 127.0.0.1:6379 and RabbitMQ 127.0.0.1:5672 (guest/guest) with the
-# consistent-hash exchange plugin enabled.
+# Redis 127.0.0.1:6379 and RabbitMQ 127.0.0.1:5672 (guest/guest). walletq needs
+# no RabbitMQ plugin (scripts/consistent-hash-restart.py does: see its docstring).
 #
 # Idempotent: when everything is already up it only runs cheap probes.
 # Needs root (re-runs itself under sudo otherwise); apt-get is used only when
@@ -18,7 +18,6 @@ REDIS_PORT=6379
 REDIS_TIMEOUT="${REDIS_TIMEOUT:-20}"
 AMQP_PORT=5672
 RABBITMQ_TIMEOUT="${RABBITMQ_TIMEOUT:-60}"
-RABBITMQ_PLUGIN=rabbitmq_consistent_hash_exchange
 
 # Debian puts the service tools in sbin, which a plain `su` PATH may lack.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
@@ -82,7 +81,7 @@ missing=()
 { have pg_ctlcluster && have pg_isready && have psql && [ -n "$(pg_bin_version)" ]; } ||
 	missing+=(postgresql postgresql-client)
 { have redis-server && have redis-cli; } || missing+=(redis-server)
-{ have rabbitmq-server && have rabbitmq-plugins && have rabbitmq-diagnostics; } ||
+{ have rabbitmq-server && have rabbitmq-diagnostics; } ||
 	missing+=(rabbitmq-server)
 have pkg-config || missing+=(pkg-config)
 have cc || missing+=(build-essential)
@@ -193,12 +192,4 @@ if ! rabbit_up; then
 	fi
 	WAIT_HINT="see /var/log/rabbitmq/" wait_for rabbitmq "$RABBITMQ_TIMEOUT" rabbit_up
 fi
-# `enable` is slow, so only call it when the plugin isn't on yet.
-if ! rabbitmq-plugins -q list -e -m 2>/dev/null | grep -qx "$RABBITMQ_PLUGIN"; then
-	log "rabbitmq: enabling $RABBITMQ_PLUGIN"
-	rabbitmq-plugins -q enable "$RABBITMQ_PLUGIN" >/dev/null ||
-		die "rabbitmq: could not enable $RABBITMQ_PLUGIN"
-	rabbitmq-plugins -q list -e -m 2>/dev/null | grep -qx "$RABBITMQ_PLUGIN" ||
-		die "rabbitmq: $RABBITMQ_PLUGIN still not enabled"
-fi
-log "rabbitmq: up (127.0.0.1:$AMQP_PORT, $RABBITMQ_PLUGIN enabled)"
+log "rabbitmq: up (127.0.0.1:$AMQP_PORT)"
