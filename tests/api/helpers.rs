@@ -252,13 +252,15 @@ impl TestApp {
             }
         }
         self.pool.close().await;
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS \"walletq_{}\" WITH (FORCE)",
-            self.services.namespace
-        )))
+        drop_database(&self.services.namespace).await;
+    }
+}
+
+/// Drops the database of an isolated namespace (see [`isolated_services`]).
+pub async fn drop_database(namespace: &str) {
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"walletq_{namespace}\" WITH (FORCE)")))
         .execute(&admin_pool().await)
         .await;
-    }
 }
 
 async fn admin_pool() -> PgPool {

@@ -6,5 +6,6 @@ mod helpers;
 mod malformed;
 mod operations;
 mod pipeline;
+mod properties;
 mod scaling;
 mod topology;
