@@ -63,7 +63,7 @@ enum Command {
         #[command(flatten)]
         topology: TopologySettings,
         /// A worker silent for this long is shown as gone.
-        #[arg(long, env = "WALLETQ_MEMBER_TTL_MS", default_value_t = 3_000)]
+        #[arg(long, env = "WALLETQ_MEMBER_TTL_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
         member_ttl_ms: u64,
         /// Print JSON for scripts.
         #[arg(long)]
@@ -91,8 +91,8 @@ struct SubmitArgs {
     /// Idempotency key; a fresh UUID when omitted.
     #[arg(long)]
     request_id: Option<String>,
-    /// Seconds to wait for the result (0: publish only).
-    #[arg(long, default_value_t = 0)]
+    /// Seconds to wait for the result (0: publish only; at most 3600).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600))]
     wait: u64,
 }
 
@@ -119,7 +119,7 @@ pub fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Migrate { services } => {
-            Ledger::connect(&services.database_url, 1).await?;
+            Ledger::connect(&services.database_url, 1, services.ca_file.as_deref()).await?;
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
@@ -143,7 +143,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Audit { services, json } => {
-            let ledger = Ledger::connect(&services.database_url, 1).await?;
+            let ledger = Ledger::connect(&services.database_url, 1, services.ca_file.as_deref()).await?;
             let report = crate::ledger::audit::audit(ledger.pool()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -172,7 +172,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Deposit(args) => submit(args, Op::Deposit).await,
         Command::Balance { services, user } => {
             let user = UserId::parse(&user).context("user id must be 1-64 characters of [A-Za-z0-9._:-]")?;
-            let ledger = Ledger::connect(&services.database_url, 1).await?;
+            let ledger = Ledger::connect(&services.database_url, 1, services.ca_file.as_deref()).await?;
             match ledger.wallet(&user).await? {
                 Some(wallet) => println!("{}", serde_json::to_string_pretty(&wallet)?),
                 None => println!(
@@ -189,7 +189,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn submit(args: SubmitArgs, op: Op) -> anyhow::Result<ExitCode> {
     let amount = Money::parse_amount(&args.amount).map_err(|e| anyhow::anyhow!("amount {:?} {e}", args.amount))?;
-    let client = Client::connect(&args.services.amqp_url, &args.services.namespace).await?;
+    let services = &args.services;
+    let client = Client::connect(&services.amqp_url, &services.namespace, services.ca_file.as_deref()).await?;
     let request = client.request(&args.user, op, amount, args.request_id.as_deref())?;
     if args.wait == 0 {
         client.submit(&request, None).await?;

@@ -384,7 +384,8 @@ async fn run_case(ledger: &Ledger, fences: &AtomicI64, steps: &[Step], cuts: &[u
 fn ledger_matches_the_model_for_random_sequences() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let services = isolated_services();
-    let ledger = runtime.block_on(Ledger::connect(&services.database_url, 2)).expect("PostgreSQL must be reachable");
+    let ledger =
+        runtime.block_on(Ledger::connect(&services.database_url, 2, None)).expect("PostgreSQL must be reachable");
     let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(DEFAULT_CASES);
     let config = Config { cases, failure_persistence: None, max_shrink_iters: 256, ..Config::default() };
     let rng = TestRng::deterministic_rng(config.rng_algorithm);
