@@ -16,6 +16,10 @@ use super::{Readiness, WorkerContext};
 
 /// Longest a readiness probe waits for each service.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often buffered histogram samples are folded into their buckets. The recorder keeps
+/// every sample until then (or until a scrape): without this, an unscraped worker's memory
+/// grows with every request.
+const METRICS_UPKEEP_PERIOD: Duration = Duration::from_secs(5);
 /// Readiness probes running at once; more are answered 503 at once, so a flood of probes
 /// can't take the database pool from the batches.
 const MAX_CONCURRENT_PROBES: usize = 2;
@@ -36,6 +40,18 @@ pub(super) async fn spawn(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let prometheus = crate::telemetry::prometheus()?;
+    let upkeep = (prometheus.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let (prometheus, shutdown) = upkeep;
+        let mut tick = tokio::time::interval(METRICS_UPKEEP_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => prometheus.run_upkeep(),
+            }
+        }
+    });
     let probes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PROBES));
     let state = AppState { context, readiness, prometheus, probes };
     let router = Router::new()
