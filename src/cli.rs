@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Client;
 use crate::configuration::{ServiceSettings, TopologySettings, WorkerSettings};
 use crate::domain::{Money, Op, Status, UserId};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Schema};
 use crate::telemetry::{self, LogFormat};
 
 /// Exit code when a waited-for request was rejected (2 is clap's usage error).
@@ -143,7 +143,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Audit { services, json } => {
-            let ledger = Ledger::connect(&services.database_url, 1, services.ca_file.as_deref()).await?;
+            let ledger = read_only_ledger(&services).await?;
             let report = crate::ledger::audit::audit(ledger.pool()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -172,7 +172,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Deposit(args) => submit(args, Op::Deposit).await,
         Command::Balance { services, user } => {
             let user = UserId::parse(&user).context("user id must be 1-64 characters of [A-Za-z0-9._:-]")?;
-            let ledger = Ledger::connect(&services.database_url, 1, services.ca_file.as_deref()).await?;
+            let ledger = read_only_ledger(&services).await?;
             match ledger.wallet(&user).await? {
                 Some(wallet) => println!("{}", serde_json::to_string_pretty(&wallet)?),
                 None => println!(
@@ -185,6 +185,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The ledger for commands that only read: no DDL, so the worker's role (or a read-only
+/// one) is enough.
+async fn read_only_ledger(services: &ServiceSettings) -> anyhow::Result<Ledger> {
+    Ledger::connect_with(&services.database_url, 1, services.ca_file.as_deref(), Schema::Check).await
 }
 
 async fn submit(args: SubmitArgs, op: Op) -> anyhow::Result<ExitCode> {
