@@ -173,7 +173,7 @@ refuses() { # refuses WHAT COMMAND...: the command must fail on the certificate
 	if out=$("$@" 2>&1); then fail "$what accepted a certificate from an untrusted CA"; fi
 	grep -qiE 'certificate|UnknownIssuer|invalid peer|tls|handshake' <<<"$out" ||
 		fail "$what failed, but not on the certificate: $out"
-	log "ok: $what refused: $(tr '\n' ' ' <<<"$out" | grep -oiE 'invalid peer certificate[^)]{0,40}' | head -n1)"
+	log "ok: $what refused: $(tr '\n' ' ' <<<"$out" | grep -oE 'invalid peer certificate: [A-Za-z]+' | head -n1)"
 }
 refuses "postgres verify-full with another CA" \
 	"$walletq" migrate --database-url "$DB?sslmode=verify-full" --ca-file "$work/rogue.pem"
@@ -181,6 +181,8 @@ refuses "postgres verify-full with system roots only" \
 	"$walletq" migrate --database-url "$DB?sslmode=verify-full"
 refuses "redis with another CA" \
 	"$walletq" status --redis-url "$REDISS" --amqp-url "$AMQPS" --ca-file "$work/rogue.pem"
+refuses "redis with system roots only" \
+	"$walletq" status --redis-url "$REDISS" --amqp-url "$AMQPS"
 refuses "rabbitmq with another CA" \
 	"$walletq" deposit --amqp-url "$AMQPS" --user tls-bob --amount 1 --ca-file "$work/rogue.pem"
 refuses "rabbitmq with system roots only" \
