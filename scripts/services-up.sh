@@ -84,6 +84,9 @@ missing=()
 { have rabbitmq-server && have rabbitmq-diagnostics; } ||
 	missing+=(rabbitmq-server)
 have pkg-config || missing+=(pkg-config)
+# scripts/tls-check.sh: throwaway certificates, readiness probes.
+have openssl || missing+=(openssl)
+have curl || missing+=(curl)
 have cc || missing+=(build-essential)
 
 if [ "${#missing[@]}" -gt 0 ]; then

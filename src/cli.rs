@@ -11,7 +11,7 @@ use crate::Client;
 use crate::configuration::{GatewaySettings, ServiceSettings, TopologySettings, WorkerSettings};
 use crate::domain::{Money, Op, Status, UserId};
 use crate::gateway::auth::{JwtSecret, mint_token};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Schema};
 use crate::telemetry::{self, LogFormat};
 
 /// Exit code when a waited-for request was rejected (2 is clap's usage error).
@@ -64,7 +64,7 @@ enum Command {
         #[command(flatten)]
         topology: TopologySettings,
         /// A worker silent for this long is shown as gone.
-        #[arg(long, env = "WALLETQ_MEMBER_TTL_MS", default_value_t = 3_000)]
+        #[arg(long, env = "WALLETQ_MEMBER_TTL_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
         member_ttl_ms: u64,
         /// Print JSON for scripts.
         #[arg(long)]
@@ -109,8 +109,8 @@ struct SubmitArgs {
     /// Idempotency key; a fresh UUID when omitted.
     #[arg(long)]
     request_id: Option<String>,
-    /// Seconds to wait for the result (0: publish only).
-    #[arg(long, default_value_t = 0)]
+    /// Seconds to wait for the result (0: publish only; at most 3600).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600))]
     wait: u64,
 }
 
@@ -137,7 +137,7 @@ pub fn main() -> ExitCode {
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Migrate { services } => {
-            Ledger::connect(&services.database_url, 1).await?;
+            Ledger::connect(&services.database_url, 1, services.ca_file.as_deref()).await?;
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
@@ -161,7 +161,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Audit { services, json } => {
-            let ledger = Ledger::connect(&services.database_url, 1).await?;
+            let ledger = read_only_ledger(&services).await?;
             let report = crate::ledger::audit::audit(ledger.pool()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -210,7 +210,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Deposit(args) => submit(args, Op::Deposit).await,
         Command::Balance { services, user } => {
             let user = UserId::parse(&user).context("user id must be 1-64 characters of [A-Za-z0-9._:-]")?;
-            let ledger = Ledger::connect(&services.database_url, 1).await?;
+            let ledger = read_only_ledger(&services).await?;
             match ledger.wallet(&user).await? {
                 Some(wallet) => println!("{}", serde_json::to_string_pretty(&wallet)?),
                 None => println!(
@@ -225,9 +225,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The ledger for commands that only read: no DDL, so the worker's role (or a read-only
+/// one) is enough.
+async fn read_only_ledger(services: &ServiceSettings) -> anyhow::Result<Ledger> {
+    Ledger::connect_with(&services.database_url, 1, services.ca_file.as_deref(), Schema::Check).await
+}
+
 async fn submit(args: SubmitArgs, op: Op) -> anyhow::Result<ExitCode> {
     let amount = Money::parse_amount(&args.amount).map_err(|e| anyhow::anyhow!("amount {:?} {e}", args.amount))?;
-    let client = Client::connect(&args.services.amqp_url, &args.services.namespace).await?;
+    let services = &args.services;
+    let client = Client::connect(&services.amqp_url, &services.namespace, services.ca_file.as_deref()).await?;
     let request = client.request(&args.user, op, amount, args.request_id.as_deref())?;
     if args.wait == 0 {
         client.submit(&request, None).await?;

@@ -3,7 +3,7 @@
 //! ```no_run
 //! # async fn example() -> anyhow::Result<()> {
 //! use walletq::{Client, domain::{Money, Op}};
-//! let client = Client::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "walletq").await?;
+//! let client = Client::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "walletq", None).await?;
 //! let request = client.request("alice", Op::Withdraw, Money::parse_amount("12.34")?, None)?;
 //! let result = client.submit_and_wait(&request, std::time::Duration::from_secs(10)).await?;
 //! println!("{result:?}");
@@ -11,6 +11,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,8 +41,9 @@ pub struct Client {
 
 impl Client {
     /// Connects and declares an exclusive reply queue for this client's results.
-    pub async fn connect(amqp_url: &str, namespace: &str) -> anyhow::Result<Self> {
-        let connection = broker::connect(amqp_url, "walletq client").await?;
+    /// `ca_file`: extra CA certificates for `amqps://` (see [`crate::tls`]).
+    pub async fn connect(amqp_url: &str, namespace: &str, ca_file: Option<&Path>) -> anyhow::Result<Self> {
+        let connection = broker::connect(amqp_url, "walletq client", ca_file).await?;
         let publisher = Publisher::open(&connection).await?;
         let (reply_queue, mut consumer) = broker::open_reply_queue(&connection).await?;
         let waiters: Waiters = Arc::default();

@@ -19,6 +19,11 @@ pub struct ServiceSettings {
     /// Redis URL.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
+    /// PEM file of CA certificates trusted for TLS to all three services (`amqps://`,
+    /// `rediss://`, PostgreSQL `sslmode=verify-ca|verify-full`), besides the system roots
+    /// (for Redis: instead of them).
+    #[arg(long, env = "WALLETQ_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Prefix of every exchange, queue and Redis key (`walletq.requests`, `walletq:lock:…`).
     #[arg(long, env = "WALLETQ_NAMESPACE", default_value = "walletq", value_parser = parse_namespace)]
     pub namespace: String,
@@ -74,7 +79,7 @@ pub struct WorkerSettings {
     #[arg(long, env = "WALLETQ_DB_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub db_connections: u32,
     /// How long a shutdown waits for the batch in flight.
-    #[arg(long, env = "WALLETQ_DRAIN_TIMEOUT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "WALLETQ_DRAIN_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub drain_timeout_ms: u64,
     /// Attempts at a message the database keeps refusing before it is rejected and dead-lettered.
     #[arg(long, env = "WALLETQ_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -85,6 +90,10 @@ pub struct WorkerSettings {
     /// A worker silent for this long is considered gone and its partitions move.
     #[arg(long, env = "WALLETQ_MEMBER_TTL_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
     pub member_ttl_ms: u64,
+    /// Run no DDL: check the schema is migrated instead of migrating it (for a database
+    /// role without DDL rights; see deploy/postgres/roles.sql).
+    #[arg(long, env = "WALLETQ_NO_MIGRATE")]
+    pub no_migrate: bool,
     /// Serve /metrics, /healthz and /readyz on this address (off when unset).
     #[arg(long, env = "WALLETQ_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -126,6 +135,7 @@ impl Default for ServiceSettings {
             database_url: "postgres://postgres@127.0.0.1:5432/walletq".into(),
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
+            ca_file: None,
             namespace: "walletq".into(),
         }
     }
@@ -150,6 +160,7 @@ impl Default for WorkerSettings {
             max_attempts: 5,
             heartbeat_ms: 1_000,
             member_ttl_ms: 3_000,
+            no_migrate: false,
             metrics_addr: None,
         }
     }

@@ -17,6 +17,7 @@ pub mod lock;
 pub mod membership;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;
 
 pub use client::Client;

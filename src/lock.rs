@@ -6,6 +6,7 @@
 //! PostgreSQL stores the highest token per user and refuses a lower one, so a worker whose
 //! lock expired can never write after a newer holder.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -63,17 +64,31 @@ end
 return released
 ";
 
-/// A Redis connection that reconnects by itself; every command times out after 2 s.
-pub async fn connect_redis(redis_url: &str) -> anyhow::Result<ConnectionManager> {
-    let client = Client::open(redis_url).with_context(|| format!("parsing Redis URL {}", redact_url(redis_url)))?;
+/// Longest wait for a Redis connection, and for any reply.
+pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reconnect attempts of a Redis connection before a command fails, and the cap of the delay between them.
+pub const REDIS_RECONNECT_RETRIES: usize = 3;
+pub const REDIS_RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
+
+/// A Redis connection that reconnects by itself; every command times out after
+/// [`REDIS_TIMEOUT`]. `rediss://` URLs use TLS, verified against `ca_file` when given
+/// (instead of the system roots).
+pub async fn connect_redis(redis_url: &str, ca_file: Option<&Path>) -> anyhow::Result<ConnectionManager> {
+    let shown = redact_url(redis_url);
+    let client = match ca_file {
+        Some(path) if redis_url.starts_with("rediss://") => {
+            let root_cert = Some(crate::tls::read_ca_pem(path)?.into_bytes());
+            Client::build_with_tls(redis_url, redis::TlsCertificates { client_tls: None, root_cert })
+        }
+        _ => Client::open(redis_url),
+    }
+    .with_context(|| format!("parsing Redis URL {shown}"))?;
     let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(2)))
-        .set_number_of_retries(3)
-        .set_max_delay(Duration::from_millis(500));
-    ConnectionManager::new_with_config(client, config)
-        .await
-        .with_context(|| format!("connecting to Redis at {}", redact_url(redis_url)))
+        .set_connection_timeout(Some(REDIS_TIMEOUT))
+        .set_response_timeout(Some(REDIS_TIMEOUT))
+        .set_number_of_retries(REDIS_RECONNECT_RETRIES)
+        .set_max_delay(REDIS_RECONNECT_MAX_DELAY);
+    ConnectionManager::new_with_config(client, config).await.with_context(|| format!("connecting to Redis at {shown}"))
 }
 
 /// Locks held for one batch: the users, the random token and each user's fencing token.
@@ -106,9 +121,9 @@ pub struct UserLocks {
 
 impl UserLocks {
     /// Connects (with automatic reconnects) to Redis; keys are `<prefix>:lock:<user>`.
-    pub async fn connect(redis_url: &str, prefix: &str, ttl_ms: u64) -> anyhow::Result<Self> {
+    pub async fn connect(redis_url: &str, ca_file: Option<&Path>, prefix: &str, ttl_ms: u64) -> anyhow::Result<Self> {
         Ok(UserLocks {
-            redis: connect_redis(redis_url).await?,
+            redis: connect_redis(redis_url, ca_file).await?,
             prefix: prefix.to_owned(),
             ttl_ms,
             acquire: Script::new(ACQUIRE),

@@ -5,6 +5,8 @@
 //! Redis clock, ms), `<ns>:worker:<id>` (JSON report, expires), `<ns>:partitions` (hash:
 //! partition → JSON report of its current owner).
 
+use std::path::Path;
+
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use redis::Script;
@@ -61,11 +63,12 @@ impl Membership {
     /// Connects to Redis (reconnecting automatically afterwards).
     pub async fn connect(
         redis_url: &str,
+        ca_file: Option<&Path>,
         namespace: &str,
         worker_id: &str,
         member_ttl_ms: u64,
     ) -> anyhow::Result<Self> {
-        let redis = connect_redis(redis_url).await?;
+        let redis = connect_redis(redis_url, ca_file).await?;
         Ok(Membership {
             redis,
             namespace: namespace.to_owned(),
@@ -116,8 +119,13 @@ pub struct MembershipSnapshot {
 }
 
 /// Reads the live workers and the partition reports of `namespace`.
-pub async fn snapshot(redis_url: &str, namespace: &str, member_ttl_ms: u64) -> anyhow::Result<MembershipSnapshot> {
-    let mut redis = connect_redis(redis_url).await?;
+pub async fn snapshot(
+    redis_url: &str,
+    ca_file: Option<&Path>,
+    namespace: &str,
+    member_ttl_ms: u64,
+) -> anyhow::Result<MembershipSnapshot> {
+    let mut redis = connect_redis(redis_url, ca_file).await?;
     let (seconds, micros): (i64, i64) =
         redis::cmd("TIME").query_async(&mut redis).await.context("reading Redis time")?;
     let now_ms = seconds * 1000 + micros / 1000;

@@ -45,8 +45,9 @@ pub async fn collect(
     member_ttl_ms: u64,
 ) -> anyhow::Result<Status> {
     let names = Names::new(services.namespace.clone());
-    let snapshot = membership::snapshot(&services.redis_url, names.namespace(), member_ttl_ms).await?;
-    let connection = broker::connect(&services.amqp_url, "walletq status").await?;
+    let ca_file = services.ca_file.as_deref();
+    let snapshot = membership::snapshot(&services.redis_url, ca_file, names.namespace(), member_ttl_ms).await?;
+    let connection = broker::connect(&services.amqp_url, "walletq status", ca_file).await?;
     let channel = connection.create_channel().await.context("opening a channel")?;
     let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
     let live: Vec<&str> = snapshot.workers.iter().map(|w| w.worker_id.as_str()).collect();

@@ -64,7 +64,7 @@ async fn publish_resilient(amqp_url: String, exchange: String, requests: Vec<Req
         tokio::time::sleep_until(started + due).await;
         loop {
             if publisher.is_none() {
-                match walletq::broker::connect(&amqp_url, "chaos publisher").await {
+                match walletq::broker::connect(&amqp_url, "chaos publisher", None).await {
                     Ok(connection) => match Publisher::open(&connection).await {
                         Ok(p) => publisher = Some((connection, p)),
                         Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,

@@ -3,11 +3,17 @@
 mod publish;
 mod topology;
 
-pub use publish::{PUBLISHED_MS_HEADER, Publisher, json_properties, published_at_ms, request_properties};
+pub use publish::{
+    CONFIRM_TIMEOUT, PUBLISHED_MS_HEADER, Publisher, json_properties, published_at_ms, request_properties,
+};
 pub use topology::{Names, declare_topology};
 
+use std::path::Path;
+use std::time::Duration;
+
 use anyhow::Context;
-use lapin::{Connection, ConnectionProperties};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder};
 
 use crate::telemetry::redact_url;
 
@@ -15,16 +21,30 @@ use crate::telemetry::redact_url;
 /// single-active-consumer slots) is noticed within about twice this.
 pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 
-/// Opens an AMQP connection (the URL's password never reaches errors or logs).
-pub async fn connect(amqp_url: &str, connection_name: &str) -> anyhow::Result<Connection> {
+/// Longest wait for a connection to open: TCP, TLS and the AMQP handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens an AMQP connection (the URL's password never reaches errors or logs). TLS is
+/// used for `amqps://` URLs; `ca_file` adds CA certificates to the system roots.
+pub async fn connect(amqp_url: &str, connection_name: &str, ca_file: Option<&Path>) -> anyhow::Result<Connection> {
     let shown = redact_url(amqp_url);
     let mut uri: lapin::uri::AMQPUri =
         amqp_url.parse().map_err(|e: String| anyhow::anyhow!("parsing the AMQP URL {shown}: {e}"))?;
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
     }
+    let tls = OwnedTLSConfig { identity: None, cert_chain: ca_file.map(crate::tls::read_ca_pem).transpose()? };
     let properties = ConnectionProperties::default().with_connection_name(connection_name.into());
-    Connection::connect_uri(uri, properties).await.with_context(|| format!("connecting to RabbitMQ at {shown}"))
+    let builder = DefaultConnectionBuilder::new()
+        .context("starting the AMQP client")?
+        .with_uri(uri)
+        .with_properties(properties)
+        .with_tls_config(tls);
+    tokio::time::timeout(CONNECT_TIMEOUT, builder.connect())
+        .await
+        .map_err(|_| anyhow::anyhow!("no connection within {CONNECT_TIMEOUT:?}"))
+        .and_then(|connected| connected.map_err(anyhow::Error::from))
+        .with_context(|| format!("connecting to RabbitMQ at {shown}"))
 }
 
 /// Declares an exclusive, server-named reply queue on its own channel and consumes it

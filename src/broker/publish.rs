@@ -1,5 +1,7 @@
 //! Publishing with publisher confirms.
 
+use std::time::Duration;
+
 use anyhow::{Context, bail};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -10,6 +12,10 @@ use crate::domain::Request;
 /// Header carrying the publish time in Unix milliseconds (the AMQP `timestamp` property
 /// has whole seconds only); used for end-to-end latency.
 pub const PUBLISHED_MS_HEADER: &str = "x-published-ms";
+
+/// Longest wait for the broker to confirm one publish (a broker under a resource alarm
+/// blocks publishers and confirms nothing).
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Persistent JSON message properties, stamped with the publish time (AMQP `timestamp` in
 /// seconds, and [`PUBLISHED_MS_HEADER`] in milliseconds).
@@ -81,10 +87,15 @@ impl Publisher {
             .with_context(|| format!("publishing to exchange {exchange:?} with key {routing_key:?}"))
     }
 
-    /// Waits for one confirm; a broker nack, or a mandatory message returned as
-    /// unroutable, is an error.
+    /// Waits up to [`CONFIRM_TIMEOUT`] for one confirm; a broker nack, or a mandatory
+    /// message returned as unroutable, is an error.
     pub async fn confirmed(confirm: PublisherConfirm) -> anyhow::Result<()> {
-        let confirmation = confirm.await.context("waiting for a publisher confirm")?;
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("no publisher confirm within {CONFIRM_TIMEOUT:?}; is the broker blocking publishers?")
+            })?
+            .context("waiting for a publisher confirm")?;
         if confirmation.is_nack() {
             bail!("the broker refused (nacked) a published message");
         }

@@ -1,6 +1,6 @@
 //! The request wire format: decoding and validation of producer messages.
 
-use std::fmt;
+use std::fmt::{self, Write};
 
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -12,6 +12,12 @@ use super::money::{Money, MoneyError};
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// Longest request or user id, in characters.
 pub const MAX_ID_CHARS: usize = 64;
+/// Longest rejection reason, in bytes: it is published and logged, whatever the input.
+pub const MAX_DETAIL_BYTES: usize = 1024;
+/// Problems named in a rejection reason; the rest are only counted.
+const MAX_LISTED_PROBLEMS: usize = 8;
+/// Characters of input echoed in one problem.
+const MAX_ECHOED_CHARS: usize = 40;
 
 fn is_valid_id(text: &str) -> bool {
     (1..=MAX_ID_CHARS).contains(&text.len())
@@ -166,8 +172,14 @@ pub fn decode_request(body: &[u8]) -> Result<Request, InvalidRequest> {
         )));
     }
     let text = std::str::from_utf8(body).map_err(|_| InvalidRequest::bare("body is not UTF-8 text"))?;
-    let Fields(fields) = serde_json::from_str::<Fields>(text)
-        .map_err(|e| InvalidRequest::bare(format!("body is not a JSON object of the request fields: {e}")))?;
+    let Fields(fields) = serde_json::from_str::<Fields>(text).map_err(|e| {
+        // A data error quotes the offending value (possibly the whole body): keep it short.
+        let reason = match e.classify() {
+            serde_json::error::Category::Data => truncate(&e.to_string()),
+            _ => e.to_string(),
+        };
+        InvalidRequest::bare(bounded(format!("body is not a JSON object of the request fields: {reason}")))
+    })?;
 
     let mut raw: [Option<&RawValue>; 4] = [None; 4];
     let mut problems: Vec<String> = Vec::new();
@@ -219,7 +231,7 @@ pub fn decode_request(body: &[u8]) -> Result<Request, InvalidRequest> {
             },
         ) => Ok(Request { request_id: request_id.clone(), user_id: user_id.clone(), op: *op, amount: *amount }),
         _ => {
-            invalid.detail = problems.join("; ");
+            invalid.detail = describe(&problems);
             Err(invalid)
         }
     }
@@ -256,11 +268,32 @@ fn as_json_string(raw: &RawValue) -> Option<String> {
 
 /// Keeps echoed input short in error details.
 pub(crate) fn truncate(text: &str) -> String {
-    const MAX: usize = 40;
-    match text.char_indices().nth(MAX) {
+    match text.char_indices().nth(MAX_ECHOED_CHARS) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text.to_owned(),
     }
+}
+
+/// The first problems, joined, with a count of the others; at most [`MAX_DETAIL_BYTES`].
+fn describe(problems: &[String]) -> String {
+    let mut detail = problems.iter().take(MAX_LISTED_PROBLEMS).map(String::as_str).collect::<Vec<_>>().join("; ");
+    if let Some(more) = problems.len().checked_sub(MAX_LISTED_PROBLEMS).filter(|&n| n > 0) {
+        let _ = write!(detail, "; and {more} more problem(s)");
+    }
+    bounded(detail)
+}
+
+/// Cuts `text` to at most [`MAX_DETAIL_BYTES`], on a character boundary.
+fn bounded(mut text: String) -> String {
+    if text.len() > MAX_DETAIL_BYTES {
+        let mut cut = MAX_DETAIL_BYTES - '…'.len_utf8();
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
 }
 
 #[cfg(test)]
@@ -326,6 +359,22 @@ mod tests {
         assert!(decode_request(&[0xff, 0xfe]).unwrap_err().detail.contains("UTF-8"));
         let huge = vec![b' '; MAX_MESSAGE_BYTES + 1];
         assert!(decode_request(&huge).unwrap_err().detail.contains("limit"));
+    }
+
+    #[test]
+    fn rejection_reasons_stay_short_whatever_the_input() {
+        // Found by the fuzzer: serde's error quoted a whole JSON string body in the reason.
+        let quoted = format!("\"{}\"", "x".repeat(MAX_MESSAGE_BYTES - 2));
+        let err = decode(&quoted).unwrap_err();
+        assert!(err.detail.len() <= MAX_DETAIL_BYTES, "{} bytes", err.detail.len());
+        assert!(err.detail.starts_with("body is not a JSON object"), "{}", err.detail);
+        // Thousands of unknown fields: the first few are named, the others counted.
+        let fields: Vec<String> = (0..1_500).map(|i| format!("\"field-{i}-{}\":1", "é".repeat(10))).collect();
+        let err = decode(&format!("{{{}}}", fields.join(","))).unwrap_err();
+        assert!(err.detail.len() <= MAX_DETAIL_BYTES, "{} bytes", err.detail.len());
+        assert!(err.detail.contains("more problem(s)"), "{}", err.detail);
+        let long = bounded("ü".repeat(MAX_DETAIL_BYTES));
+        assert!(long.len() <= MAX_DETAIL_BYTES && long.ends_with('…'));
     }
 
     #[test]

@@ -21,6 +21,7 @@ const UNREACHABLE: &str = "the message broker is unreachable; retry later";
 pub struct BrokerLink {
     amqp_url: String,
     namespace: String,
+    ca_file: Option<std::path::PathBuf>,
     current: RwLock<Option<Arc<Client>>>,
     /// Held while connecting; remembers when and why the last attempt failed.
     attempt: Mutex<Option<(Instant, String)>>,
@@ -33,10 +34,11 @@ pub struct BrokerDown(pub String);
 
 impl BrokerLink {
     /// A link that connects on first use.
-    pub fn new(amqp_url: &str, namespace: &str) -> Self {
+    pub fn new(amqp_url: &str, namespace: &str, ca_file: Option<std::path::PathBuf>) -> Self {
         BrokerLink {
             amqp_url: amqp_url.to_owned(),
             namespace: namespace.to_owned(),
+            ca_file,
             current: RwLock::new(None),
             attempt: Mutex::new(None),
         }
@@ -79,10 +81,11 @@ impl BrokerLink {
     /// A new client, once the requests exchange is known to exist: publishing to a missing
     /// exchange would close the publishing channel.
     async fn connect(&self) -> Result<Client, BrokerDown> {
-        let client = Client::connect(&self.amqp_url, &self.namespace).await.map_err(|error| {
-            tracing::warn!(error = %format!("{error:#}"), "gateway cannot reach the broker");
-            BrokerDown(UNREACHABLE.into())
-        })?;
+        let client =
+            Client::connect(&self.amqp_url, &self.namespace, self.ca_file.as_deref()).await.map_err(|error| {
+                tracing::warn!(error = %format!("{error:#}"), "gateway cannot reach the broker");
+                BrokerDown(UNREACHABLE.into())
+            })?;
         let missing = match client.requests_exchange_exists().await {
             Ok(true) => return Ok(client),
             Ok(false) => {

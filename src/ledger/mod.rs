@@ -6,15 +6,16 @@
 pub mod audit;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, SubsecRound, Utc};
 use rust_decimal::Decimal;
-use sqlx::migrate::MigrateDatabase;
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Row};
+use sqlx::{Connection, PgConnection, PgPool, Row};
 
 use crate::domain::{
     Coupon, LedgerState, Money, Op, Request, RequestId, RequestResult, StoredRequest, UserId, plan_batch,
@@ -41,6 +42,26 @@ pub struct WalletView {
     pub coupons: Vec<Coupon>,
 }
 
+/// Longest wait for a connection from the pool.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Server-side bound on any one statement of a walletq session (PostgreSQL `statement_timeout`).
+pub const STATEMENT_TIMEOUT_MS: u64 = 30_000;
+/// A session left idle inside a transaction this long is ended by the server, freeing its
+/// row locks (PostgreSQL `idle_in_transaction_session_timeout`).
+pub const IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// What connecting may do to the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schema {
+    /// Create the database when missing and run the embedded migrations (needs DDL rights).
+    Migrate,
+    /// Change nothing; fail unless every embedded migration is applied. For a role
+    /// without DDL rights (deploy/postgres/roles.sql).
+    Check,
+}
+
 /// The ledger database.
 #[derive(Clone)]
 pub struct Ledger {
@@ -49,28 +70,41 @@ pub struct Ledger {
 
 impl Ledger {
     /// Creates the database when missing, connects a pool and runs the embedded migrations.
-    pub async fn connect(database_url: &str, max_connections: u32) -> anyhow::Result<Self> {
+    /// TLS follows the URL's `sslmode`; `ca_file` adds CA certificates to verify the server.
+    pub async fn connect(database_url: &str, max_connections: u32, ca_file: Option<&Path>) -> anyhow::Result<Self> {
+        Self::connect_with(database_url, max_connections, ca_file, Schema::Migrate).await
+    }
+
+    /// Connects a pool; with [`Schema::Check`] it runs no DDL at all.
+    pub async fn connect_with(
+        database_url: &str,
+        max_connections: u32,
+        ca_file: Option<&Path>,
+        schema: Schema,
+    ) -> anyhow::Result<Self> {
         let shown = redact_url(database_url);
-        let exists = Postgres::database_exists(database_url)
-            .await
-            .with_context(|| format!("connecting to PostgreSQL at {shown}"))?;
-        if !exists {
-            if let Err(error) = Postgres::create_database(database_url).await {
-                // Another process may have created it in the meantime.
-                if !Postgres::database_exists(database_url).await.unwrap_or(false) {
-                    return Err(error).with_context(|| format!("creating database {shown}"));
-                }
-            }
-            tracing::info!(database = %shown, "created database");
+        let mut options =
+            PgConnectOptions::from_str(database_url).with_context(|| format!("parsing {shown}"))?.options([
+                ("statement_timeout", STATEMENT_TIMEOUT_MS),
+                ("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_TIMEOUT_MS),
+            ]);
+        if let Some(ca_file) = ca_file {
+            crate::tls::read_ca_pem(ca_file)?;
+            options = options.ssl_root_cert(ca_file);
         }
-        let options = PgConnectOptions::from_str(database_url).with_context(|| format!("parsing {shown}"))?;
+        if schema == Schema::Migrate {
+            create_database_if_missing(&options, &shown).await?;
+        }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await
             .with_context(|| format!("connecting to PostgreSQL at {shown}"))?;
-        sqlx::migrate!("./migrations").run(&pool).await.context("running database migrations")?;
+        match schema {
+            Schema::Migrate => MIGRATOR.run(&pool).await.context("running database migrations")?,
+            Schema::Check => check_migrated(&pool).await?,
+        }
         Ok(Ledger { pool })
     }
 
@@ -161,6 +195,46 @@ impl Ledger {
         let balance = Money::from_decimal(balance).context("stored balance is not valid money")?;
         Ok(Some(WalletView { user_id: user.clone(), balance, coupons }))
     }
+}
+
+/// Creates the URL's database through the `postgres` maintenance database when it is
+/// missing, with the same connection options (TLS included).
+async fn create_database_if_missing(options: &PgConnectOptions, shown: &str) -> anyhow::Result<()> {
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut admin = PgConnection::connect_with(&options.clone().database("postgres"))
+        .await
+        .with_context(|| format!("connecting to PostgreSQL at {shown}"))?;
+    let exists_sql = "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)";
+    let exists: bool = sqlx::query_scalar(exists_sql).bind(&name).fetch_one(&mut admin).await?;
+    if !exists {
+        let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        if let Err(error) = sqlx::query(sqlx::AssertSqlSafe(create)).execute(&mut admin).await {
+            // Another process may have created it in the meantime.
+            let exists: bool = sqlx::query_scalar(exists_sql).bind(&name).fetch_one(&mut admin).await?;
+            if !exists {
+                return Err(error).with_context(|| format!("creating database {shown}"));
+            }
+        }
+        tracing::info!(database = %shown, "created database");
+    }
+    admin.close().await.context("closing the maintenance connection")?;
+    Ok(())
+}
+
+/// Fails unless every migration embedded in this binary is applied.
+async fn check_migrated(pool: &PgPool) -> anyhow::Result<()> {
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        .fetch_all(pool)
+        .await
+        .context("reading the applied migrations: run `walletq migrate` as the schema owner first")?;
+    let missing: Vec<i64> = MIGRATOR.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "the database lacks migrations {missing:?}: run `walletq migrate` as the schema owner first"
+    );
+    Ok(())
 }
 
 fn new_coupon_code() -> String {

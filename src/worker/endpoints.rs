@@ -16,12 +16,20 @@ use super::{Readiness, WorkerContext};
 
 /// Longest a readiness probe waits for each service.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often buffered histogram samples are folded into their buckets. The recorder keeps
+/// every sample until then (or until a scrape): without this, an unscraped worker's memory
+/// grows with every request.
+const METRICS_UPKEEP_PERIOD: Duration = Duration::from_secs(5);
+/// Readiness probes running at once; more are answered 503 at once, so a flood of probes
+/// can't take the database pool from the batches.
+const MAX_CONCURRENT_PROBES: usize = 2;
 
 #[derive(Clone)]
 struct AppState {
     context: Arc<WorkerContext>,
     readiness: Arc<Readiness>,
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    probes: Arc<tokio::sync::Semaphore>,
 }
 
 /// Binds `address` and serves the endpoints until `shutdown`.
@@ -32,7 +40,20 @@ pub(super) async fn spawn(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let prometheus = crate::telemetry::prometheus()?;
-    let state = AppState { context, readiness, prometheus };
+    let upkeep = (prometheus.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let (prometheus, shutdown) = upkeep;
+        let mut tick = tokio::time::interval(METRICS_UPKEEP_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => prometheus.run_upkeep(),
+            }
+        }
+    });
+    let probes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PROBES));
+    let state = AppState { context, readiness, prometheus, probes };
     let router = Router::new()
         .route("/metrics", get(|State(s): State<AppState>| async move { s.prometheus.render() }))
         .route("/healthz", get(|| async { "ok" }))
@@ -52,6 +73,9 @@ pub(super) async fn spawn(
 }
 
 async fn ready(State(state): State<AppState>) -> (StatusCode, String) {
+    let Ok(_probe) = state.probes.try_acquire() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "busy: too many readiness probes at once".into());
+    };
     let mut problems = Vec::new();
     if !state.readiness.broker_connected.load(Ordering::Relaxed) {
         problems.push("rabbitmq: not connected");

@@ -23,7 +23,7 @@ use crate::backoff::jittered_delay;
 use crate::broker::{self, Names, declare_topology};
 use crate::configuration::{ServiceSettings, TopologySettings, WorkerSettings};
 use crate::domain::assignment::partitions_of;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Schema};
 use crate::lock::UserLocks;
 use crate::membership::{Membership, WorkerReport};
 pub use stats::PartitionStats;
@@ -53,20 +53,25 @@ pub async fn run_worker(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let names = Names::new(services.namespace.clone());
+    if let Some(ca_file) = &services.ca_file {
+        // A wrong path is a configuration error, not an outage to wait out.
+        crate::tls::read_ca_pem(ca_file)?;
+    }
     let backoff_max_ms = settings.backoff_max_ms;
     if settings.metrics_addr.is_some() {
         // Before anything is counted, so start-up retries are exported too.
         crate::telemetry::prometheus()?;
     }
     let Some(ledger) = retry_until_up("PostgreSQL", backoff_max_ms, &shutdown, || {
-        Ledger::connect(&services.database_url, settings.db_connections)
+        let schema = if settings.no_migrate { Schema::Check } else { Schema::Migrate };
+        Ledger::connect_with(&services.database_url, settings.db_connections, services.ca_file.as_deref(), schema)
     })
     .await
     else {
         return Ok(());
     };
     let Some(locks) = retry_until_up("Redis", backoff_max_ms, &shutdown, || {
-        UserLocks::connect(&services.redis_url, names.namespace(), settings.lock_ttl_ms)
+        UserLocks::connect(&services.redis_url, services.ca_file.as_deref(), names.namespace(), settings.lock_ttl_ms)
     })
     .await
     else {
@@ -74,7 +79,13 @@ pub async fn run_worker(
     };
     let worker_id = format!("{}-{}", hostname(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let Some(membership) = retry_until_up("Redis", backoff_max_ms, &shutdown, || {
-        Membership::connect(&services.redis_url, names.namespace(), &worker_id, settings.member_ttl_ms)
+        Membership::connect(
+            &services.redis_url,
+            services.ca_file.as_deref(),
+            names.namespace(),
+            &worker_id,
+            settings.member_ttl_ms,
+        )
     })
     .await
     else {
@@ -91,7 +102,7 @@ pub async fn run_worker(
     let mut failures: u32 = 0;
     let outcome = loop {
         let session = Session { context: &context, membership: &membership, readiness: &readiness, started_at };
-        match session.run(&services.amqp_url, &topology, &shutdown).await {
+        match session.run(&services, &topology, &shutdown).await {
             Ok(()) => break Ok(()),
             Err(ConnectionFailure::Fatal(error)) => break Err(error),
             Err(ConnectionFailure::Transient(error)) => {
@@ -168,12 +179,13 @@ struct RunningPartition {
 impl Session<'_> {
     async fn run(
         &self,
-        amqp_url: &str,
+        services: &ServiceSettings,
         topology: &TopologySettings,
         shutdown: &CancellationToken,
     ) -> Result<(), ConnectionFailure> {
         let context = self.context;
-        let connection = broker::connect(amqp_url, &format!("walletq worker {}", context.worker_id))
+        let name = format!("walletq worker {}", context.worker_id);
+        let connection = broker::connect(&services.amqp_url, &name, services.ca_file.as_deref())
             .await
             .map_err(ConnectionFailure::Transient)?;
         let connection = Arc::new(connection);

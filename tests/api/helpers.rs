@@ -35,6 +35,7 @@ pub fn isolated_services() -> ServiceSettings {
         database_url: url.to_string(),
         amqp_url: env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
         redis_url: env_or("REDIS_URL", "redis://127.0.0.1:6379"),
+        ca_file: None,
         namespace,
     }
 }
@@ -61,9 +62,9 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(topology: TopologySettings, worker: bool) -> TestApp {
     let services = isolated_services();
     let names = Names::new(services.namespace.clone());
-    let ledger = Ledger::connect(&services.database_url, 4).await.expect("PostgreSQL must be reachable");
+    let ledger = Ledger::connect(&services.database_url, 4, None).await.expect("PostgreSQL must be reachable");
     let connection =
-        walletq::broker::connect(&services.amqp_url, "walletq test").await.expect("RabbitMQ must be reachable");
+        walletq::broker::connect(&services.amqp_url, "walletq test", None).await.expect("RabbitMQ must be reachable");
     let setup = connection.create_channel().await.expect("channel");
     declare_topology(&setup, &names, &topology).await.expect("topology");
     let publisher = Publisher::open(&connection).await.expect("publisher");
@@ -208,7 +209,7 @@ impl TestApp {
         self.stop_worker().await;
         // A fresh connection: the test may have restarted the broker under the old one.
         let connection =
-            walletq::broker::connect(&self.services.amqp_url, "walletq test cleanup").await.expect("broker");
+            walletq::broker::connect(&self.services.amqp_url, "walletq test cleanup", None).await.expect("broker");
         let channel = connection.create_channel().await.expect("channel");
         let mut queues: Vec<String> = (0..self.topology.partitions).map(|i| self.names.partition_queue(i)).collect();
         queues.push(self.names.dead_queue());
@@ -235,13 +236,15 @@ impl TestApp {
             }
         }
         self.pool.close().await;
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS \"walletq_{}\" WITH (FORCE)",
-            self.services.namespace
-        )))
+        drop_database(&self.services.namespace).await;
+    }
+}
+
+/// Drops the database of an isolated namespace (see [`isolated_services`]).
+pub async fn drop_database(namespace: &str) {
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"walletq_{namespace}\" WITH (FORCE)")))
         .execute(&admin_pool().await)
         .await;
-    }
 }
 
 async fn admin_pool() -> PgPool {

@@ -7,5 +7,7 @@ mod helpers;
 mod malformed;
 mod operations;
 mod pipeline;
+mod privileges;
+mod properties;
 mod scaling;
 mod topology;

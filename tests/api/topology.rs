@@ -13,7 +13,7 @@ use crate::helpers::{eventually, spawn_app_with};
 async fn the_router_spreads_ten_thousand_users_evenly_over_16_partitions_by_the_fixed_function() {
     let app = spawn_app_with(TopologySettings { partitions: 16, queue_type: QueueType::Classic }, false).await;
     let connection =
-        std::sync::Arc::new(walletq::broker::connect(&app.services.amqp_url, "router").await.expect("broker"));
+        std::sync::Arc::new(walletq::broker::connect(&app.services.amqp_url, "router", None).await.expect("broker"));
     let stop = tokio_util::sync::CancellationToken::new();
     let settings =
         RouterSettings { partitions: 16, prefetch: 2_048, backoff_max_ms: 200, consumer_tag: "router".into() };

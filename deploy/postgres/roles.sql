@@ -1,0 +1,71 @@
+-- Least-privilege PostgreSQL roles for walletq. Run with psql as a superuser, connected to
+-- the walletq database, twice: once before `walletq migrate` (roles, ownership) and once
+-- after it, and after every later migration (table grants; tables that don't exist yet
+-- are skipped). Idempotent.
+--
+--   createdb walletq
+--   psql -d walletq -v migrator_password="$MIGRATOR_PW" -v worker_password="$WORKER_PW" -f deploy/postgres/roles.sql
+--   DATABASE_URL=postgres://walletq_migrator:...@host/walletq walletq migrate
+--   psql -d walletq -f deploy/postgres/roles.sql
+--   DATABASE_URL=postgres://walletq_worker:...@host/walletq walletq worker --no-migrate
+--
+-- Role names can be changed with -v migrator_role=... -v worker_role=...
+--
+-- walletq_migrator owns the database, its public schema and every table: the only role
+-- that runs DDL. walletq_worker can read and write exactly what a batch, `status`,
+-- `balance` and `audit` need; it can never DELETE, TRUNCATE or ALTER anything, nor UPDATE
+-- the append-only tables (requests, ledger_entries, coupons).
+\set ON_ERROR_STOP on
+\if :{?migrator_role}
+\else
+\set migrator_role walletq_migrator
+\endif
+\if :{?worker_role}
+\else
+\set worker_role walletq_worker
+\endif
+
+SELECT format('CREATE ROLE %I LOGIN', :'migrator_role')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'migrator_role') \gexec
+SELECT format('CREATE ROLE %I LOGIN', :'worker_role')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'worker_role') \gexec
+\if :{?migrator_password}
+ALTER ROLE :"migrator_role" PASSWORD :'migrator_password';
+\endif
+\if :{?worker_password}
+ALTER ROLE :"worker_role" PASSWORD :'worker_password';
+\endif
+ALTER ROLE :"migrator_role" NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+ALTER ROLE :"worker_role" NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS CONNECTION LIMIT 256;
+-- Server-side bounds on every worker session (see docs/LIMITS.md).
+ALTER ROLE :"worker_role" SET statement_timeout = '30s';
+ALTER ROLE :"worker_role" SET idle_in_transaction_session_timeout = '60s';
+
+-- The migrator owns the database and the schema; nobody else may create objects in it.
+SELECT format('ALTER DATABASE %I OWNER TO %I', current_database(), :'migrator_role') \gexec
+SELECT format('REVOKE ALL ON DATABASE %I FROM PUBLIC', current_database()) \gexec
+SELECT format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), :'worker_role') \gexec
+ALTER SCHEMA public OWNER TO :"migrator_role";
+REVOKE ALL ON SCHEMA public FROM PUBLIC;
+REVOKE CREATE ON SCHEMA public FROM :"worker_role";
+GRANT USAGE ON SCHEMA public TO :"worker_role";
+
+-- Table grants, exactly: first take everything away, then give back what is needed.
+SELECT format('REVOKE ALL ON TABLE %I FROM %I', t, :'worker_role')
+  FROM unnest(ARRAY['wallets', 'user_fences', 'requests', 'ledger_entries', 'coupons', '_sqlx_migrations']) AS t
+ WHERE to_regclass(t) IS NOT NULL \gexec
+-- Upserted by every batch.
+SELECT format('GRANT SELECT, INSERT, UPDATE ON TABLE %I TO %I', t, :'worker_role')
+  FROM unnest(ARRAY['wallets', 'user_fences']) AS t
+ WHERE to_regclass(t) IS NOT NULL \gexec
+-- Append-only: read and insert, never update or delete.
+SELECT format('GRANT SELECT, INSERT ON TABLE %I TO %I', t, :'worker_role')
+  FROM unnest(ARRAY['requests', 'ledger_entries', 'coupons']) AS t
+ WHERE to_regclass(t) IS NOT NULL \gexec
+-- `--no-migrate` checks that the schema is at the version the binary expects.
+SELECT format('GRANT SELECT ON TABLE %I TO %I', t, :'worker_role')
+  FROM unnest(ARRAY['_sqlx_migrations']) AS t
+ WHERE to_regclass(t) IS NOT NULL \gexec
+SELECT format('GRANT USAGE ON SEQUENCE %I TO %I', s, :'worker_role')
+  FROM unnest(ARRAY['ledger_entries_entry_id_seq']) AS s
+ WHERE to_regclass(s) IS NOT NULL \gexec
