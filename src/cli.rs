@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::Client;
+use crate::bench::report::{compare_table, run_table};
+use crate::bench::{BenchArgs, plot};
 use crate::configuration::{ServiceSettings, TopologySettings, WorkerSettings};
 use crate::domain::{Money, Op, Status, UserId};
 use crate::ledger::Ledger;
@@ -17,6 +19,8 @@ use crate::telemetry::{self, LogFormat};
 const EXIT_REJECTED: u8 = 2;
 /// Exit code when no result came within `--wait`.
 const EXIT_NO_RESULT: u8 = 3;
+/// Exit code when a bench run of an approach that promises correctness ended with wrong balances.
+const EXIT_INCORRECT: u8 = 4;
 
 #[derive(Parser, Debug)]
 #[command(name = "walletq", version, about = "Wallet withdrawals that are safe under any concurrency")]
@@ -55,6 +59,8 @@ enum Command {
         #[arg(long)]
         user: String,
     },
+    /// Measure walletq (and, with --compare, the approaches it replaces) under concurrent load.
+    Bench(Box<BenchArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -121,6 +127,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Bench(args) => bench(&args).await,
         Command::Withdraw(args) => submit(args, Op::Withdraw).await,
         Command::Deposit(args) => submit(args, Op::Deposit).await,
         Command::Balance { services, user } => {
@@ -155,6 +162,36 @@ async fn submit(args: SubmitArgs, op: Op) -> anyhow::Result<ExitCode> {
         }
         Err(error) => Err(error),
     }
+}
+
+async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let style = args.table_style;
+    let report = crate::bench::run(args, |run| println!("{}\n", run_table(run, style))).await?;
+    if report.runs.len() > 1 {
+        println!("{}", compare_table(&report.runs, style));
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::to_vec_pretty(&report).context("encoding the report")?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "walletq bench: {} scenario, {} requests, {} clients{}, {} queues x {}",
+            args.scenario.as_str(),
+            args.requests,
+            args.clients,
+            args.rate.map(|r| format!(" at {r} req/s")).unwrap_or_default(),
+            args.topology.queue_type.as_str(),
+            args.topology.partitions,
+        );
+        plot::write_svg(path, &title, &report.runs)?;
+    }
+    let broken: Vec<&str> = report.runs.iter().filter(|r| r.broke_its_promise()).map(|r| r.label.as_str()).collect();
+    if !broken.is_empty() {
+        eprintln!("walletq: final balances are wrong for {}", broken.join(", "));
+        return Ok(ExitCode::from(EXIT_INCORRECT));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {
