@@ -13,6 +13,8 @@ pub struct CpuShare {
     pub postgres: f64,
     pub rabbitmq: f64,
     pub redis: f64,
+    /// Interrupt and softirq handling (loopback networking lands here).
+    pub interrupts: f64,
     pub other: f64,
     pub idle: f64,
 }
@@ -20,8 +22,9 @@ pub struct CpuShare {
 /// Cumulative CPU ticks at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct CpuSnapshot {
-    /// All CPUs: (busy, idle incl. iowait) ticks.
+    /// All CPUs: busy, interrupt (irq + softirq) and idle (incl. iowait) ticks.
     busy: u64,
+    interrupts: u64,
     idle: u64,
     cpus: usize,
     groups: HashMap<&'static str, u64>,
@@ -54,21 +57,22 @@ fn parse_process_stat(text: &str) -> Option<(&str, u64)> {
     Some((comm, utime + stime))
 }
 
-/// `(busy, idle, cpus)` ticks from the text of `/proc/stat`.
-fn parse_system_stat(text: &str) -> Option<(u64, u64, usize)> {
+/// `(busy, interrupts, idle, cpus)` ticks from the text of `/proc/stat`.
+fn parse_system_stat(text: &str) -> Option<(u64, u64, u64, usize)> {
     let mut lines = text.lines();
     let total: Vec<u64> = lines.next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
     let cpus = lines.filter(|l| l.starts_with("cpu")).count();
     // user nice system idle iowait irq softirq steal (guest time is already in user).
     let idle = total.get(3)? + total.get(4).unwrap_or(&0);
+    let interrupts = total.get(5).unwrap_or(&0) + total.get(6).unwrap_or(&0);
     let busy = total.iter().take(8).sum::<u64>() - idle;
-    Some((busy, idle, cpus.max(1)))
+    Some((busy, interrupts, idle, cpus.max(1)))
 }
 
 impl CpuSnapshot {
     /// Reads `/proc` now; an empty snapshot where it cannot.
     pub fn take() -> Self {
-        let Some((busy, idle, cpus)) =
+        let Some((busy, interrupts, idle, cpus)) =
             std::fs::read_to_string("/proc/stat").ok().as_deref().and_then(parse_system_stat)
         else {
             return CpuSnapshot::default();
@@ -89,12 +93,13 @@ impl CpuSnapshot {
                 }
             }
         }
-        CpuSnapshot { busy, idle, cpus, groups }
+        CpuSnapshot { busy, interrupts, idle, cpus, groups }
     }
 
     /// The average use of each group between `self` and the later snapshot `end`.
     pub fn share_until(&self, end: &CpuSnapshot) -> Option<CpuShare> {
         let busy = end.busy.checked_sub(self.busy)?;
+        let interrupts = end.interrupts.checked_sub(self.interrupts)?;
         let idle = end.idle.checked_sub(self.idle)?;
         let ticks_per_core = (busy + idle) as f64 / end.cpus as f64;
         if ticks_per_core <= 0.0 {
@@ -110,7 +115,8 @@ impl CpuSnapshot {
             postgres: cores(used("postgres")),
             rabbitmq: cores(used("rabbitmq")),
             redis: cores(used("redis")),
-            other: cores(busy.saturating_sub(known)),
+            interrupts: cores(interrupts),
+            other: cores(busy.saturating_sub(known + interrupts)),
             idle: cores(idle),
         })
     }
@@ -126,15 +132,17 @@ mod tests {
         assert_eq!(parse_process_stat(text), Some(("beam.smp", 300)));
         let odd = "7 (a) b (c)) R 1 2 3 4 5 6 7 8 9 10 1 2 0 0";
         assert_eq!(parse_process_stat(odd), Some(("a) b (c)", 3)));
-        let system = "cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\ncpu1 50 0 25 400 25 0 0 0 0 0\n";
-        assert_eq!(parse_system_stat(system), Some((150, 850, 2)));
+        let system = "cpu  100 0 50 800 50 7 3 0 0 0\ncpu0 50 0 25 400 25 0 0 0 0 0\ncpu1 50 0 25 400 25 0 0 0 0 0\n";
+        assert_eq!(parse_system_stat(system), Some((160, 10, 850, 2)));
     }
 
     #[test]
     fn shares_are_in_cores() {
-        let start = CpuSnapshot { busy: 0, idle: 0, cpus: 2, groups: HashMap::from([("postgres", 10)]) };
+        let start =
+            CpuSnapshot { busy: 0, interrupts: 0, idle: 0, cpus: 2, groups: HashMap::from([("postgres", 10)]) };
         let end = CpuSnapshot {
             busy: 150,
+            interrupts: 20,
             idle: 50,
             cpus: 2,
             groups: HashMap::from([("postgres", 60), ("this_process", 50)]),
@@ -142,7 +150,8 @@ mod tests {
         let share = start.share_until(&end).unwrap();
         assert_eq!(share.postgres, 0.5);
         assert_eq!(share.this_process, 0.5);
-        assert_eq!(share.other, 0.5);
+        assert_eq!(share.interrupts, 0.2);
+        assert!((share.other - 0.3).abs() < 1e-9);
         assert_eq!(share.idle, 0.5);
     }
 }

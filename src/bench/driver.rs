@@ -267,11 +267,12 @@ pub async fn drive_queued(
             }
         }
     }
-    collector.abort();
-    let _ = collector.await;
     for connection in connections {
         let _ = connection.close(200, "OK".into()).await;
     }
+    let _ = reply_channel.close(200, "OK".into()).await;
     let _ = replies.close(200, "OK".into()).await;
+    collector.abort();
+    let _ = collector.await;
     Ok(run.finish())
 }

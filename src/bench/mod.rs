@@ -156,6 +156,7 @@ async fn measure(
     let redis_url = env.services.redis_url.clone();
     let prefix = env.names.namespace().to_owned();
     let run = DirectRun { args, workload, env, load };
+    let mut batches = None;
     let (measured, finals, cpu, tasks_peak, db_pool) = match approach {
         Approach::Naive => run.measure(approach, |pool| async { Ok(approaches::naive::Naive::new(pool)) }).await?,
         Approach::RedisLock => {
@@ -205,12 +206,14 @@ async fn measure(
             .await;
             let (cpu, tasks_peak) = watch.stop();
             let finals = walletq.final_cents().await;
+            batches = walletq.batch_sizes().await.ok();
             walletq.stop().await?;
             (measured?, Some(finals?), cpu, tasks_peak, None)
         }
     };
     let mut report = build_report(args, approach, workload, measured, finals, cpu, tasks_peak);
     report.db_pool = db_pool;
+    report.batches = batches;
     Ok(report)
 }
 
@@ -329,6 +332,7 @@ fn build_report(
         rejected: verdicts.then(|| recorder.rejected()),
         correctness,
         cpu,
+        batches: None,
         tokio_tasks_peak,
         timeline_rps: recorder.timeline_rps(),
         latency_curve_ms: recorder.latency_curve(),

@@ -8,6 +8,7 @@ use comfy_table::{CellAlignment, ColumnConstraint, Table, Width};
 use serde::Serialize;
 
 use super::approaches::Approach;
+use super::approaches::walletq::BatchSizes;
 use super::cpu::CpuShare;
 use super::model::Correctness;
 use super::stats::LatencySummary;
@@ -40,6 +41,8 @@ pub struct RunReport {
     pub correctness: Option<Correctness>,
     /// Cores used during the run, by process group.
     pub cpu: Option<CpuShare>,
+    /// How walletq cut the requests into batches.
+    pub batches: Option<BatchSizes>,
     /// Most tokio tasks alive at once in this process during the run.
     pub tokio_tasks_peak: usize,
     /// `(seconds, completions per second)`.
@@ -172,10 +175,13 @@ pub fn run_table(run: &RunReport, style: TableStyle) -> Table {
         row(
             "cores used",
             format!(
-                "bench+worker {:.2}, postgres {:.2}, rabbitmq {:.2}, redis {:.2}, other {:.2}, idle {:.2}",
-                cpu.this_process, cpu.postgres, cpu.rabbitmq, cpu.redis, cpu.other, cpu.idle
+                "bench+worker {:.2}, postgres {:.2}, rabbitmq {:.2}, redis {:.2}, irq {:.2}, other {:.2}, idle {:.2}",
+                cpu.this_process, cpu.postgres, cpu.rabbitmq, cpu.redis, cpu.interrupts, cpu.other, cpu.idle
             ),
         );
+    }
+    if let Some(b) = &run.batches {
+        row("batches", format!("{} (mean {:.1} requests, largest {})", b.batches, b.mean, b.largest));
     }
     row("tokio tasks (peak)", run.tokio_tasks_peak.to_string());
     table
@@ -239,6 +245,7 @@ mod tests {
             rejected: correctness.as_ref().map(|_| 500),
             correctness,
             cpu: None,
+            batches: None,
             tokio_tasks_peak: 3,
             timeline_rps: vec![],
             latency_curve_ms: vec![],

@@ -8,9 +8,18 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::bench::env::Environment;
+use crate::broker::{self, declare_topology};
 use crate::configuration::WorkerSettings;
 use crate::domain::{Money, UserId};
 use crate::ledger::{self, Ledger};
+
+/// How requests were grouped into batches.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct BatchSizes {
+    pub batches: u64,
+    pub mean: f64,
+    pub largest: u64,
+}
 
 /// Running walletq workers on a fresh database.
 pub struct Walletq {
@@ -38,6 +47,12 @@ impl Walletq {
             .await
             .context("opening the wallets")?;
 
+        // Declared here too (idempotently) so the consumer probe never meets a missing queue.
+        let connection = broker::connect(&env.services.amqp_url, "walletq bench setup").await?;
+        let setup = connection.create_channel().await.context("opening a channel")?;
+        declare_topology(&setup, &env.names, &env.topology).await?;
+        let _ = connection.close(200, "OK".into()).await;
+
         let shutdown = CancellationToken::new();
         let workers = (0..workers.max(1))
             .map(|_| {
@@ -60,6 +75,23 @@ impl Walletq {
     /// Final balances in cents, by user.
     pub async fn final_cents(&self) -> anyhow::Result<HashMap<String, i64>> {
         Ok(ledger::balances(self.ledger.pool()).await?.into_iter().map(|(u, b)| (u, b.cents())).collect())
+    }
+
+    /// How the requests were cut into batches, read back from the ledger (every request of
+    /// a batch is stored with the batch's `processed_at`).
+    pub async fn batch_sizes(&self) -> anyhow::Result<BatchSizes> {
+        let (batches, largest): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT count(*), max(n) FROM (SELECT count(*) AS n FROM requests GROUP BY processed_at) AS batches",
+        )
+        .fetch_one(self.ledger.pool())
+        .await
+        .context("reading batch sizes")?;
+        let requests: i64 = sqlx::query_scalar("SELECT count(*) FROM requests")
+            .fetch_one(self.ledger.pool())
+            .await
+            .context("counting requests")?;
+        let mean = if batches > 0 { requests as f64 / batches as f64 } else { 0.0 };
+        Ok(BatchSizes { batches: batches as u64, mean, largest: largest.unwrap_or(0) as u64 })
     }
 
     /// Stops the workers (finishing their batches in flight).
