@@ -62,7 +62,14 @@ impl Ledger {
             tracing::info!(database = %shown, "created database");
         }
         let options = PgConnectOptions::from_str(database_url).with_context(|| format!("parsing {shown}"))?;
+        let port = options.get_port();
         let pool = PgPoolOptions::new()
+            .after_connect(move |_, _| {
+                Box::pin(async move {
+                    set_nodelay_on_sockets_to(port);
+                    Ok(())
+                })
+            })
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options)
@@ -158,6 +165,32 @@ impl Ledger {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let balance = Money::from_decimal(balance).context("stored balance is not valid money")?;
         Ok(Some(WalletView { user_id: user.clone(), balance, coupons }))
+    }
+}
+
+/// Turns off Nagle's algorithm on every TCP socket of this process connected to `port`.
+///
+/// sqlx 0.9.0 stopped setting `TCP_NODELAY` (launchbadge/sqlx#4335, fixed upstream by #4336,
+/// not released yet). Over TLS (`sslmode=prefer`, the default) a statement larger than one
+/// 16 KiB record — a batch's `INSERT … unnest(…)` — is written as several records, and Nagle
+/// holds the last one until the server's delayed ACK: about 40 ms per statement. Runs after
+/// each connect; remove once sqlx sets the option itself.
+fn set_nodelay_on_sockets_to(port: u16) {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|name| name.parse::<std::os::fd::RawFd>().ok()) else {
+            continue;
+        };
+        // SAFETY: the descriptor is only borrowed for the socket calls below; should another
+        // thread close it meanwhile, they fail (EBADF, ENOTSOCK) and the failure is ignored.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&borrowed);
+        let peer_port = socket.peer_addr().ok().and_then(|peer| peer.as_socket()).map(|peer| peer.port());
+        if peer_port == Some(port) && socket.tcp_nodelay().is_ok_and(|on| !on) {
+            let _ = socket.set_tcp_nodelay(true);
+        }
     }
 }
 
