@@ -17,8 +17,6 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::Connection;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use tokio::sync::oneshot;
 
 use crate::broker::{self, Names, Publisher};
@@ -44,24 +42,7 @@ impl Client {
         let connection = broker::connect(amqp_url, "walletq client").await?;
         let publisher = Publisher::open(&connection).await?;
         let replies = connection.create_channel().await.context("opening the reply channel")?;
-        let queue = replies
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
-                FieldTable::default(),
-            )
-            .await
-            .context("declaring the reply queue")?;
-        let reply_queue = queue.name().as_str().to_owned();
-        let mut consumer = replies
-            .basic_consume(
-                reply_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
-                FieldTable::default(),
-            )
-            .await
-            .context("consuming the reply queue")?;
+        let (reply_queue, mut consumer) = broker::consume_reply_queue(&replies).await?;
         let waiters: Waiters = Arc::default();
         let routed = waiters.clone();
         tokio::spawn(async move {

@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures_util::StreamExt;
 use indicatif::ProgressBar;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -172,26 +170,7 @@ pub async fn drive_queued(
     let total = requests.len() as u64;
     let replies = broker::connect(amqp_url, "walletq bench results").await?;
     let reply_channel = replies.create_channel().await.context("opening the reply channel")?;
-    let reply_queue = reply_channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .context("declaring the reply queue")?
-        .name()
-        .as_str()
-        .to_owned();
-    let mut consumer = reply_channel
-        .basic_consume(
-            reply_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .context("consuming the reply queue")?;
+    let (reply_queue, mut consumer) = broker::consume_reply_queue(&reply_channel).await?;
 
     let clients = load.clients.max(1);
     let mut connections = Vec::new();

@@ -155,7 +155,7 @@ async fn measure(
     let spin = Duration::from_millis(args.spin_ms);
     let redis_url = env.services.redis_url.clone();
     let prefix = env.names.namespace().to_owned();
-    let run = DirectRun { args, workload, env, load };
+    let run = Run { args, workload, env, load };
     let mut batches = None;
     let (measured, finals, cpu, tasks_peak, db_pool) = match approach {
         Approach::Naive => run.measure(approach, |pool| async { Ok(approaches::naive::Naive::new(pool)) }).await?,
@@ -178,33 +178,13 @@ async fn measure(
         }
         Approach::BrokerEcho => {
             let echo = approaches::broker_echo::BrokerEcho::start(env, &args.worker).await?;
-            let watch = Watch::start();
-            let measured = drive_queued(
-                &env.services.amqp_url,
-                &env.names,
-                Arc::new(workload.requests.clone()),
-                &load,
-                progress_bar(args, approach),
-                false,
-            )
-            .await;
-            let (cpu, tasks_peak) = watch.stop();
+            let (measured, cpu, tasks_peak) = run.queued(approach).await;
             echo.stop().await?;
             (measured?, None, cpu, tasks_peak, None)
         }
         Approach::Walletq => {
             let walletq = approaches::walletq::Walletq::start(env, &args.worker, args.workers, &workload.opening).await?;
-            let watch = Watch::start();
-            let measured = drive_queued(
-                &env.services.amqp_url,
-                &env.names,
-                Arc::new(workload.requests.clone()),
-                &load,
-                progress_bar(args, approach),
-                true,
-            )
-            .await;
-            let (cpu, tasks_peak) = watch.stop();
+            let (measured, cpu, tasks_peak) = run.queued(approach).await;
             let finals = walletq.final_cents().await;
             batches = walletq.batch_sizes().await.ok();
             walletq.stop().await?;
@@ -219,15 +199,31 @@ async fn measure(
 
 type Measurement = (Measured, Option<HashMap<String, i64>>, Option<cpu::CpuShare>, usize, Option<u32>);
 
-/// What a direct approach needs to run.
-struct DirectRun<'a> {
+/// What a run needs: the options, the workload, its environment and the load.
+struct Run<'a> {
     args: &'a BenchArgs,
     workload: &'a Arc<Workload>,
     env: &'a Environment,
     load: Load,
 }
 
-impl DirectRun<'_> {
+impl Run<'_> {
+    /// Publishes the workload to the partition queues and collects the results, watched.
+    async fn queued(&self, approach: Approach) -> (anyhow::Result<Measured>, Option<cpu::CpuShare>, usize) {
+        let watch = Watch::start();
+        let measured = drive_queued(
+            &self.env.services.amqp_url,
+            &self.env.names,
+            Arc::new(self.workload.requests.clone()),
+            &self.load,
+            progress_bar(self.args, approach),
+            approach.moves_money(),
+        )
+        .await;
+        let (cpu, tasks_peak) = watch.stop();
+        (measured, cpu, tasks_peak)
+    }
+
     /// Creates the database and accounts, builds the approach on a pool sized to the
     /// clients, drives it, and reads the final balances.
     async fn measure<A, F, Fut>(&self, approach: Approach, make: F) -> anyhow::Result<Measurement>

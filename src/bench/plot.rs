@@ -43,19 +43,7 @@ fn draw(path: &Path, title: &str, runs: &[RunReport]) -> Result<(), Box<dyn std:
         .y_label_area_size(70)
         .build_cartesian_2d(0f64..seconds * 1.02, 0f64..peak * 1.1)?;
     chart.configure_mesh().x_desc("seconds since start").y_desc("completed requests/s").draw()?;
-    for (i, run) in runs.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(run.timeline_rps.iter().copied(), color.stroke_width(2)))?
-            .label(run.label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()?;
+    draw_runs(&mut chart, runs, |run| run.timeline_rps.clone(), SeriesLabelPosition::UpperRight)?;
 
     let latencies = || runs.iter().flat_map(|r| r.latency_curve_ms.iter().map(|p| p.1));
     let low = latencies().fold(f64::INFINITY, f64::min).clamp(0.01, 1.0e6) * 0.8;
@@ -74,22 +62,32 @@ fn draw(path: &Path, title: &str, runs: &[RunReport]) -> Result<(), Box<dyn std:
         .x_label_formatter(&|x| percentile_label(*x))
         .y_label_formatter(&|y| format!("{y}"))
         .draw()?;
+    let curve = |run: &RunReport| run.latency_curve_ms.iter().map(|(p, ms)| (nines(*p), ms.max(low))).collect();
+    draw_runs(&mut chart, runs, curve, SeriesLabelPosition::UpperLeft)?;
+    root.present()?;
+    Ok(())
+}
+
+/// One line per run, in the run's colour, with a legend.
+fn draw_runs<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    runs: &[RunReport],
+    points: impl Fn(&RunReport) -> Vec<(f64, f64)>,
+    legend: SeriesLabelPosition,
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
     for (i, run) in runs.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let points: Vec<(f64, f64)> = run.latency_curve_ms.iter().map(|(p, ms)| (nines(*p), ms.max(low))).collect();
         chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+            .draw_series(LineSeries::new(points(run), color.stroke_width(2)))?
             .label(run.label.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).position(legend).draw()
 }
 
 #[cfg(test)]
