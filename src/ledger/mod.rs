@@ -61,7 +61,13 @@ impl Ledger {
             }
             tracing::info!(database = %shown, "created database");
         }
-        let options = PgConnectOptions::from_str(database_url).with_context(|| format!("parsing {shown}"))?;
+        // Every ledger statement reads or writes by key: never plan a sequential scan. A
+        // generic plan cached while a table was small or unanalysed (a fresh database) would
+        // otherwise keep scanning the whole table for `= ANY($1)` as it grows, until
+        // autovacuum's next ANALYZE invalidates it.
+        let options = PgConnectOptions::from_str(database_url)
+            .with_context(|| format!("parsing {shown}"))?
+            .options([("enable_seqscan", "off")]);
         let port = options.get_port();
         let pool = PgPoolOptions::new()
             .after_connect(move |_, _| {
