@@ -263,21 +263,10 @@ async fn write_plan(
     if plan.new_requests.is_empty() {
         return Ok(());
     }
-    if !plan.balances.is_empty() {
-        let users: Vec<&str> = plan.balances.iter().map(|(u, _)| u.as_str()).collect();
-        let balances: Vec<Decimal> = plan.balances.iter().map(|(_, b)| b.as_decimal()).collect();
-        sqlx::query(
-            "INSERT INTO wallets (user_id, balance)
-             SELECT * FROM unnest($1::text[], $2::numeric[])
-             ON CONFLICT (user_id) DO UPDATE SET balance = EXCLUDED.balance, updated_at = now()",
-        )
-        .bind(&users)
-        .bind(&balances)
-        .execute(&mut *tx)
-        .await?;
-    }
-
     let new = &plan.new_requests;
+    let balance_users: Vec<&str> = plan.balances.iter().map(|(u, _)| u.as_str()).collect();
+    let balances: Vec<Decimal> = plan.balances.iter().map(|(_, b)| b.as_decimal()).collect();
+
     let ids: Vec<&str> = new.iter().map(|n| n.request.request_id.as_str()).collect();
     let users: Vec<&str> = new.iter().map(|n| n.request.user_id.as_str()).collect();
     let ops: Vec<&str> = new.iter().map(|n| n.request.op.as_str()).collect();
@@ -295,12 +284,40 @@ async fn write_plan(
         .map(|n| serde_json::to_string(&n.result))
         .collect::<Result<_, _>>()
         .map_err(|e| LedgerError::Corrupt(format!("encoding a result: {e}")))?;
+
+    let entries: Vec<_> = new.iter().filter_map(|n| n.entry.map(|e| (n, e))).collect();
+    let entry_ids: Vec<&str> = entries.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
+    let entry_users: Vec<&str> = entries.iter().map(|(n, _)| n.request.user_id.as_str()).collect();
+    let deltas: Vec<Decimal> = entries.iter().map(|(_, e)| Decimal::new(e.delta_cents, 2)).collect();
+    let after: Vec<Decimal> = entries.iter().map(|(_, e)| e.balance_after.as_decimal()).collect();
+
+    let coupons: Vec<_> = new.iter().filter_map(|n| n.result.coupon.as_ref().map(|c| (n, c))).collect();
+    let codes: Vec<&str> = coupons.iter().map(|(_, c)| c.code.as_str()).collect();
+    let coupon_users: Vec<&str> = coupons.iter().map(|(n, _)| n.request.user_id.as_str()).collect();
+    let kinds: Vec<&str> = coupons.iter().map(|(_, c)| c.kind.as_str()).collect();
+    let coupon_ids: Vec<&str> = coupons.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
+
+    // One round trip for the whole plan: the data-modifying CTEs all run, and the foreign
+    // keys between them are checked at the end of the statement.
     sqlx::query(
-        "INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at)
-         SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $8
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::text[], $6::text[], $7::text[])
-              AS r(id, user_id, op, amount, status, reason, result)",
+        "WITH balances AS (
+             INSERT INTO wallets (user_id, balance)
+             SELECT * FROM unnest($1::text[], $2::numeric[])
+             ON CONFLICT (user_id) DO UPDATE SET balance = EXCLUDED.balance, updated_at = now()
+         ), stored AS (
+             INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at)
+             SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $10
+             FROM unnest($3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[], $8::text[], $9::text[])
+                  AS r(id, user_id, op, amount, status, reason, result)
+         ), entries AS (
+             INSERT INTO ledger_entries (request_id, user_id, delta, balance_after)
+             SELECT * FROM unnest($11::text[], $12::text[], $13::numeric[], $14::numeric[])
+         )
+         INSERT INTO coupons (code, user_id, kind, request_id)
+         SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::text[])",
     )
+    .bind(&balance_users)
+    .bind(&balances)
     .bind(&ids)
     .bind(&users)
     .bind(&ops)
@@ -309,44 +326,16 @@ async fn write_plan(
     .bind(&reasons)
     .bind(&results)
     .bind(now)
+    .bind(&entry_ids)
+    .bind(&entry_users)
+    .bind(&deltas)
+    .bind(&after)
+    .bind(&codes)
+    .bind(&coupon_users)
+    .bind(&kinds)
+    .bind(&coupon_ids)
     .execute(&mut *tx)
     .await?;
-
-    let entries: Vec<_> = new.iter().filter_map(|n| n.entry.map(|e| (n, e))).collect();
-    if !entries.is_empty() {
-        let ids: Vec<&str> = entries.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
-        let users: Vec<&str> = entries.iter().map(|(n, _)| n.request.user_id.as_str()).collect();
-        let deltas: Vec<Decimal> = entries.iter().map(|(_, e)| Decimal::new(e.delta_cents, 2)).collect();
-        let after: Vec<Decimal> = entries.iter().map(|(_, e)| e.balance_after.as_decimal()).collect();
-        sqlx::query(
-            "INSERT INTO ledger_entries (request_id, user_id, delta, balance_after)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::numeric[], $4::numeric[])",
-        )
-        .bind(&ids)
-        .bind(&users)
-        .bind(&deltas)
-        .bind(&after)
-        .execute(&mut *tx)
-        .await?;
-    }
-
-    let coupons: Vec<_> = new.iter().filter_map(|n| n.result.coupon.as_ref().map(|c| (n, c))).collect();
-    if !coupons.is_empty() {
-        let codes: Vec<&str> = coupons.iter().map(|(_, c)| c.code.as_str()).collect();
-        let users: Vec<&str> = coupons.iter().map(|(n, _)| n.request.user_id.as_str()).collect();
-        let kinds: Vec<&str> = coupons.iter().map(|(_, c)| c.kind.as_str()).collect();
-        let ids: Vec<&str> = coupons.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
-        sqlx::query(
-            "INSERT INTO coupons (code, user_id, kind, request_id)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])",
-        )
-        .bind(&codes)
-        .bind(&users)
-        .bind(&kinds)
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await?;
-    }
     Ok(())
 }
 
