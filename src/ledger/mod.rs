@@ -1,7 +1,8 @@
 //! PostgreSQL: the wallets, the stored requests and results, the append-only ledger.
 //!
-//! A batch is applied in one transaction with a fixed number of set-based statements,
-//! whatever its size: fence check, two reads, then one insert per table.
+//! A batch is applied in one transaction with two set-based statements, whatever its
+//! size: one reads (fence check, the wallets locked, the requests already known), one
+//! writes (balances, requests with their results, ledger entries, coupons).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -100,23 +101,14 @@ impl Ledger {
         let now = Utc::now().trunc_subsecs(6);
         let mut tx = self.pool.begin().await?;
 
-        // 1. Fencing: lock each user's fence row (sorted, so concurrent batches can't
-        //    deadlock) and refuse if a newer token has written.
+        // 1–2. In one round trip: fencing (lock each user's fence row, sorted so concurrent
+        //      batches can't deadlock; refuse if a newer token has written), the users'
+        //      wallets (locked) and the requests already known.
         let mut sorted: Vec<&(UserId, i64)> = fences.iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         let users: Vec<String> = sorted.iter().map(|(u, _)| u.as_str().to_owned()).collect();
         let tokens: Vec<i64> = sorted.iter().map(|(_, t)| *t).collect();
-        let accepted: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO user_fences (user_id, fence)
-             SELECT * FROM unnest($1::text[], $2::bigint[])
-             ON CONFLICT (user_id) DO UPDATE SET fence = EXCLUDED.fence
-             WHERE user_fences.fence <= EXCLUDED.fence
-             RETURNING user_id",
-        )
-        .bind(&users)
-        .bind(&tokens)
-        .fetch_all(&mut *tx)
-        .await?;
+        let (accepted, state) = lock_and_load(&mut tx, requests, &users, &tokens).await?;
         if accepted.len() != users.len() {
             let stale = sorted
                 .iter()
@@ -125,9 +117,6 @@ impl Ledger {
                 .ok_or_else(|| LedgerError::Corrupt("fence check returned unknown users".into()))?;
             return Err(LedgerError::StaleFence(stale));
         }
-
-        // 2. Read the state the rules need.
-        let state = load_state(&mut tx, requests, &users).await?;
 
         // 3. Apply the rules (pure), then write the plan.
         let plan = plan_batch(requests, state, now, new_coupon_code);
@@ -205,37 +194,62 @@ fn new_coupon_code() -> String {
     format!("WQ-{}", &hex[..16])
 }
 
-async fn load_state(
+/// Fences the users, locks their wallets and reads them, and reads the batch's known
+/// requests, in one statement. Returns the users whose fence was accepted and the state.
+async fn lock_and_load(
     tx: &mut sqlx::PgConnection,
     requests: &[Request],
     users: &[String],
-) -> Result<LedgerState, LedgerError> {
-    let mut state = LedgerState::default();
-    let rows = sqlx::query("SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) FOR UPDATE")
-        .bind(users)
-        .fetch_all(&mut *tx)
-        .await?;
-    for row in rows {
-        let user: String = row.try_get("user_id")?;
-        let balance: Decimal = row.try_get("balance")?;
-        let user = UserId::parse(&user).ok_or_else(|| LedgerError::Corrupt(format!("bad user id {user:?}")))?;
-        let balance = Money::from_decimal(balance)
-            .ok_or_else(|| LedgerError::Corrupt(format!("balance {balance} of {user} is not valid money")))?;
-        state.balances.insert(user, balance);
-    }
-
+    tokens: &[i64],
+) -> Result<(Vec<String>, LedgerState), LedgerError> {
     let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
     let rows = sqlx::query(
-        "SELECT request_id, user_id, op, amount, result::text AS result FROM requests WHERE request_id = ANY($1)",
+        "WITH fenced AS (
+             INSERT INTO user_fences (user_id, fence)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
+             ON CONFLICT (user_id) DO UPDATE SET fence = EXCLUDED.fence
+             WHERE user_fences.fence <= EXCLUDED.fence
+             RETURNING user_id
+         ), locked AS (
+             SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) FOR UPDATE
+         )
+         SELECT 'fence' AS kind, user_id, NULL::numeric AS balance,
+                NULL::text AS request_id, NULL::text AS op, NULL::numeric AS amount, NULL::text AS result
+         FROM fenced
+         UNION ALL
+         SELECT 'wallet', user_id, balance, NULL, NULL, NULL, NULL FROM locked
+         UNION ALL
+         SELECT 'known', user_id, NULL, request_id, op, amount, result::text
+         FROM requests WHERE request_id = ANY($3)",
     )
+    .bind(users)
+    .bind(tokens)
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await?;
+
+    let mut accepted = Vec::with_capacity(users.len());
+    let mut state = LedgerState::default();
     for row in rows {
-        let stored = decode_stored(&row)?;
-        state.known.insert(stored.request.request_id.clone(), stored);
+        let kind: String = row.try_get("kind")?;
+        match kind.as_str() {
+            "fence" => accepted.push(row.try_get("user_id")?),
+            "wallet" => {
+                let user: String = row.try_get("user_id")?;
+                let balance: Decimal = row.try_get("balance")?;
+                let user =
+                    UserId::parse(&user).ok_or_else(|| LedgerError::Corrupt(format!("bad user id {user:?}")))?;
+                let balance = Money::from_decimal(balance)
+                    .ok_or_else(|| LedgerError::Corrupt(format!("balance {balance} of {user} is not valid money")))?;
+                state.balances.insert(user, balance);
+            }
+            _ => {
+                let stored = decode_stored(&row)?;
+                state.known.insert(stored.request.request_id.clone(), stored);
+            }
+        }
     }
-    Ok(state)
+    Ok((accepted, state))
 }
 
 fn decode_stored(row: &sqlx::postgres::PgRow) -> Result<StoredRequest, LedgerError> {
