@@ -78,9 +78,15 @@ pub struct BenchArgs {
     /// PostgreSQL pool of the direct approaches; one connection per client (as many as the server can spare) when omitted.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000))]
     pub db_pool: Option<u32>,
-    /// Sleep between attempts at a taken lock (approaches 2 and 3), in milliseconds.
+    /// Sleep between attempts at a taken Redis lock (approach 2), in milliseconds; 1 was its
+    /// best on the hot wallet (0: 1,039, 1: 1,176, 5: 1,134, 20: 609 req/s).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=1_000))]
-    pub spin_ms: u64,
+    pub redis_spin_ms: u64,
+    /// Sleep between attempts at a taken lock row (approach 3), in milliseconds; 100 was its
+    /// best on the hot wallet (1: 36, 5: 60, 20: 162, 50: 413, 100: 447 req/s): every failed
+    /// insert leaves a dead row and index entry behind, so eager retries slow the holder down.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=1_000))]
+    pub lock_table_spin_ms: u64,
     /// Seed of the workload generator.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -121,7 +127,8 @@ impl BenchArgs {
             "db_connections": self.worker.db_connections,
             "lock_ttl_ms": self.worker.lock_ttl_ms,
             "db_pool": self.db_pool,
-            "spin_ms": self.spin_ms,
+            "redis_spin_ms": self.redis_spin_ms,
+            "lock_table_spin_ms": self.lock_table_spin_ms,
             "seed": self.seed,
         })
     }
@@ -152,7 +159,8 @@ async fn measure(
     env: &Environment,
 ) -> anyhow::Result<RunReport> {
     let load = Load { clients: args.clients, rate: args.rate };
-    let spin = Duration::from_millis(args.spin_ms);
+    let redis_spin = Duration::from_millis(args.redis_spin_ms);
+    let lock_table_spin = Duration::from_millis(args.lock_table_spin_ms);
     let redis_url = env.services.redis_url.clone();
     let prefix = env.names.namespace().to_owned();
     let run = Run { args, workload, env, load };
@@ -161,12 +169,12 @@ async fn measure(
         Approach::Naive => run.measure(approach, |pool| async { Ok(approaches::naive::Naive::new(pool)) }).await?,
         Approach::RedisLock => {
             run.measure(approach, |pool| async move {
-                approaches::redis_lock::RedisLock::connect(pool, &redis_url, &prefix, spin).await
+                approaches::redis_lock::RedisLock::connect(pool, &redis_url, &prefix, redis_spin).await
             })
             .await?
         }
         Approach::SqlLockTable => {
-            run.measure(approach, |pool| approaches::sql_lock_table::SqlLockTable::create(pool, spin)).await?
+            run.measure(approach, |pool| approaches::sql_lock_table::SqlLockTable::create(pool, lock_table_spin)).await?
         }
         Approach::SelectForUpdate => {
             run.measure(approach, |pool| async { Ok(approaches::select_for_update::SelectForUpdate::new(pool)) })
