@@ -65,10 +65,11 @@ impl Ledger {
         // Every ledger statement reads or writes by key: never plan a sequential scan. A
         // generic plan cached while a table was small or unanalysed (a fresh database) would
         // otherwise keep scanning the whole table for `= ANY($1)` as it grows, until
-        // autovacuum's next ANALYZE invalidates it.
+        // autovacuum's next ANALYZE invalidates it. With that excluded the generic plans are
+        // the right ones, so plan each statement once per connection rather than per batch.
         let options = PgConnectOptions::from_str(database_url)
             .with_context(|| format!("parsing {shown}"))?
-            .options([("enable_seqscan", "off")]);
+            .options([("enable_seqscan", "off"), ("plan_cache_mode", "force_generic_plan")]);
         let port = options.get_port();
         let pool = PgPoolOptions::new()
             .after_connect(move |_, _| {
