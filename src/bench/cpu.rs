@@ -138,8 +138,7 @@ mod tests {
 
     #[test]
     fn shares_are_in_cores() {
-        let start =
-            CpuSnapshot { busy: 0, interrupts: 0, idle: 0, cpus: 2, groups: HashMap::from([("postgres", 10)]) };
+        let start = CpuSnapshot { busy: 0, interrupts: 0, idle: 0, cpus: 2, groups: HashMap::from([("postgres", 10)]) };
         let end = CpuSnapshot {
             busy: 150,
             interrupts: 20,

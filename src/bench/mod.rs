@@ -174,7 +174,8 @@ async fn measure(
             .await?
         }
         Approach::SqlLockTable => {
-            run.measure(approach, |pool| approaches::sql_lock_table::SqlLockTable::create(pool, lock_table_spin)).await?
+            run.measure(approach, |pool| approaches::sql_lock_table::SqlLockTable::create(pool, lock_table_spin))
+                .await?
         }
         Approach::SelectForUpdate => {
             run.measure(approach, |pool| async { Ok(approaches::select_for_update::SelectForUpdate::new(pool)) })
@@ -191,7 +192,8 @@ async fn measure(
             (measured?, None, cpu, tasks_peak, None)
         }
         Approach::Walletq => {
-            let walletq = approaches::walletq::Walletq::start(env, &args.worker, args.workers, &workload.opening).await?;
+            let walletq =
+                approaches::walletq::Walletq::start(env, &args.worker, args.workers, &workload.opening).await?;
             let (measured, cpu, tasks_peak) = run.queued(approach).await;
             let finals = walletq.final_cents().await;
             batches = walletq.batch_sizes().await.ok();

@@ -135,7 +135,8 @@ mod tests {
     #[test]
     fn a_correct_run_is_correct() {
         let requests: Vec<_> = (0..4).map(|i| withdraw(i, "a", 100)).collect();
-        let verdicts = [Some(Verdict::Approved), Some(Verdict::Approved), Some(Verdict::Rejected), Some(Verdict::Rejected)];
+        let verdicts =
+            [Some(Verdict::Approved), Some(Verdict::Approved), Some(Verdict::Rejected), Some(Verdict::Rejected)];
         let result = check(&opening("a", 200), &requests, &verdicts, &finals(&[("a", 0)]));
         assert_eq!(result, Correctness { balances_correct: true, ..Correctness::default() });
     }

@@ -71,7 +71,14 @@ impl Machine {
     /// Reads what the machine says about itself; unknown parts are left out.
     pub fn describe(services: HashMap<String, String>) -> Self {
         let memory_gib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|text| {
-            let kib: u64 = text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+            let kib: u64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
             Some(kib.div_ceil(1024 * 1024))
         });
         Machine {
@@ -190,7 +197,15 @@ pub fn run_table(run: &RunReport, style: TableStyle) -> Table {
 /// One row per approach: the `--compare` table.
 pub fn compare_table(runs: &[RunReport], style: TableStyle) -> Table {
     let mut table = table(style);
-    table.set_header(vec!["approach", "requests/s", "p50", "p99", "overdrafts", "lost updates", "final balance correct"]);
+    table.set_header(vec![
+        "approach",
+        "requests/s",
+        "p50",
+        "p99",
+        "overdrafts",
+        "lost updates",
+        "final balance correct",
+    ]);
     for run in runs {
         let (overdrafts, lost, correct) = match &run.correctness {
             Some(c) => (c.overdrafts.to_string(), c.lost_updates.to_string(), yes_no(c.balances_correct).to_owned()),
@@ -293,7 +308,8 @@ mod tests {
 
     #[test]
     fn the_run_table_names_its_approach_and_verdicts() {
-        let run = sample(Approach::Walletq, 15000.0, Some(Correctness { balances_correct: true, ..Default::default() }));
+        let run =
+            sample(Approach::Walletq, 15000.0, Some(Correctness { balances_correct: true, ..Default::default() }));
         let text = run_table(&run, TableStyle::Boxes).to_string();
         assert!(text.contains("7 walletq") && text.contains("15,000 req/s") && text.contains("500 / 500"), "{text}");
     }

@@ -238,8 +238,7 @@ async fn lock_and_load(
             "wallet" => {
                 let user: String = row.try_get("user_id")?;
                 let balance: Decimal = row.try_get("balance")?;
-                let user =
-                    UserId::parse(&user).ok_or_else(|| LedgerError::Corrupt(format!("bad user id {user:?}")))?;
+                let user = UserId::parse(&user).ok_or_else(|| LedgerError::Corrupt(format!("bad user id {user:?}")))?;
                 let balance = Money::from_decimal(balance)
                     .ok_or_else(|| LedgerError::Corrupt(format!("balance {balance} of {user} is not valid money")))?;
                 state.balances.insert(user, balance);

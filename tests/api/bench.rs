@@ -33,15 +33,7 @@ fn compare_reports_every_approach_and_only_the_naive_one_can_be_wrong() {
     let names: Vec<&str> = runs.iter().filter_map(|r| r["approach"].as_str()).collect();
     assert_eq!(
         names,
-        [
-            "naive",
-            "redis-lock",
-            "sql-lock-table",
-            "select-for-update",
-            "conditional-update",
-            "broker-echo",
-            "walletq"
-        ]
+        ["naive", "redis-lock", "sql-lock-table", "select-for-update", "conditional-update", "broker-echo", "walletq"]
     );
     for run in runs {
         let name = run["approach"].as_str().unwrap_or_default();

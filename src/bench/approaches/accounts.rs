@@ -31,7 +31,8 @@ pub async fn create(pool: &PgPool, opening: &[(UserId, Money)]) -> anyhow::Resul
 
 /// Final balances in cents, by user.
 pub async fn final_cents(pool: &PgPool) -> anyhow::Result<HashMap<String, i64>> {
-    let rows = sqlx::query("SELECT user_id, balance FROM accounts").fetch_all(pool).await.context("reading balances")?;
+    let rows =
+        sqlx::query("SELECT user_id, balance FROM accounts").fetch_all(pool).await.context("reading balances")?;
     rows.iter()
         .map(|row| {
             let user: String = row.try_get("user_id")?;
