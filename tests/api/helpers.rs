@@ -4,8 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Connection};
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -68,24 +67,7 @@ pub async fn spawn_app_with(topology: TopologySettings, worker: bool) -> TestApp
     let publisher = Publisher::open(&connection).await.expect("publisher");
 
     let replies = connection.create_channel().await.expect("channel");
-    let queue = replies
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("reply queue");
-    let reply_queue = queue.name().as_str().to_owned();
-    let mut consumer = replies
-        .basic_consume(
-            reply_queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume replies");
+    let (reply_queue, mut consumer) = walletq::broker::consume_reply_queue(&replies).await.expect("reply queue");
     let (sender, results) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
