@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::Client;
+use crate::bench::report::{compare_table, run_table};
+use crate::bench::{BenchArgs, plot};
 use crate::configuration::{GatewaySettings, ServiceSettings, TopologySettings, WorkerSettings};
 use crate::domain::{Money, Op, Status, UserId};
 use crate::gateway::auth::{JwtSecret, mint_token};
@@ -18,6 +20,8 @@ use crate::telemetry::{self, LogFormat};
 const EXIT_REJECTED: u8 = 3;
 /// Exit code when no result came within `--wait`.
 const EXIT_NO_RESULT: u8 = 4;
+/// Exit code when a bench run of an approach that promises correctness ended with wrong balances.
+const EXIT_INCORRECT: u8 = 5;
 
 #[derive(Parser, Debug)]
 #[command(name = "walletq", version, about = "Wallet withdrawals that are safe under any concurrency")]
@@ -87,6 +91,8 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
     },
+    /// Measure walletq (and, with --compare, the approaches it replaces) under concurrent load.
+    Bench(Box<BenchArgs>),
     /// Print a user's balance and coupons.
     Balance {
         #[command(flatten)]
@@ -160,6 +166,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Bench(args) => bench(&args).await,
         Command::Audit { services, json } => {
             let ledger = read_only_ledger(&services).await?;
             let report = crate::ledger::audit::audit(ledger.pool()).await?;
@@ -260,6 +267,36 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
         return Err("must be at least 1s".into());
     }
     Ok(ttl)
+}
+
+async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let style = args.table_style;
+    let report = crate::bench::run(args, |run| println!("{}\n", run_table(run, style))).await?;
+    if report.runs.len() > 1 {
+        println!("{}", compare_table(&report.runs, style));
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::to_vec_pretty(&report).context("encoding the report")?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "walletq bench: {} scenario, {} requests, {} clients{}, {} queues x {}",
+            args.scenario.as_str(),
+            args.requests,
+            args.clients,
+            args.rate.map(|r| format!(" at {r} req/s")).unwrap_or_default(),
+            args.topology.queue_type.as_str(),
+            args.topology.partitions,
+        );
+        plot::write_svg(path, &title, &report.runs)?;
+    }
+    let broken: Vec<&str> = report.runs.iter().filter(|r| r.broke_its_promise()).map(|r| r.label.as_str()).collect();
+    if !broken.is_empty() {
+        eprintln!("walletq: final balances are wrong for {}", broken.join(", "));
+        return Ok(ExitCode::from(EXIT_INCORRECT));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

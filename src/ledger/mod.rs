@@ -1,7 +1,8 @@
 //! PostgreSQL: the wallets, the stored requests and results, the append-only ledger.
 //!
-//! A batch is applied in one transaction with a fixed number of set-based statements,
-//! whatever its size: fence check, two reads, then one insert per table.
+//! A batch is applied in one transaction with two set-based statements, whatever its
+//! size: one reads (fence check, the wallets locked, the requests already known), one
+//! writes (balances, requests with their results, ledger entries, coupons).
 
 pub mod audit;
 
@@ -83,10 +84,17 @@ impl Ledger {
         schema: Schema,
     ) -> anyhow::Result<Self> {
         let shown = redact_url(database_url);
+        // Every ledger statement reads or writes by key: never plan a sequential scan. A
+        // generic plan cached while a table was small or unanalysed (a fresh database) would
+        // otherwise keep scanning the whole table for `= ANY($1)` as it grows, until
+        // autovacuum's next ANALYZE invalidates it. With that excluded the generic plans are
+        // the right ones, so plan each statement once per connection rather than per batch.
         let mut options =
             PgConnectOptions::from_str(database_url).with_context(|| format!("parsing {shown}"))?.options([
-                ("statement_timeout", STATEMENT_TIMEOUT_MS),
-                ("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_TIMEOUT_MS),
+                ("statement_timeout", STATEMENT_TIMEOUT_MS.to_string()),
+                ("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_TIMEOUT_MS.to_string()),
+                ("enable_seqscan", "off".to_owned()),
+                ("plan_cache_mode", "force_generic_plan".to_owned()),
             ]);
         if let Some(ca_file) = ca_file {
             crate::tls::read_ca_pem(ca_file)?;
@@ -95,7 +103,14 @@ impl Ledger {
         if schema == Schema::Migrate {
             create_database_if_missing(&options, &shown).await?;
         }
+        let port = options.get_port();
         let pool = PgPoolOptions::new()
+            .after_connect(move |_, _| {
+                Box::pin(async move {
+                    set_nodelay_on_sockets_to(port);
+                    Ok(())
+                })
+            })
             .max_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
@@ -123,23 +138,14 @@ impl Ledger {
         let now = Utc::now().trunc_subsecs(6);
         let mut tx = self.pool.begin().await?;
 
-        // 1. Fencing: lock each user's fence row (sorted, so concurrent batches can't
-        //    deadlock) and refuse if a newer token has written.
+        // 1–2. In one round trip: fencing (lock each user's fence row, sorted so concurrent
+        //      batches can't deadlock; refuse if a newer token has written), the users'
+        //      wallets (locked) and the requests already known.
         let mut sorted: Vec<&(UserId, i64)> = fences.iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         let users: Vec<String> = sorted.iter().map(|(u, _)| u.as_str().to_owned()).collect();
         let tokens: Vec<i64> = sorted.iter().map(|(_, t)| *t).collect();
-        let accepted: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO user_fences (user_id, fence)
-             SELECT * FROM unnest($1::text[], $2::bigint[])
-             ON CONFLICT (user_id) DO UPDATE SET fence = EXCLUDED.fence
-             WHERE user_fences.fence <= EXCLUDED.fence
-             RETURNING user_id",
-        )
-        .bind(&users)
-        .bind(&tokens)
-        .fetch_all(&mut *tx)
-        .await?;
+        let (accepted, state) = lock_and_load(&mut tx, requests, &users, &tokens).await?;
         if accepted.len() != users.len() {
             let stale = sorted
                 .iter()
@@ -148,9 +154,6 @@ impl Ledger {
                 .ok_or_else(|| LedgerError::Corrupt("fence check returned unknown users".into()))?;
             return Err(LedgerError::StaleFence(stale));
         }
-
-        // 2. Read the state the rules need.
-        let state = load_state(&mut tx, requests, &users).await?;
 
         // 3. Apply the rules (pure), then write the plan.
         let plan = plan_batch(requests, state, now, new_coupon_code);
@@ -237,42 +240,92 @@ async fn check_migrated(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Turns off Nagle's algorithm on every TCP socket of this process connected to `port`.
+///
+/// sqlx 0.9.0 stopped setting `TCP_NODELAY` (launchbadge/sqlx#4335, fixed upstream by #4336,
+/// not released yet). Over TLS (`sslmode=prefer`, the default) a statement larger than one
+/// 16 KiB record — a batch's `INSERT … unnest(…)` — is written as several records, and Nagle
+/// holds the last one until the server's delayed ACK: about 40 ms per statement. Runs after
+/// each connect; remove once sqlx sets the option itself.
+fn set_nodelay_on_sockets_to(port: u16) {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|name| name.parse::<std::os::fd::RawFd>().ok()) else {
+            continue;
+        };
+        // SAFETY: the descriptor is only borrowed for the socket calls below; should another
+        // thread close it meanwhile, they fail (EBADF, ENOTSOCK) and the failure is ignored.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let socket = socket2::SockRef::from(&borrowed);
+        let peer_port = socket.peer_addr().ok().and_then(|peer| peer.as_socket()).map(|peer| peer.port());
+        if peer_port == Some(port) && socket.tcp_nodelay().is_ok_and(|on| !on) {
+            let _ = socket.set_tcp_nodelay(true);
+        }
+    }
+}
+
 fn new_coupon_code() -> String {
     let hex = uuid::Uuid::new_v4().simple().to_string().to_ascii_uppercase();
     format!("WQ-{}", &hex[..16])
 }
 
-async fn load_state(
+/// Fences the users, locks their wallets and reads them, and reads the batch's known
+/// requests, in one statement. Returns the users whose fence was accepted and the state.
+async fn lock_and_load(
     tx: &mut sqlx::PgConnection,
     requests: &[Request],
     users: &[String],
-) -> Result<LedgerState, LedgerError> {
-    let mut state = LedgerState::default();
-    let rows = sqlx::query("SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) FOR UPDATE")
-        .bind(users)
-        .fetch_all(&mut *tx)
-        .await?;
-    for row in rows {
-        let user: String = row.try_get("user_id")?;
-        let balance: Decimal = row.try_get("balance")?;
-        let user = UserId::parse(&user).ok_or_else(|| LedgerError::Corrupt(format!("bad user id {user:?}")))?;
-        let balance = Money::from_decimal(balance)
-            .ok_or_else(|| LedgerError::Corrupt(format!("balance {balance} of {user} is not valid money")))?;
-        state.balances.insert(user, balance);
-    }
-
+    tokens: &[i64],
+) -> Result<(Vec<String>, LedgerState), LedgerError> {
     let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
     let rows = sqlx::query(
-        "SELECT request_id, user_id, op, amount, result::text AS result FROM requests WHERE request_id = ANY($1)",
+        "WITH fenced AS (
+             INSERT INTO user_fences (user_id, fence)
+             SELECT * FROM unnest($1::text[], $2::bigint[])
+             ON CONFLICT (user_id) DO UPDATE SET fence = EXCLUDED.fence
+             WHERE user_fences.fence <= EXCLUDED.fence
+             RETURNING user_id
+         ), locked AS (
+             SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) FOR UPDATE
+         )
+         SELECT 'fence' AS kind, user_id, NULL::numeric AS balance,
+                NULL::text AS request_id, NULL::text AS op, NULL::numeric AS amount, NULL::text AS result
+         FROM fenced
+         UNION ALL
+         SELECT 'wallet', user_id, balance, NULL, NULL, NULL, NULL FROM locked
+         UNION ALL
+         SELECT 'known', user_id, NULL, request_id, op, amount, result::text
+         FROM requests WHERE request_id = ANY($3)",
     )
+    .bind(users)
+    .bind(tokens)
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await?;
+
+    let mut accepted = Vec::with_capacity(users.len());
+    let mut state = LedgerState::default();
     for row in rows {
-        let stored = decode_stored(&row)?;
-        state.known.insert(stored.request.request_id.clone(), stored);
+        let kind: String = row.try_get("kind")?;
+        match kind.as_str() {
+            "fence" => accepted.push(row.try_get("user_id")?),
+            "wallet" => {
+                let user: String = row.try_get("user_id")?;
+                let balance: Decimal = row.try_get("balance")?;
+                let user = UserId::parse(&user).ok_or_else(|| LedgerError::Corrupt(format!("bad user id {user:?}")))?;
+                let balance = Money::from_decimal(balance)
+                    .ok_or_else(|| LedgerError::Corrupt(format!("balance {balance} of {user} is not valid money")))?;
+                state.balances.insert(user, balance);
+            }
+            _ => {
+                let stored = decode_stored(&row)?;
+                state.known.insert(stored.request.request_id.clone(), stored);
+            }
+        }
     }
-    Ok(state)
+    Ok((accepted, state))
 }
 
 fn decode_stored(row: &sqlx::postgres::PgRow) -> Result<StoredRequest, LedgerError> {
@@ -300,21 +353,10 @@ async fn write_plan(
     if plan.new_requests.is_empty() {
         return Ok(());
     }
-    if !plan.balances.is_empty() {
-        let users: Vec<&str> = plan.balances.iter().map(|(u, _)| u.as_str()).collect();
-        let balances: Vec<Decimal> = plan.balances.iter().map(|(_, b)| b.as_decimal()).collect();
-        sqlx::query(
-            "INSERT INTO wallets (user_id, balance)
-             SELECT * FROM unnest($1::text[], $2::numeric[])
-             ON CONFLICT (user_id) DO UPDATE SET balance = EXCLUDED.balance, updated_at = now()",
-        )
-        .bind(&users)
-        .bind(&balances)
-        .execute(&mut *tx)
-        .await?;
-    }
-
     let new = &plan.new_requests;
+    let balance_users: Vec<&str> = plan.balances.iter().map(|(u, _)| u.as_str()).collect();
+    let balances: Vec<Decimal> = plan.balances.iter().map(|(_, b)| b.as_decimal()).collect();
+
     let ids: Vec<&str> = new.iter().map(|n| n.request.request_id.as_str()).collect();
     let users: Vec<&str> = new.iter().map(|n| n.request.user_id.as_str()).collect();
     let ops: Vec<&str> = new.iter().map(|n| n.request.op.as_str()).collect();
@@ -332,12 +374,40 @@ async fn write_plan(
         .map(|n| serde_json::to_string(&n.result))
         .collect::<Result<_, _>>()
         .map_err(|e| LedgerError::Corrupt(format!("encoding a result: {e}")))?;
+
+    let entries: Vec<_> = new.iter().filter_map(|n| n.entry.map(|e| (n, e))).collect();
+    let entry_ids: Vec<&str> = entries.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
+    let entry_users: Vec<&str> = entries.iter().map(|(n, _)| n.request.user_id.as_str()).collect();
+    let deltas: Vec<Decimal> = entries.iter().map(|(_, e)| Decimal::new(e.delta_cents, 2)).collect();
+    let after: Vec<Decimal> = entries.iter().map(|(_, e)| e.balance_after.as_decimal()).collect();
+
+    let coupons: Vec<_> = new.iter().filter_map(|n| n.result.coupon.as_ref().map(|c| (n, c))).collect();
+    let codes: Vec<&str> = coupons.iter().map(|(_, c)| c.code.as_str()).collect();
+    let coupon_users: Vec<&str> = coupons.iter().map(|(n, _)| n.request.user_id.as_str()).collect();
+    let kinds: Vec<&str> = coupons.iter().map(|(_, c)| c.kind.as_str()).collect();
+    let coupon_ids: Vec<&str> = coupons.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
+
+    // One round trip for the whole plan: the data-modifying CTEs all run, and the foreign
+    // keys between them are checked at the end of the statement.
     sqlx::query(
-        "INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at)
-         SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $8
-         FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::text[], $6::text[], $7::text[])
-              AS r(id, user_id, op, amount, status, reason, result)",
+        "WITH balances AS (
+             INSERT INTO wallets (user_id, balance)
+             SELECT * FROM unnest($1::text[], $2::numeric[])
+             ON CONFLICT (user_id) DO UPDATE SET balance = EXCLUDED.balance, updated_at = now()
+         ), stored AS (
+             INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at)
+             SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $10
+             FROM unnest($3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[], $8::text[], $9::text[])
+                  AS r(id, user_id, op, amount, status, reason, result)
+         ), entries AS (
+             INSERT INTO ledger_entries (request_id, user_id, delta, balance_after)
+             SELECT * FROM unnest($11::text[], $12::text[], $13::numeric[], $14::numeric[])
+         )
+         INSERT INTO coupons (code, user_id, kind, request_id)
+         SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::text[])",
     )
+    .bind(&balance_users)
+    .bind(&balances)
     .bind(&ids)
     .bind(&users)
     .bind(&ops)
@@ -346,44 +416,16 @@ async fn write_plan(
     .bind(&reasons)
     .bind(&results)
     .bind(now)
+    .bind(&entry_ids)
+    .bind(&entry_users)
+    .bind(&deltas)
+    .bind(&after)
+    .bind(&codes)
+    .bind(&coupon_users)
+    .bind(&kinds)
+    .bind(&coupon_ids)
     .execute(&mut *tx)
     .await?;
-
-    let entries: Vec<_> = new.iter().filter_map(|n| n.entry.map(|e| (n, e))).collect();
-    if !entries.is_empty() {
-        let ids: Vec<&str> = entries.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
-        let users: Vec<&str> = entries.iter().map(|(n, _)| n.request.user_id.as_str()).collect();
-        let deltas: Vec<Decimal> = entries.iter().map(|(_, e)| Decimal::new(e.delta_cents, 2)).collect();
-        let after: Vec<Decimal> = entries.iter().map(|(_, e)| e.balance_after.as_decimal()).collect();
-        sqlx::query(
-            "INSERT INTO ledger_entries (request_id, user_id, delta, balance_after)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::numeric[], $4::numeric[])",
-        )
-        .bind(&ids)
-        .bind(&users)
-        .bind(&deltas)
-        .bind(&after)
-        .execute(&mut *tx)
-        .await?;
-    }
-
-    let coupons: Vec<_> = new.iter().filter_map(|n| n.result.coupon.as_ref().map(|c| (n, c))).collect();
-    if !coupons.is_empty() {
-        let codes: Vec<&str> = coupons.iter().map(|(_, c)| c.code.as_str()).collect();
-        let users: Vec<&str> = coupons.iter().map(|(n, _)| n.request.user_id.as_str()).collect();
-        let kinds: Vec<&str> = coupons.iter().map(|(_, c)| c.kind.as_str()).collect();
-        let ids: Vec<&str> = coupons.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
-        sqlx::query(
-            "INSERT INTO coupons (code, user_id, kind, request_id)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])",
-        )
-        .bind(&codes)
-        .bind(&users)
-        .bind(&kinds)
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await?;
-    }
     Ok(())
 }
 

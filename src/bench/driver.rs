@@ -1,0 +1,256 @@
+//! Load generation. `clients` concurrent clients each take the next request, as fast as
+//! they can or when it falls due at `rate`, and the recorder notes when and how it ended.
+//!
+//! Latency is end to end: from the moment a request is due (taken, or scheduled under
+//! `--rate`, so a late start counts against the approach) to its verdict — the call's
+//! return for direct approaches, the result's arrival on the reply queue for queued ones.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use indicatif::ProgressBar;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::approaches::Direct;
+use super::stats::{Outcome, Recorder};
+use super::workload::request_index;
+use crate::broker::{self, Names, Publisher};
+use crate::domain::{Request, Status};
+
+/// A direct request that takes longer than this counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// A queued run stops waiting for results after this long without a new one.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Publishing clients that share one AMQP connection (each has its own channel).
+const CLIENTS_PER_CONNECTION: u32 = 25;
+/// Marks a request that was not sent yet.
+const NOT_SENT: u64 = u64::MAX;
+
+/// How hard to push.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Concurrent clients.
+    pub clients: u32,
+    /// Requests per second over all clients; as fast as possible when `None`.
+    pub rate: Option<f64>,
+}
+
+/// What a run measured, and the first error it met (errors are counted, not fatal).
+pub struct Measured {
+    pub recorder: Recorder,
+    pub first_error: Option<String>,
+}
+
+/// State shared by the clients of one run.
+struct Run {
+    requests: Arc<Vec<Request>>,
+    next: AtomicUsize,
+    start: Instant,
+    rate: Option<f64>,
+    recorder: Mutex<Recorder>,
+    first_error: Mutex<Option<String>>,
+    progress: ProgressBar,
+    settled: watch::Sender<u64>,
+}
+
+impl Run {
+    fn new(requests: Arc<Vec<Request>>, load: &Load, progress: ProgressBar) -> Self {
+        Run {
+            recorder: Mutex::new(Recorder::new(requests.len())),
+            requests,
+            next: AtomicUsize::new(0),
+            start: Instant::now(),
+            rate: load.rate,
+            first_error: Mutex::new(None),
+            progress,
+            settled: watch::Sender::new(0),
+        }
+    }
+
+    /// The next request and when it is due; waits until then under `--rate`.
+    async fn take(&self) -> Option<(usize, Instant)> {
+        let index = self.next.fetch_add(1, Ordering::Relaxed);
+        if index >= self.requests.len() {
+            return None;
+        }
+        let due = match self.rate {
+            Some(rate) => {
+                let due = self.start + Duration::from_secs_f64(index as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                due
+            }
+            None => Instant::now(),
+        };
+        Some((index, due))
+    }
+
+    fn complete(&self, index: usize, outcome: Outcome, due: Instant) {
+        let now = Instant::now();
+        if let Ok(mut recorder) = self.recorder.lock() {
+            recorder.complete(index, outcome, now.saturating_duration_since(due), now - self.start);
+        }
+        self.progress.inc(1);
+        self.settled.send_modify(|n| *n += 1);
+    }
+
+    fn fail(&self, error: &anyhow::Error) {
+        tracing::debug!(error = %format!("{error:#}"), "a request failed");
+        if let Ok(mut recorder) = self.recorder.lock() {
+            recorder.fail();
+        }
+        if let Ok(mut first) = self.first_error.lock() {
+            first.get_or_insert_with(|| format!("{error:#}"));
+        }
+        self.progress.inc(1);
+        self.settled.send_modify(|n| *n += 1);
+    }
+
+    fn finish(self: Arc<Self>) -> Measured {
+        self.progress.finish_and_clear();
+        let first_error = self.first_error.lock().ok().and_then(|mut e| e.take());
+        let recorder = match Arc::try_unwrap(self) {
+            Ok(run) => run.recorder.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()),
+            Err(shared) => {
+                // A straggling task still holds the run: take a copy of the books instead.
+                let mut recorder = shared.recorder.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                std::mem::replace(&mut *recorder, Recorder::new(0))
+            }
+        };
+        Measured { recorder, first_error }
+    }
+}
+
+/// Runs `requests` through a direct approach with `load.clients` concurrent callers.
+pub async fn drive_direct<A: Direct>(
+    approach: Arc<A>,
+    requests: Arc<Vec<Request>>,
+    load: &Load,
+    progress: ProgressBar,
+) -> Measured {
+    let run = Arc::new(Run::new(requests, load, progress));
+    let mut clients = JoinSet::new();
+    for _ in 0..load.clients.max(1) {
+        let (run, approach) = (run.clone(), approach.clone());
+        clients.spawn(async move {
+            while let Some((index, due)) = run.take().await {
+                match tokio::time::timeout(REQUEST_TIMEOUT, approach.execute(&run.requests[index])).await {
+                    Ok(Ok(outcome)) => run.complete(index, outcome, due),
+                    Ok(Err(error)) => run.fail(&error),
+                    Err(_) => run.fail(&anyhow::anyhow!("no verdict within {REQUEST_TIMEOUT:?}")),
+                }
+            }
+        });
+    }
+    while clients.join_next().await.is_some() {}
+    run.finish()
+}
+
+/// Only what the bench reads of a result.
+#[derive(Deserialize)]
+struct ResultStatus {
+    status: Status,
+}
+
+/// Publishes `requests` to the partitioning exchange of `names` with `load.clients`
+/// confirming publishers, and collects the results from a reply queue of its own.
+/// `verdicts`: whether results carry a verdict (false for the broker echo).
+pub async fn drive_queued(
+    amqp_url: &str,
+    ca_file: Option<&Path>,
+    names: &Names,
+    requests: Arc<Vec<Request>>,
+    load: &Load,
+    progress: ProgressBar,
+    verdicts: bool,
+) -> anyhow::Result<Measured> {
+    let total = requests.len() as u64;
+    let replies = broker::connect(amqp_url, "walletq bench results", ca_file).await?;
+    let (reply_queue, mut consumer) = broker::open_reply_queue(&replies).await?;
+
+    let clients = load.clients.max(1);
+    let mut connections = Vec::new();
+    for _ in 0..clients.div_ceil(CLIENTS_PER_CONNECTION) {
+        connections.push(broker::connect(amqp_url, "walletq bench publishers", ca_file).await?);
+    }
+    let mut publishers = Vec::new();
+    for client in 0..clients {
+        publishers.push(Publisher::open(&connections[(client / CLIENTS_PER_CONNECTION) as usize]).await?);
+    }
+
+    let run = Arc::new(Run::new(requests, load, progress));
+    // When each request fell due, in nanoseconds since the start.
+    let due_ns: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(NOT_SENT)).collect());
+
+    let collector = {
+        let (run, due_ns) = (run.clone(), due_ns.clone());
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let correlation = delivery.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned());
+                let Some(index) = correlation.as_deref().and_then(request_index) else {
+                    continue;
+                };
+                let Some(due) = due_ns.get(index).map(|d| d.load(Ordering::Acquire)).filter(|d| *d != NOT_SENT) else {
+                    continue;
+                };
+                let outcome = if !verdicts {
+                    Outcome::Echoed
+                } else {
+                    match serde_json::from_slice::<ResultStatus>(&delivery.data) {
+                        Ok(ResultStatus { status: Status::Approved }) => Outcome::Approved,
+                        Ok(ResultStatus { status: Status::Rejected }) => Outcome::Rejected,
+                        Err(error) => {
+                            run.fail(&anyhow::Error::from(error).context("a result that is not JSON"));
+                            continue;
+                        }
+                    }
+                };
+                run.complete(index, outcome, run.start + Duration::from_nanos(due));
+            }
+        })
+    };
+
+    let exchange = names.requests_exchange();
+    let mut senders = JoinSet::new();
+    for publisher in publishers {
+        let (run, due_ns, exchange, reply_queue) = (run.clone(), due_ns.clone(), exchange.clone(), reply_queue.clone());
+        senders.spawn(async move {
+            while let Some((index, due)) = run.take().await {
+                let since_start = u64::try_from((due - run.start).as_nanos()).unwrap_or(NOT_SENT - 1);
+                due_ns[index].store(since_start, Ordering::Release);
+                let request = &run.requests[index];
+                if let Err(error) = publisher.publish_request(&exchange, request, Some(&reply_queue)).await {
+                    run.fail(&error);
+                }
+            }
+        });
+    }
+    while senders.join_next().await.is_some() {}
+
+    let mut settled = run.settled.subscribe();
+    loop {
+        if *settled.borrow_and_update() >= total {
+            break;
+        }
+        match tokio::time::timeout(STALL_TIMEOUT, settled.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                let missing = total.saturating_sub(*settled.borrow());
+                tracing::warn!(missing, "no result for {STALL_TIMEOUT:?}; reporting the run as incomplete");
+                break;
+            }
+        }
+    }
+    for connection in connections {
+        let _ = connection.close(200, "OK".into()).await;
+    }
+    let _ = replies.close(200, "OK".into()).await;
+    collector.abort();
+    let _ = collector.await;
+    Ok(run.finish())
+}
