@@ -5,6 +5,7 @@
 //! writes (balances, requests with their results, ledger entries, coupons).
 
 pub mod audit;
+pub mod group;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,6 +34,9 @@ pub enum LedgerError {
     Database(#[from] sqlx::Error),
     #[error("stored data breaks an invariant: {0}")]
     Corrupt(String),
+    /// The group committer is gone (the worker is shutting down).
+    #[error("the ledger's group committer has stopped")]
+    Stopped,
 }
 
 /// A wallet as read back: balance and coupons.

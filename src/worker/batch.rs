@@ -44,7 +44,7 @@ pub(super) async fn process_batch(
         let locked = acquire(context, &users, stop).await?;
         let lost = Arc::new(AtomicBool::new(false));
         let keeper = tokio::spawn(keep_alive(context.locks.clone(), locked.clone(), lost.clone()));
-        let outcome = context.ledger.apply_batch(&valid, &locked.fences).await;
+        let outcome = context.committer.apply_batch(&valid, &locked.fences).await;
         keeper.abort();
         match outcome {
             Ok(results) => applied = results,

@@ -23,6 +23,7 @@ use crate::backoff::jittered_delay;
 use crate::broker::{self, Names, declare_topology};
 use crate::configuration::{ServiceSettings, TopologySettings, WorkerSettings};
 use crate::domain::assignment::partitions_of;
+use crate::ledger::group::GroupCommitter;
 use crate::ledger::{Ledger, Schema};
 use crate::lock::UserLocks;
 use crate::membership::{Membership, WorkerReport};
@@ -32,6 +33,8 @@ pub use stats::PartitionStats;
 pub(crate) struct WorkerContext {
     pub names: Names,
     pub ledger: Ledger,
+    /// Applies the partitions' batches, merging those that wait together.
+    pub committer: GroupCommitter,
     pub locks: UserLocks,
     pub settings: WorkerSettings,
     pub worker_id: String,
@@ -92,7 +95,9 @@ pub async fn run_worker(
         return Ok(());
     };
     tracing::info!(%worker_id, namespace = names.namespace(), partitions = topology.partitions, "worker starting");
-    let context = Arc::new(WorkerContext { names, ledger, locks, settings, worker_id });
+    let in_flight = settings.group_transactions.min(settings.db_connections) as usize;
+    let committer = GroupCommitter::spawn(ledger.clone(), in_flight);
+    let context = Arc::new(WorkerContext { names, ledger, committer, locks, settings, worker_id });
     let readiness = Arc::new(Readiness::default());
     if let Some(address) = context.settings.metrics_addr {
         endpoints::spawn(address, context.clone(), readiness.clone(), shutdown.clone()).await?;
