@@ -342,6 +342,7 @@ fn build_report(
         batches: None,
         tokio_tasks_peak,
         timeline_rps: recorder.timeline_rps(),
+        timeline_max_latency_ms: recorder.timeline_max_latency(),
         latency_curve_ms: recorder.latency_curve(),
     }
 }

@@ -47,6 +47,8 @@ pub struct RunReport {
     pub tokio_tasks_peak: usize,
     /// `(seconds, completions per second)`.
     pub timeline_rps: Vec<(f64, f64)>,
+    /// `(seconds since start, longest latency ms)` per bucket of the timeline.
+    pub timeline_max_latency_ms: Vec<(f64, f64)>,
     /// `(percentile, milliseconds)`.
     pub latency_curve_ms: Vec<(f64, f64)>,
 }
@@ -263,6 +265,7 @@ mod tests {
             batches: None,
             tokio_tasks_peak: 3,
             timeline_rps: vec![],
+            timeline_max_latency_ms: vec![],
             latency_curve_ms: vec![],
         }
     }

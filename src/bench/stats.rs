@@ -38,6 +38,8 @@ pub struct Recorder {
     latencies_us: Histogram<u64>,
     /// Completions per [`TIMELINE_BUCKET`].
     timeline: Vec<u64>,
+    /// Longest latency of the requests completed in each [`TIMELINE_BUCKET`], in µs.
+    timeline_max_us: Vec<u64>,
     outcomes: Vec<Option<Outcome>>,
     completed: u64,
     approved: u64,
@@ -54,6 +56,7 @@ impl Recorder {
             latencies_us: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
                 .unwrap_or_else(|_| unreachable!("the bounds are valid")),
             timeline: Vec::new(),
+            timeline_max_us: Vec::new(),
             outcomes: vec![None; requests],
             completed: 0,
             approved: 0,
@@ -84,8 +87,10 @@ impl Recorder {
         let bucket = (at.as_millis() / TIMELINE_BUCKET.as_millis()) as usize;
         if self.timeline.len() <= bucket {
             self.timeline.resize(bucket + 1, 0);
+            self.timeline_max_us.resize(bucket + 1, 0);
         }
         self.timeline[bucket] += 1;
+        self.timeline_max_us[bucket] = self.timeline_max_us[bucket].max(micros);
         self.last_completion = self.last_completion.max(at);
     }
 
@@ -151,6 +156,13 @@ impl Recorder {
         self.timeline.iter().enumerate().map(|(i, n)| (i as f64 * width, *n as f64 / width)).collect()
     }
 
+    /// `(seconds since start, longest latency ms)` of the requests completed in each bucket:
+    /// shows whether the tail is a warm-up, a steady state or periodic stalls.
+    pub fn timeline_max_latency(&self) -> Vec<(f64, f64)> {
+        let width = TIMELINE_BUCKET.as_secs_f64();
+        self.timeline_max_us.iter().enumerate().map(|(i, us)| (i as f64 * width, *us as f64 / 1_000.0)).collect()
+    }
+
     /// `(percentile, latency ms)` points from 0 to the maximum, denser in the tail.
     pub fn latency_curve(&self) -> Vec<(f64, f64)> {
         if self.latencies_us.is_empty() {
@@ -192,6 +204,8 @@ mod tests {
         let timeline = recorder.timeline_rps();
         assert_eq!(timeline.len(), 5);
         assert_eq!(timeline[1], (0.25, 100.0));
+        // Requests 24..=48 completed in the second bucket; the slowest of them took 49 ms.
+        assert_eq!(recorder.timeline_max_latency()[1], (0.25, 49.0));
     }
 
     #[test]

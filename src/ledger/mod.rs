@@ -116,6 +116,7 @@ impl Ledger {
                 })
             })
             .max_connections(max_connections)
+            .min_connections(max_connections)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await

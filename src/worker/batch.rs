@@ -34,6 +34,7 @@ pub(super) async fn process_batch(
 
     let mut grant = None;
     let mut applied = Vec::new();
+    let mut locked_at = started;
     if !valid.is_empty() {
         let mut users: Vec<UserId> = Vec::new();
         for request in &valid {
@@ -42,6 +43,7 @@ pub(super) async fn process_batch(
             }
         }
         let locked = acquire(context, &users, stop).await?;
+        locked_at = Instant::now();
         let lost = Arc::new(AtomicBool::new(false));
         let keeper = tokio::spawn(keep_alive(context.locks.clone(), locked.clone(), lost.clone()));
         let outcome = context.committer.apply_batch(&valid, &locked.fences).await;
@@ -59,11 +61,21 @@ pub(super) async fn process_batch(
         grant = Some(locked);
     }
 
+    let applied_at = Instant::now();
     let outcome = publish_and_ack(context, publisher, deliveries, &decoded, applied).await;
+    let acked_at = Instant::now();
     if let Some(grant) = &grant {
         release(context, grant).await;
     }
     if outcome.is_ok() {
+        tracing::trace!(
+            size = deliveries.len(),
+            lock_us = (locked_at - started).as_micros() as u64,
+            apply_us = (applied_at - locked_at).as_micros() as u64,
+            publish_ack_us = (acked_at - applied_at).as_micros() as u64,
+            release_us = acked_at.elapsed().as_micros() as u64,
+            "batch stages"
+        );
         metrics::histogram!("walletq_batch_size").record(deliveries.len() as f64);
         metrics::histogram!("walletq_batch_duration_seconds").record(started.elapsed().as_secs_f64());
         let now_ms = chrono::Utc::now().timestamp_millis();
