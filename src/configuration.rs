@@ -79,8 +79,9 @@ pub struct WorkerSettings {
     #[arg(long, env = "WALLETQ_DB_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub db_connections: u32,
     /// Ledger transactions in flight at once (group commit). Partitions' batches that wait
-    /// while all are busy are merged into the next one; at most `db_connections`.
-    #[arg(long, env = "WALLETQ_GROUP_TRANSACTIONS", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// while all are busy are merged into the next one; at most `db_connections`. One gives
+    /// the largest merges and the best throughput (docs/BENCHMARKS.md).
+    #[arg(long, env = "WALLETQ_GROUP_TRANSACTIONS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub group_transactions: u32,
     /// How long a shutdown waits for the batch in flight.
     #[arg(long, env = "WALLETQ_DRAIN_TIMEOUT_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(0..=600_000))]
@@ -160,7 +161,7 @@ impl Default for WorkerSettings {
             lock_attempts: 8,
             backoff_max_ms: 2_000,
             db_connections: 8,
-            group_transactions: 2,
+            group_transactions: 1,
             drain_timeout_ms: 30_000,
             max_attempts: 5,
             heartbeat_ms: 1_000,

@@ -51,6 +51,10 @@ pub struct WalletView {
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Server-side bound on any one statement of a walletq session (PostgreSQL `statement_timeout`).
 pub const STATEMENT_TIMEOUT_MS: u64 = 30_000;
+/// Longest wait for a row lock (PostgreSQL `lock_timeout`): a transaction blocked behind
+/// another (a worker that lost its partition mid-batch) fails and its batches are retried,
+/// rather than holding up the group commit until `statement_timeout`.
+pub const LOCK_TIMEOUT_MS: u64 = 10_000;
 /// A session left idle inside a transaction this long is ended by the server, freeing its
 /// row locks (PostgreSQL `idle_in_transaction_session_timeout`).
 pub const IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
@@ -96,6 +100,7 @@ impl Ledger {
         let mut options =
             PgConnectOptions::from_str(database_url).with_context(|| format!("parsing {shown}"))?.options([
                 ("statement_timeout", STATEMENT_TIMEOUT_MS.to_string()),
+                ("lock_timeout", LOCK_TIMEOUT_MS.to_string()),
                 ("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_TIMEOUT_MS.to_string()),
                 ("enable_seqscan", "off".to_owned()),
                 ("plan_cache_mode", "force_generic_plan".to_owned()),
