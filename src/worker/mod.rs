@@ -5,6 +5,7 @@
 
 mod batch;
 mod endpoints;
+mod ordered;
 mod partition;
 pub mod router;
 mod stats;

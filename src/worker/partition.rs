@@ -6,19 +6,15 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use anyhow::Context;
-use futures_util::{FutureExt, StreamExt};
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 
 use super::WorkerContext;
 use super::batch::{process_batch, reject_after_attempts};
+use super::ordered::{Next, OrderedConsumer};
 use super::stats::PartitionStats;
 use crate::backoff::pause;
-use crate::broker::Publisher;
 use crate::ledger::LedgerError;
 
 /// Most messages whose failed attempts a partition remembers at once.
@@ -41,56 +37,23 @@ pub(super) async fn run(
     let mut isolate_remaining: usize = 0;
     let mut refusals: HashMap<u64, u32> = HashMap::new();
 
+    let tag = format!("{}/{index}", context.worker_id);
     'channel: while !stop.is_cancelled() {
-        let channel = connection.create_channel().await.with_context(|| format!("opening a channel for {queue}"))?;
-        channel
-            .basic_qos(context.settings.effective_prefetch(), BasicQosOptions::default())
-            .await
-            .context("setting prefetch")?;
-        let publisher = Publisher::on(channel.clone()).await?;
-        let tag = format!("{}/{index}", context.worker_id);
-        let mut consumer = channel
-            .basic_consume(queue.as_str().into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await
-            .with_context(|| format!("consuming {queue}"))?;
-        tracing::debug!(%queue, "consuming");
-
+        let mut source =
+            OrderedConsumer::open(connection.clone(), &queue, context.settings.effective_prefetch(), &tag).await?;
         loop {
-            let next = tokio::select! {
-                biased;
-                _ = stop.cancelled() => {
-                    let _ = channel.close(200, "worker stopping".into()).await;
-                    return Ok(());
-                }
-                next = consumer.next() => next,
-            };
-            let first = match next {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(error)) if connection.status().connected() => {
-                    tracing::warn!(%queue, %error, "channel failed; reopening");
+            let limit = if isolate_remaining > 0 { 1 } else { batch_max };
+            let deliveries = match source.next_batch(limit, &stop).await? {
+                Next::Batch(deliveries) => deliveries,
+                Next::Stopped => return Ok(()),
+                Next::Reopen => {
                     failures = failures.saturating_add(1);
                     pause(&stop, failures, context.settings.backoff_max_ms).await;
                     continue 'channel;
                 }
-                Some(Err(error)) => return Err(error).context("the broker connection failed"),
-                None if connection.status().connected() => {
-                    tracing::warn!(%queue, "consumer was cancelled by the broker; consuming again");
-                    pause(&stop, 1, context.settings.backoff_max_ms).await;
-                    continue 'channel;
-                }
-                None => anyhow::bail!("the broker connection closed"),
             };
-
-            // Take what is already here, up to the limit, without waiting for more.
-            let limit = if isolate_remaining > 0 { 1 } else { batch_max };
-            let mut deliveries = vec![first];
-            while deliveries.len() < limit {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(delivery))) => deliveries.push(delivery),
-                    _ => break,
-                }
-            }
             stats.received(deliveries.len());
+            let publisher = source.publisher();
 
             let span = tracing::debug_span!(
                 "batch",
@@ -101,7 +64,7 @@ pub(super) async fn run(
                 invalid = tracing::field::Empty
             );
             let outcome =
-                tracing::Instrument::instrument(process_batch(&context, &publisher, &deliveries, &stop), span).await;
+                tracing::Instrument::instrument(process_batch(&context, publisher, &deliveries, &stop), span).await;
             match outcome {
                 Ok(()) => {
                     failures = 0;
@@ -126,7 +89,7 @@ pub(super) async fn run(
                             if *attempts >= context.settings.max_attempts {
                                 let attempts = *attempts;
                                 let rejected =
-                                    reject_after_attempts(&context, &publisher, delivery, attempts, &error).await;
+                                    reject_after_attempts(&context, publisher, delivery, attempts, &error).await;
                                 if rejected.is_ok() {
                                     tracing::error!(%queue, attempts, error = %format!("{error:#}"), "the database keeps refusing a request; rejected and dead-lettered it");
                                     refusals.remove(&message_key(delivery));
@@ -143,7 +106,7 @@ pub(super) async fn run(
                         error = %format!("{error:#}"),
                         "batch not applied; returning it to the queue in order"
                     );
-                    let _ = channel.close(200, "batch returned to the queue".into()).await;
+                    source.give_back("batch returned to the queue").await;
                     pause(&stop, failures, context.settings.backoff_max_ms).await;
                     continue 'channel;
                 }

@@ -8,12 +8,11 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use futures_util::{FutureExt, StreamExt};
 use lapin::Connection;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 
+use super::ordered::{Next, OrderedConsumer};
 use crate::backoff::pause;
 use crate::broker::{Names, Publisher};
 use crate::domain::partitioning::partition_of;
@@ -41,44 +40,19 @@ pub async fn run_router(
     let partition_queues: Vec<String> = (0..settings.partitions).map(|p| names.partition_queue(p)).collect();
     let mut failures: u32 = 0;
     'channel: while !stop.is_cancelled() {
-        let channel = connection.create_channel().await.context("opening the router channel")?;
-        channel.basic_qos(settings.prefetch, BasicQosOptions::default()).await.context("setting router prefetch")?;
-        let publisher = Publisher::on(channel.clone()).await?;
-        let mut consumer = channel
-            .basic_consume(
-                ingress.as_str().into(),
-                settings.consumer_tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .with_context(|| format!("consuming {ingress}"))?;
+        let mut source =
+            OrderedConsumer::open(connection.clone(), &ingress, settings.prefetch, &settings.consumer_tag).await?;
         loop {
-            let next = tokio::select! {
-                biased;
-                _ = stop.cancelled() => {
-                    let _ = channel.close(200, "router stopping".into()).await;
-                    return Ok(());
-                }
-                next = consumer.next() => next,
-            };
-            let first = match next {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(_)) | None if connection.status().connected() => {
+            let deliveries = match source.next_batch(ROUTER_BATCH_MAX, &stop).await? {
+                Next::Batch(deliveries) => deliveries,
+                Next::Stopped => return Ok(()),
+                Next::Reopen => {
                     failures = failures.saturating_add(1);
                     pause(&stop, failures, settings.backoff_max_ms).await;
                     continue 'channel;
                 }
-                Some(Err(error)) => return Err(error).context("the broker connection failed"),
-                None => anyhow::bail!("the broker connection closed"),
             };
-            let mut deliveries = vec![first];
-            while deliveries.len() < ROUTER_BATCH_MAX {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(delivery))) => deliveries.push(delivery),
-                    _ => break,
-                }
-            }
+            let publisher = source.publisher();
             let forwarded = async {
                 let mut confirms = Vec::with_capacity(deliveries.len());
                 for delivery in &deliveries {
@@ -90,7 +64,11 @@ pub async fn run_router(
                     Publisher::confirmed(confirm).await?;
                 }
                 let last = deliveries.last().context("empty batch")?;
-                channel.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true }).await.context("acking ingress")
+                publisher
+                    .channel()
+                    .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+                    .await
+                    .context("acking ingress")
             }
             .await;
             match forwarded {
@@ -101,7 +79,7 @@ pub async fn run_router(
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     tracing::warn!(error = %format!("{error:#}"), size = deliveries.len(), "routing failed; returning the batch to the ingress queue");
-                    let _ = channel.close(200, "batch returned to the ingress queue".into()).await;
+                    source.give_back("batch returned to the ingress queue").await;
                     pause(&stop, failures, settings.backoff_max_ms).await;
                     continue 'channel;
                 }
