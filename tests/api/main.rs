@@ -4,6 +4,7 @@
 mod bench;
 mod crash;
 mod gateway;
+mod group_commit;
 mod helpers;
 mod malformed;
 mod operations;
