@@ -25,6 +25,12 @@ pub(super) async fn process_batch(
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let started = Instant::now();
+    // How long the oldest request of the batch waited between its publish and now (-1: unknown).
+    let queued_ms = deliveries
+        .iter()
+        .filter_map(|d| published_at_ms(&d.properties))
+        .min()
+        .map_or(-1, |published_ms| chrono::Utc::now().timestamp_millis() - published_ms);
     let decoded: Vec<Result<Request, InvalidRequest>> = deliveries.iter().map(|d| decode_request(&d.data)).collect();
     let valid: Vec<Request> = decoded.iter().filter_map(|d| d.as_ref().ok().cloned()).collect();
     let redelivered = deliveries.iter().filter(|d| d.redelivered).count();
@@ -70,6 +76,7 @@ pub(super) async fn process_batch(
     if outcome.is_ok() {
         tracing::trace!(
             size = deliveries.len(),
+            queued_ms,
             lock_us = (locked_at - started).as_micros() as u64,
             apply_us = (applied_at - locked_at).as_micros() as u64,
             publish_ack_us = (acked_at - applied_at).as_micros() as u64,
