@@ -56,7 +56,7 @@ return held
 const RELEASE: &str = r"
 local released = 0
 for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[1] then
+  if redis.call('GET', KEYS[i]) == ARGV[i] then
     redis.call('DEL', KEYS[i])
     released = released + 1
   end
@@ -98,6 +98,28 @@ pub struct LockGrant {
     lock_keys: Vec<String>,
     /// `(user, fencing token)`, in the order the users were asked for.
     pub fences: Vec<(UserId, i64)>,
+}
+
+impl LockGrant {
+    /// Splits a grant taken for several batches' users, in order, into one grant per batch:
+    /// `sizes` are the batches' numbers of users. `None` unless they add up to the grant's.
+    pub fn split(self, sizes: &[usize]) -> Option<Vec<LockGrant>> {
+        if sizes.iter().sum::<usize>() != self.lock_keys.len() || self.fences.len() != self.lock_keys.len() {
+            return None;
+        }
+        let mut keys = self.lock_keys.into_iter();
+        let mut fences = self.fences.into_iter();
+        Some(
+            sizes
+                .iter()
+                .map(|&n| LockGrant {
+                    token: self.token.clone(),
+                    lock_keys: keys.by_ref().take(n).collect(),
+                    fences: fences.by_ref().take(n).collect(),
+                })
+                .collect(),
+        )
+    }
 }
 
 /// The outcome of one attempt to lock a batch's users.
@@ -183,7 +205,21 @@ impl UserLocks {
 
     /// Releases the locks this grant still holds (compare-and-delete).
     pub async fn release(&self, grant: &LockGrant) -> anyhow::Result<()> {
-        let _released: usize = self.run_on_locks(&self.release, grant, None).await.context("releasing user locks")?;
+        self.release_all(std::slice::from_ref(grant)).await
+    }
+
+    /// Releases the locks these grants still hold, in one round trip (compare-and-delete,
+    /// each key against its own grant's token).
+    pub async fn release_all(&self, grants: &[LockGrant]) -> anyhow::Result<()> {
+        let mut invocation = self.release.prepare_invoke();
+        for grant in grants {
+            for key in &grant.lock_keys {
+                invocation.key(key);
+                invocation.arg(&grant.token);
+            }
+        }
+        let _released: usize =
+            invocation.invoke_async(&mut self.redis.clone()).await.context("releasing user locks")?;
         Ok(())
     }
 

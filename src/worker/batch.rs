@@ -213,7 +213,7 @@ async fn acquire(context: &WorkerContext, users: &[UserId], stop: &CancellationT
     let attempts = context.settings.lock_attempts;
     let started = Instant::now();
     for attempt in 1..=attempts {
-        let outcome = context.locks.try_acquire(users).await;
+        let outcome = context.locker.try_acquire(users).await;
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(error) => {
@@ -258,8 +258,5 @@ async fn keep_alive(locks: crate::lock::UserLocks, grant: LockGrant, lost: Arc<A
 }
 
 async fn release(context: &WorkerContext, grant: &LockGrant) {
-    if let Err(error) = context.locks.release(grant).await {
-        // The TTL frees them anyway; fencing keeps a late holder harmless.
-        tracing::warn!(error = %format!("{error:#}"), "could not release user locks; they will expire");
-    }
+    context.locker.release(grant.clone()).await;
 }

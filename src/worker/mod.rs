@@ -5,6 +5,7 @@
 
 mod batch;
 mod endpoints;
+pub mod locking;
 mod ordered;
 mod partition;
 pub mod router;
@@ -28,6 +29,7 @@ use crate::ledger::group::GroupCommitter;
 use crate::ledger::{Ledger, Schema};
 use crate::lock::UserLocks;
 use crate::membership::{Membership, WorkerReport};
+use locking::GroupLocker;
 pub use stats::PartitionStats;
 
 /// What every partition pipeline shares.
@@ -37,6 +39,8 @@ pub(crate) struct WorkerContext {
     /// Applies the partitions' batches, merging those that wait together.
     pub committer: GroupCommitter,
     pub locks: UserLocks,
+    /// Takes and releases the partitions' user locks, merging the requests that wait together.
+    pub locker: GroupLocker,
     pub settings: WorkerSettings,
     pub worker_id: String,
 }
@@ -98,7 +102,8 @@ pub async fn run_worker(
     tracing::info!(%worker_id, namespace = names.namespace(), partitions = topology.partitions, "worker starting");
     let in_flight = settings.group_transactions.min(settings.db_connections) as usize;
     let committer = GroupCommitter::spawn(ledger.clone(), in_flight);
-    let context = Arc::new(WorkerContext { names, ledger, committer, locks, settings, worker_id });
+    let locker = GroupLocker::spawn(locks.clone());
+    let context = Arc::new(WorkerContext { names, ledger, committer, locks, locker, settings, worker_id });
     let readiness = Arc::new(Readiness::default());
     if let Some(address) = context.settings.metrics_addr {
         endpoints::spawn(address, context.clone(), readiness.clone(), shutdown.clone()).await?;

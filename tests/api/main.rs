@@ -5,6 +5,7 @@ mod bench;
 mod crash;
 mod gateway;
 mod group_commit;
+mod group_locking;
 mod helpers;
 mod malformed;
 mod operations;

@@ -1,0 +1,156 @@
+//! Shared Redis round trips: the lock requests of the partitions that wait at the same
+//! moment are taken with one lock script, and the releases waiting with one release script,
+//! as the group commit shares one transaction.
+//!
+//! A merged request is all or nothing like any other, so it is tried only for batches whose
+//! users are disjoint (the normal case: one user lives in one partition). When it meets a
+//! held lock or an error, each batch asks again on its own, so a contended user holds up only
+//! its own partition. Releases queued before a partition's next lock request are sent before
+//! it: one channel carries both, and a round releases first.
+
+use std::collections::HashSet;
+
+use futures_util::future::join_all;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::domain::UserId;
+use crate::lock::{Acquire, LockGrant, UserLocks};
+
+/// Most users asked for in one merged lock request; more wait for the next round.
+pub const LOCK_GROUP_MAX_USERS: usize = 4_096;
+/// Most lock requests and releases waiting for the locker; a partition has at most one of
+/// each outstanding.
+const QUEUED_JOBS_MAX: usize = 1_024;
+
+enum Job {
+    Acquire { users: Vec<UserId>, reply: oneshot::Sender<anyhow::Result<Acquire>> },
+    Release(LockGrant),
+}
+
+/// Hands lock requests and releases to a task that merges those waiting together.
+#[derive(Clone)]
+pub struct GroupLocker {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl GroupLocker {
+    /// Starts the locker; it stops when every handle is dropped.
+    pub fn spawn(locks: UserLocks) -> Self {
+        let (jobs, receiver) = mpsc::channel(QUEUED_JOBS_MAX);
+        tokio::spawn(run(locks, receiver));
+        GroupLocker { jobs }
+    }
+
+    /// Tries once to lock all `users` (distinct), as [`UserLocks::try_acquire`] does, possibly
+    /// in one round trip with other partitions' requests.
+    pub async fn try_acquire(&self, users: &[UserId]) -> anyhow::Result<Acquire> {
+        let (reply, outcome) = oneshot::channel();
+        self.jobs
+            .send(Job::Acquire { users: users.to_vec(), reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("the locker has stopped"))?;
+        outcome.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the locker has stopped")))
+    }
+
+    /// Queues the release of `grant`'s locks. A release that fails is logged; the locks then
+    /// expire with their TTL, and fencing keeps a late holder harmless.
+    pub async fn release(&self, grant: LockGrant) {
+        if self.jobs.send(Job::Release(grant)).await.is_err() {
+            tracing::warn!("the locker has stopped; user locks will expire");
+        }
+    }
+}
+
+struct Request {
+    users: Vec<UserId>,
+    reply: oneshot::Sender<anyhow::Result<Acquire>>,
+}
+
+async fn run(locks: UserLocks, mut jobs: mpsc::Receiver<Job>) {
+    let mut carried: Option<Job> = None;
+    loop {
+        let Some(first) = (match carried.take() {
+            Some(job) => Some(job),
+            None => jobs.recv().await,
+        }) else {
+            return;
+        };
+        let mut releases = Vec::new();
+        let mut requests = Vec::new();
+        let mut users = 0;
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Release(grant) => releases.push(grant),
+                Job::Acquire { users: asked, reply } => {
+                    if !requests.is_empty() && users + asked.len() > LOCK_GROUP_MAX_USERS {
+                        carried = Some(Job::Acquire { users: asked, reply });
+                        break;
+                    }
+                    users += asked.len();
+                    requests.push(Request { users: asked, reply });
+                }
+            }
+            next = jobs.try_recv().ok();
+        }
+        if !releases.is_empty() {
+            if let Err(error) = locks.release_all(&releases).await {
+                tracing::warn!(error = %format!("{error:#}"), "could not release user locks; they will expire");
+            }
+        }
+        if !requests.is_empty() {
+            metrics::histogram!("walletq_lock_group_requests").record(requests.len() as f64);
+            acquire_group(&locks, requests).await;
+        }
+    }
+}
+
+async fn acquire_group(locks: &UserLocks, requests: Vec<Request>) {
+    let requests = if requests.len() > 1 && users_disjoint(&requests) {
+        match acquire_merged(locks, &requests).await {
+            Some(grants) => {
+                for (request, grant) in requests.into_iter().zip(grants) {
+                    let _ = request.reply.send(Ok(Acquire::Granted(grant)));
+                }
+                return;
+            }
+            None => requests,
+        }
+    } else {
+        requests
+    };
+    // One at a time in effect: each request on its own, all sent at once.
+    let outcomes = join_all(requests.iter().map(|request| locks.try_acquire(&request.users))).await;
+    for (request, outcome) in requests.into_iter().zip(outcomes) {
+        let _ = request.reply.send(outcome);
+    }
+}
+
+/// One lock script for every request; `None` when it did not grant them all.
+async fn acquire_merged(locks: &UserLocks, requests: &[Request]) -> Option<Vec<LockGrant>> {
+    let all: Vec<UserId> = requests.iter().flat_map(|request| request.users.iter().cloned()).collect();
+    match locks.try_acquire(&all).await {
+        Ok(Acquire::Granted(grant)) => {
+            let sizes: Vec<usize> = requests.iter().map(|request| request.users.len()).collect();
+            let split = grant.clone().split(&sizes);
+            if split.is_none() {
+                // Cannot happen (the script grants every key asked for); give them back.
+                let _ = locks.release(&grant).await;
+            }
+            split
+        }
+        Ok(Acquire::Contended(user)) => {
+            tracing::debug!(%user, "a merged lock request met a held lock; asking batch by batch");
+            None
+        }
+        Err(error) => {
+            tracing::debug!(error = %format!("{error:#}"), "a merged lock request failed; asking batch by batch");
+            None
+        }
+    }
+}
+
+fn users_disjoint(requests: &[Request]) -> bool {
+    let mut seen = HashSet::new();
+    requests.iter().all(|request| request.users.iter().all(|user| seen.insert(user)))
+}
