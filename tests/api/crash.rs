@@ -21,7 +21,7 @@ async fn a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice() {
     first.kill();
     assert!(seen < 3_000, "the worker was killed mid-stream");
 
-    let _second = spawn_worker_process(&app);
+    let second = spawn_worker_process(&app);
     wait_for_stored(&app, 3_000, Duration::from_secs(120)).await;
 
     // Every request has exactly one stored result and matches the per-user sequential model.
@@ -54,6 +54,8 @@ async fn a_worker_killed_mid_stream_loses_nothing_and_applies_nothing_twice() {
         assert_eq!(reply.balance, stored[id].balance);
     }
 
+    // Killed before the cleanup: a live worker would declare the deleted queues again.
+    drop(second);
     app.cleanup().await;
 }
 
@@ -67,9 +69,10 @@ async fn sigterm_finishes_the_batch_in_flight_and_exits_zero() {
     let status = worker.terminate().await;
     assert!(status.success(), "worker exited with {status}");
     // What was stored was also acked or will be replayed; a new worker finishes the rest.
-    let _next = spawn_worker_process(&app);
+    let next = spawn_worker_process(&app);
     wait_for_stored(&app, 200, Duration::from_secs(60)).await;
     let results = app.next_results(200).await;
     assert!(results.iter().all(|(_, r)| r.status == walletq::domain::Status::Approved));
+    drop(next);
     app.cleanup().await;
 }

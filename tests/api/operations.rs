@@ -91,7 +91,7 @@ async fn audit_is_clean_then_names_the_rows_that_break_an_invariant() {
 async fn a_worker_serves_metrics_health_readiness_and_status() {
     let mut app = spawn_app_with(TopologySettings { partitions: 4, queue_type: QueueType::Classic }, false).await;
     let address = format!("127.0.0.1:{}", free_port());
-    let _worker = spawn_worker_process_with(&app, &[("WALLETQ_METRICS_ADDR", address.as_str())]);
+    let worker = spawn_worker_process_with(&app, &[("WALLETQ_METRICS_ADDR", address.as_str())]);
 
     eventually("/readyz answering 200", Duration::from_secs(20), || async {
         http_get(&address, "/readyz").await.filter(|(status, _)| *status == 200)
@@ -180,5 +180,7 @@ async fn a_worker_serves_metrics_health_readiness_and_status() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("more than 2 decimal places"));
 
+    // Killed before the cleanup: a live worker would declare the deleted queues again.
+    drop(worker);
     app.cleanup().await;
 }
