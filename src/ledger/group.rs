@@ -64,10 +64,7 @@ async fn run(ledger: Ledger, mut jobs: mpsc::Receiver<Job>, transactions_in_flig
     let slots = Arc::new(Semaphore::new(transactions_in_flight));
     let mut carried: Option<Job> = None;
     loop {
-        let Some(first) = (match carried.take() {
-            Some(job) => Some(job),
-            None => jobs.recv().await,
-        }) else {
+        let Some(first) = carried_or_next(&mut carried, &mut jobs).await else {
             return;
         };
         // While every slot is busy, more batches queue up and join this group.
@@ -90,6 +87,15 @@ async fn run(ledger: Ledger, mut jobs: mpsc::Receiver<Job>, transactions_in_flig
             apply_group(&ledger, group).await;
             drop(slot);
         });
+    }
+}
+
+/// The job held over from the last round, else the next one to arrive; `None` once every
+/// sender is gone. Shared by the group committer and the group locker.
+pub(crate) async fn carried_or_next<T>(carried: &mut Option<T>, jobs: &mut mpsc::Receiver<T>) -> Option<T> {
+    match carried.take() {
+        Some(job) => Some(job),
+        None => jobs.recv().await,
     }
 }
 

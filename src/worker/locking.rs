@@ -14,6 +14,7 @@ use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::UserId;
+use crate::ledger::group::carried_or_next;
 use crate::lock::{Acquire, LockGrant, UserLocks};
 
 /// Most users asked for in one merged lock request; more wait for the next round.
@@ -69,10 +70,7 @@ struct Request {
 async fn run(locks: UserLocks, mut jobs: mpsc::Receiver<Job>) {
     let mut carried: Option<Job> = None;
     loop {
-        let Some(first) = (match carried.take() {
-            Some(job) => Some(job),
-            None => jobs.recv().await,
-        }) else {
+        let Some(first) = carried_or_next(&mut carried, &mut jobs).await else {
             return;
         };
         let mut releases = Vec::new();
