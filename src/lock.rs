@@ -102,23 +102,22 @@ pub struct LockGrant {
 
 impl LockGrant {
     /// Splits a grant taken for several batches' users, in order, into one grant per batch:
-    /// `sizes` are the batches' numbers of users. `None` unless they add up to the grant's.
-    pub fn split(self, sizes: &[usize]) -> Option<Vec<LockGrant>> {
+    /// `sizes` are the batches' numbers of users. The grant comes back whole unless they add
+    /// up to its own.
+    pub fn split(self, sizes: &[usize]) -> Result<Vec<LockGrant>, LockGrant> {
         if sizes.iter().sum::<usize>() != self.lock_keys.len() || self.fences.len() != self.lock_keys.len() {
-            return None;
+            return Err(self);
         }
         let mut keys = self.lock_keys.into_iter();
         let mut fences = self.fences.into_iter();
-        Some(
-            sizes
-                .iter()
-                .map(|&n| LockGrant {
-                    token: self.token.clone(),
-                    lock_keys: keys.by_ref().take(n).collect(),
-                    fences: fences.by_ref().take(n).collect(),
-                })
-                .collect(),
-        )
+        Ok(sizes
+            .iter()
+            .map(|&n| LockGrant {
+                token: self.token.clone(),
+                lock_keys: keys.by_ref().take(n).collect(),
+                fences: fences.by_ref().take(n).collect(),
+            })
+            .collect())
     }
 }
 
@@ -198,8 +197,12 @@ impl UserLocks {
 
     /// Pushes the TTL of every lock still held back to the full TTL; true when all are held.
     pub async fn extend(&self, grant: &LockGrant) -> anyhow::Result<bool> {
-        let held: usize =
-            self.run_on_locks(&self.extend, grant, Some(self.ttl_ms)).await.context("extending user locks")?;
+        let mut invocation = self.extend.prepare_invoke();
+        for key in &grant.lock_keys {
+            invocation.key(key);
+        }
+        invocation.arg(&grant.token).arg(self.ttl_ms);
+        let held: usize = invocation.invoke_async(&mut self.redis.clone()).await.context("extending user locks")?;
         Ok(held == grant.lock_keys.len())
     }
 
@@ -221,18 +224,6 @@ impl UserLocks {
         let _released: usize =
             invocation.invoke_async(&mut self.redis.clone()).await.context("releasing user locks")?;
         Ok(())
-    }
-
-    async fn run_on_locks(&self, script: &Script, grant: &LockGrant, ttl_ms: Option<u64>) -> redis::RedisResult<usize> {
-        let mut invocation = script.prepare_invoke();
-        for key in &grant.lock_keys {
-            invocation.key(key);
-        }
-        invocation.arg(&grant.token);
-        if let Some(ttl_ms) = ttl_ms {
-            invocation.arg(ttl_ms);
-        }
-        invocation.invoke_async(&mut self.redis.clone()).await
     }
 
     /// A cheap round trip, for readiness checks.

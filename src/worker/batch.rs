@@ -57,7 +57,7 @@ pub(super) async fn process_batch(
         match outcome {
             Ok(results) => applied = results,
             Err(error) => {
-                release(context, &locked).await;
+                context.locker.release(locked).await;
                 return Err(error).context("applying the batch in PostgreSQL");
             }
         }
@@ -70,8 +70,8 @@ pub(super) async fn process_batch(
     let applied_at = Instant::now();
     let outcome = publish_and_ack(context, publisher, deliveries, &decoded, applied).await;
     let acked_at = Instant::now();
-    if let Some(grant) = &grant {
-        release(context, grant).await;
+    if let Some(grant) = grant {
+        context.locker.release(grant).await;
     }
     if outcome.is_ok() {
         tracing::trace!(
@@ -255,8 +255,4 @@ async fn keep_alive(locks: crate::lock::UserLocks, grant: LockGrant, lost: Arc<A
             }
         }
     }
-}
-
-async fn release(context: &WorkerContext, grant: &LockGrant) {
-    context.locker.release(grant.clone()).await;
 }

@@ -130,12 +130,14 @@ async fn acquire_merged(locks: &UserLocks, requests: &[Request]) -> Option<Vec<L
     match locks.try_acquire(&all).await {
         Ok(Acquire::Granted(grant)) => {
             let sizes: Vec<usize> = requests.iter().map(|request| request.users.len()).collect();
-            let split = grant.clone().split(&sizes);
-            if split.is_none() {
-                // Cannot happen (the script grants every key asked for); give them back.
-                let _ = locks.release(&grant).await;
+            match grant.split(&sizes) {
+                Ok(grants) => Some(grants),
+                Err(grant) => {
+                    // Cannot happen (the script grants every key asked for); give them back.
+                    let _ = locks.release(&grant).await;
+                    None
+                }
             }
-            split
         }
         Ok(Acquire::Contended(user)) => {
             tracing::debug!(%user, "a merged lock request met a held lock; asking batch by batch");
