@@ -52,7 +52,8 @@ pub struct TopologySettings {
     /// Number of partition queues (`<namespace>.requests.0` … `.N-1`).
     #[arg(long, env = "WALLETQ_PARTITIONS", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub partitions: u16,
-    /// Queue type of the partition queues.
+    /// Queue type of the partition queues (the ingress queue is always quorum: its delivery
+    /// limit sets aside a message no client can decode).
     #[arg(long, env = "WALLETQ_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum)]
     pub queue_type: QueueType,
 }

@@ -6,7 +6,7 @@ mod topology;
 pub use publish::{
     CONFIRM_TIMEOUT, PUBLISHED_MS_HEADER, Publisher, json_properties, published_at_ms, request_properties,
 };
-pub use topology::{Names, declare_topology};
+pub use topology::{INGRESS_DELIVERY_LIMIT, Names, declare_topology};
 
 use std::path::Path;
 use std::time::Duration;

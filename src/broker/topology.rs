@@ -43,11 +43,29 @@ impl Names {
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.namespace)
     }
+    /// True for the queues walletq reads requests or dead letters from (`<ns>.ingress`,
+    /// `<ns>.requests.N`, `<ns>.dead`): a result must never be published there.
+    pub fn is_own_input_queue(&self, queue: &str) -> bool {
+        let Some(rest) = queue.strip_prefix(self.namespace.as_str()).and_then(|r| r.strip_prefix('.')) else {
+            return false;
+        };
+        match rest.strip_prefix("requests.") {
+            Some(index) => !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()),
+            None => rest == "ingress" || rest == "dead" || rest == "requests",
+        }
+    }
     /// Where results go when a request has no `reply_to`.
     pub fn results_queue(&self) -> String {
         format!("{}.results", self.namespace)
     }
 }
+
+/// Deliveries of one ingress message the broker counts as returned (a closed channel or
+/// connection) before it dead-letters it to `<ns>.dead` (`x-delivery-limit`). The router
+/// never returns ingress messages for a PostgreSQL or Redis outage (it does not use them),
+/// and after a connection failure it takes one delivery at a time, so in practice only a
+/// message the client cannot decode comes back this often (docs/ARCHITECTURE.md).
+pub const INGRESS_DELIVERY_LIMIT: i64 = 10;
 
 fn queue_arguments(queue_type: QueueType) -> FieldTable {
     let mut arguments = FieldTable::default();
@@ -94,12 +112,17 @@ pub async fn declare_topology(channel: &Channel, names: &Names, settings: &Topol
                 names.requests_exchange()
             )
         })?;
-    let mut queues = vec![names.ingress_queue()];
-    queues.extend((0..settings.partitions).map(|index| names.partition_queue(index)));
-    for queue in &queues {
-        let mut arguments = queue_arguments(settings.queue_type);
+    // The ingress queue is always a quorum queue, whatever the partitions' type: only a
+    // quorum queue has a delivery limit, which sets aside a message no client can decode.
+    let mut queues = vec![(names.ingress_queue(), QueueType::Quorum)];
+    queues.extend((0..settings.partitions).map(|index| (names.partition_queue(index), settings.queue_type)));
+    for (queue, queue_type) in &queues {
+        let mut arguments = queue_arguments(*queue_type);
         arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(names.dead_exchange().into()));
+        if *queue == names.ingress_queue() {
+            arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(INGRESS_DELIVERY_LIMIT));
+        }
         channel.queue_declare(queue.as_str().into(), queue_options, arguments).await.with_context(|| {
             format!("declaring queue {queue} (an existing queue with other arguments must be deleted first)")
         })?;
@@ -129,5 +152,26 @@ mod tests {
         assert_eq!(names.partition_queue(15), "walletq.requests.15");
         assert_eq!(names.dead_exchange(), "walletq.dead");
         assert_eq!(names.results_queue(), "walletq.results");
+    }
+
+    #[test]
+    fn own_input_queues_are_recognised() {
+        let names = Names::new("walletq");
+        for queue in
+            ["walletq.ingress", "walletq.requests.0", "walletq.requests.1023", "walletq.dead", "walletq.requests"]
+        {
+            assert!(names.is_own_input_queue(queue), "{queue}");
+        }
+        for queue in [
+            "walletq.results",
+            "walletq.requests.x",
+            "walletq.requests.",
+            "other.ingress",
+            "walletqingress",
+            "amq.gen-1",
+            "",
+        ] {
+            assert!(!names.is_own_input_queue(queue), "{queue}");
+        }
     }
 }

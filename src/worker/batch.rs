@@ -12,18 +12,65 @@ use tokio_util::sync::CancellationToken;
 
 use super::WorkerContext;
 use crate::backoff::jittered_delay;
+use lapin::types::AMQPValue;
+
+use super::router::ROUTING_KEY_HEADER;
 use crate::broker::{Publisher, json_properties, published_at_ms};
+use crate::domain::partitioning::partition_of;
 use crate::domain::{InvalidRequest, Request, RequestResult, UserId, decode_request};
 use crate::lock::{Acquire, LockGrant};
 
-/// Applies one batch and acks it. On error nothing was acked: the caller returns the
-/// whole batch to the queue; whatever was committed is replayed, never applied twice.
+/// User locks held for a batch: extended until the batch is acked or given back, so they
+/// never lapse while its results are published (up to the confirm timeout, longer than a
+/// lock's TTL), and released only after that ("ack before release").
+pub(super) struct HeldLocks {
+    grant: LockGrant,
+    /// Extends the locks every third of their TTL.
+    keeper: tokio::task::JoinHandle<()>,
+    /// Set by the keeper when an extension found a lock gone (expired, or Redis lost it).
+    lost: Arc<AtomicBool>,
+}
+
+impl HeldLocks {
+    fn keep(context: &WorkerContext, grant: LockGrant) -> Self {
+        let lost = Arc::new(AtomicBool::new(false));
+        let keeper = tokio::spawn(keep_alive(context.locks.clone(), grant.clone(), lost.clone()));
+        HeldLocks { grant, keeper, lost }
+    }
+
+    /// Stops extending and releases the locks: only once the batch is acked or returned.
+    pub(super) async fn release(self, context: &WorkerContext) {
+        self.keeper.abort();
+        if self.lost.load(Ordering::Relaxed) {
+            tracing::warn!("a user lock expired while its batch ran; fencing kept the write safe");
+        }
+        context.locker.release(self.grant).await;
+    }
+}
+
+/// A batch that was not acked, with the locks still held for it: the caller returns the
+/// batch to its queue (or rejects it), then releases them.
+pub(super) struct BatchFailure {
+    pub error: anyhow::Error,
+    pub locks: Option<HeldLocks>,
+}
+
+impl From<anyhow::Error> for BatchFailure {
+    fn from(error: anyhow::Error) -> Self {
+        BatchFailure { error, locks: None }
+    }
+}
+
+/// Applies one batch and acks it, then releases its locks. On error nothing was acked:
+/// the caller returns the whole batch to the queue and then releases the locks it gets
+/// back; whatever was committed is replayed, never applied twice.
 pub(super) async fn process_batch(
     context: &WorkerContext,
     publisher: &Publisher,
     deliveries: &[Delivery],
+    partition: u16,
     stop: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), BatchFailure> {
     let started = Instant::now();
     // How long the oldest request of the batch waited between its publish and now (-1: unknown).
     let queued_ms = deliveries
@@ -31,14 +78,15 @@ pub(super) async fn process_batch(
         .filter_map(|d| published_at_ms(&d.properties))
         .min()
         .map_or(-1, |published_ms| chrono::Utc::now().timestamp_millis() - published_ms);
-    let decoded: Vec<Result<Request, InvalidRequest>> = deliveries.iter().map(|d| decode_request(&d.data)).collect();
+    let decoded: Vec<Result<Request, InvalidRequest>> =
+        deliveries.iter().map(|d| decode_in_partition(d, context.partitions, partition)).collect();
     let valid: Vec<Request> = decoded.iter().filter_map(|d| d.as_ref().ok().cloned()).collect();
     let redelivered = deliveries.iter().filter(|d| d.redelivered).count();
     if redelivered > 0 {
         metrics::counter!("walletq_redeliveries_total").increment(redelivered as u64);
     }
 
-    let mut grant = None;
+    let mut locks = None;
     let mut applied = Vec::new();
     let mut locked_at = started;
     if !valid.is_empty() {
@@ -48,54 +96,87 @@ pub(super) async fn process_batch(
                 users.push(request.user_id.clone());
             }
         }
-        let locked = acquire(context, &users, stop).await?;
+        let held = HeldLocks::keep(context, acquire(context, &users, stop).await?);
         locked_at = Instant::now();
-        let lost = Arc::new(AtomicBool::new(false));
-        let keeper = tokio::spawn(keep_alive(context.locks.clone(), locked.clone(), lost.clone()));
-        let outcome = context.committer.apply_batch(&valid, &locked.fences).await;
-        keeper.abort();
-        match outcome {
+        match context.committer.apply_batch(&valid, &held.grant.fences).await {
             Ok(results) => applied = results,
             Err(error) => {
-                context.locker.release(locked).await;
-                return Err(error).context("applying the batch in PostgreSQL");
+                let error = anyhow::Error::from(error).context("applying the batch in PostgreSQL");
+                return Err(BatchFailure { error, locks: Some(held) });
             }
         }
-        if lost.load(Ordering::Relaxed) {
-            tracing::warn!("a user lock expired while its batch ran; fencing kept the write safe");
-        }
-        grant = Some(locked);
+        locks = Some(held);
     }
 
     let applied_at = Instant::now();
     let outcome = publish_and_ack(context, publisher, deliveries, &decoded, applied).await;
     let acked_at = Instant::now();
-    if let Some(grant) = grant {
-        context.locker.release(grant).await;
+    if let Err(error) = outcome {
+        return Err(BatchFailure { error, locks });
     }
-    if outcome.is_ok() {
-        tracing::trace!(
-            size = deliveries.len(),
-            queued_ms,
-            lock_us = (locked_at - started).as_micros() as u64,
-            apply_us = (applied_at - locked_at).as_micros() as u64,
-            publish_ack_us = (acked_at - applied_at).as_micros() as u64,
-            release_us = acked_at.elapsed().as_micros() as u64,
-            "batch stages"
-        );
-        metrics::histogram!("walletq_batch_size").record(deliveries.len() as f64);
-        metrics::histogram!("walletq_batch_duration_seconds").record(started.elapsed().as_secs_f64());
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        for delivery in deliveries {
-            if let Some(published_ms) = published_at_ms(&delivery.properties) {
-                if published_ms <= now_ms {
-                    let seconds = (now_ms - published_ms) as f64 / 1000.0;
-                    metrics::histogram!("walletq_end_to_end_latency_seconds").record(seconds);
-                }
+    if let Some(locks) = locks {
+        locks.release(context).await;
+    }
+    tracing::trace!(
+        size = deliveries.len(),
+        queued_ms,
+        lock_us = (locked_at - started).as_micros() as u64,
+        apply_us = (applied_at - locked_at).as_micros() as u64,
+        publish_ack_us = (acked_at - applied_at).as_micros() as u64,
+        release_us = acked_at.elapsed().as_micros() as u64,
+        "batch stages"
+    );
+    metrics::histogram!("walletq_batch_size").record(deliveries.len() as f64);
+    metrics::histogram!("walletq_batch_duration_seconds").record(started.elapsed().as_secs_f64());
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    for delivery in deliveries {
+        if let Some(published_ms) = published_at_ms(&delivery.properties) {
+            if published_ms <= now_ms {
+                let seconds = (now_ms - published_ms) as f64 / 1000.0;
+                metrics::histogram!("walletq_end_to_end_latency_seconds").record(seconds);
             }
         }
     }
-    outcome
+    Ok(())
+}
+
+/// Decodes a delivery of partition `partition` and checks that it belongs there: its user is
+/// one of this partition's, and the routing key its producer used (which the router records
+/// in [`ROUTING_KEY_HEADER`]) is its `user_id`. Whatever producers do, one user's requests
+/// then have one reader: a request that would be served beside its user's partition is
+/// refused as invalid, not applied.
+fn decode_in_partition(delivery: &Delivery, partitions: u16, partition: u16) -> Result<Request, InvalidRequest> {
+    let request = decode_request(&delivery.data)?;
+    let user = request.user_id.as_str();
+    let routing_key = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(ROUTING_KEY_HEADER).cloned())
+        .and_then(|value| match value {
+            AMQPValue::LongString(key) => Some(String::from_utf8_lossy(key.as_bytes()).into_owned()),
+            _ => None,
+        });
+    let owner = partition_of(user, partitions);
+    let detail = match routing_key {
+        Some(key) if key != user => {
+            format!("the routing key {key:?} is not the request's user_id {user:?}: publish with routing key = user_id")
+        }
+        _ if owner != partition => {
+            format!(
+                "user_id {user:?} belongs to partition {owner}, not {partition}: publish with routing key = user_id"
+            )
+        }
+        _ => return Ok(request),
+    };
+    metrics::counter!("walletq_misrouted_total").increment(1);
+    Err(InvalidRequest {
+        detail,
+        request_id: Some(request.request_id),
+        user_id: Some(request.user_id),
+        op: Some(request.op),
+        amount: Some(request.amount),
+    })
 }
 
 /// Rejects one request the database refused `attempts` times: a result to its reply queue,
@@ -152,6 +233,13 @@ async fn publish_and_ack(
         count_result(&result);
         let properties = &delivery.properties;
         let reply_to = match (properties.reply_to().as_ref(), decoded.is_ok()) {
+            (Some(reply_to), _) if context.names.is_own_input_queue(reply_to.as_str()) => {
+                // Never into walletq's own request or dead-letter queues: the result would be
+                // read as a request. It goes to the results queue instead.
+                tracing::warn!(reply_to = %reply_to, "reply_to names one of walletq's own queues; the result goes to the results queue");
+                metrics::counter!("walletq_reply_to_refused_total").increment(1);
+                default_reply_to.as_str()
+            }
             (Some(reply_to), _) => reply_to.as_str(),
             (None, true) => default_reply_to.as_str(),
             // An invalid message without a reply_to only goes to the dead-letter queue.

@@ -43,6 +43,8 @@ pub(crate) struct WorkerContext {
     pub locker: GroupLocker,
     pub settings: WorkerSettings,
     pub worker_id: String,
+    /// Number of partition queues: a partition refuses a request whose user is not its own.
+    pub partitions: u16,
 }
 
 /// Shared state for `/readyz`.
@@ -103,11 +105,29 @@ pub async fn run_worker(
     let in_flight = settings.group_transactions.min(settings.db_connections) as usize;
     let committer = GroupCommitter::spawn(ledger.clone(), in_flight);
     let locker = GroupLocker::spawn(locks.clone());
-    let context = Arc::new(WorkerContext { names, ledger, committer, locks, locker, settings, worker_id });
+    let partitions = topology.partitions;
+    let context = Arc::new(WorkerContext { names, ledger, committer, locks, locker, settings, worker_id, partitions });
     let readiness = Arc::new(Readiness::default());
     if let Some(address) = context.settings.metrics_addr {
         endpoints::spawn(address, context.clone(), readiness.clone(), shutdown.clone()).await?;
     }
+
+    // The router has connections of its own: a message the client cannot decode closes the
+    // router's connection, never the one the partitions' batches are in flight on.
+    let stop_router = shutdown.child_token();
+    let router = tokio::spawn(router::supervise(
+        services.amqp_url.clone(),
+        services.ca_file.clone(),
+        format!("walletq worker {} router", context.worker_id),
+        context.names.clone(),
+        router::RouterSettings {
+            partitions: topology.partitions,
+            prefetch: context.settings.effective_prefetch(),
+            backoff_max_ms: context.settings.backoff_max_ms,
+            consumer_tag: format!("{}/router", context.worker_id),
+        },
+        stop_router.clone(),
+    ));
 
     let started_at = Utc::now();
     let mut failures: u32 = 0;
@@ -129,6 +149,10 @@ pub async fn run_worker(
             }
         }
     };
+    stop_router.cancel();
+    if let Err(error) = router.await {
+        tracing::warn!(%error, "the router task panicked");
+    }
     if let Err(error) = membership.leave().await {
         tracing::warn!(error = %format!("{error:#}"), "could not leave the membership; it expires by itself");
     }
@@ -210,19 +234,6 @@ impl Session<'_> {
         let _ = channel.close(200, "OK".into()).await;
         self.readiness.broker_connected.store(true, Ordering::Relaxed);
 
-        let stop_router = CancellationToken::new();
-        let router_settings = router::RouterSettings {
-            partitions: topology.partitions,
-            prefetch: context.settings.effective_prefetch(),
-            backoff_max_ms: context.settings.backoff_max_ms,
-            consumer_tag: format!("{}/router", context.worker_id),
-        };
-        let mut router = tokio::spawn(router::run_router(
-            connection.clone(),
-            context.names.clone(),
-            router_settings,
-            stop_router.clone(),
-        ));
         let mut running: HashMap<u16, RunningPartition> = HashMap::new();
         let mut tasks: JoinSet<(u16, u64, anyhow::Result<()>)> = JoinSet::new();
         let mut generation: u64 = 0;
@@ -253,14 +264,6 @@ impl Session<'_> {
                         self.reconcile(&desired, &mut running, &mut tasks, &mut generation, &connection);
                     }
                 }
-                routed = &mut router => {
-                    let error = match routed {
-                        Ok(Ok(())) => anyhow::anyhow!("the router stopped"),
-                        Ok(Err(error)) => error,
-                        Err(error) => anyhow::Error::from(error).context("the router panicked"),
-                    };
-                    break Some(error);
-                }
                 Some(joined) = tasks.join_next() => {
                     let (partition, task_generation, outcome) = match joined {
                         Ok(done) => done,
@@ -276,12 +279,8 @@ impl Session<'_> {
             }
         };
 
-        stop_router.cancel();
         for partition in running.values() {
             partition.stop.cancel();
-        }
-        if !router.is_finished() {
-            let _ = (&mut router).await;
         }
         while let Some(joined) = tasks.join_next().await {
             if let Ok((partition, _, Err(error))) = joined {

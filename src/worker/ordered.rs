@@ -77,11 +77,13 @@ impl OrderedConsumer {
             Some(Ok(delivery)) => delivery,
             Some(Err(error)) if connected => {
                 tracing::warn!(queue = %self.queue, %error, "channel failed; reopening");
+                self.close_for_reopen().await;
                 return Ok(Next::Reopen);
             }
             Some(Err(error)) => return Err(error).context("the broker connection failed"),
             None if connected => {
                 tracing::warn!(queue = %self.queue, "consumer was cancelled by the broker; consuming again");
+                self.close_for_reopen().await;
                 return Ok(Next::Reopen);
             }
             None => anyhow::bail!("the broker connection closed"),
@@ -94,6 +96,14 @@ impl OrderedConsumer {
             }
         }
         Ok(Next::Batch(deliveries))
+    }
+
+    /// Closes the channel before the caller pauses and opens a new consumer: its unacked
+    /// deliveries go back to the head of the queue now. Kept open during the pause, they
+    /// would stay with this channel while single active consumer promotes a standby, which
+    /// would then process the messages behind them out of order.
+    async fn close_for_reopen(&self) {
+        let _ = self.channel.close(200, "reopening".into()).await;
     }
 
     /// Closes the channel: every unacked delivery goes back to the head of the queue, in order.

@@ -11,7 +11,7 @@ use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 
 use super::WorkerContext;
-use super::batch::{process_batch, reject_after_attempts};
+use super::batch::{BatchFailure, process_batch, reject_after_attempts};
 use super::ordered::{Next, OrderedConsumer};
 use super::stats::PartitionStats;
 use crate::backoff::pause;
@@ -32,17 +32,14 @@ pub(super) async fn run(
     let queue = context.names.partition_queue(index);
     let batch_max = usize::from(context.settings.batch_max);
     let mut failures: u32 = 0;
-    // After the database refused a batch, go one message at a time through that many
-    // messages to find the one it refuses; count that one's attempts.
-    let mut isolate_remaining: usize = 0;
-    let mut refusals: HashMap<u64, u32> = HashMap::new();
+    let mut poison = PoisonTracker::default();
 
     let tag = format!("{}/{index}", context.worker_id);
     'channel: while !stop.is_cancelled() {
         let mut source =
             OrderedConsumer::open(connection.clone(), &queue, context.settings.effective_prefetch(), &tag).await?;
         loop {
-            let limit = if isolate_remaining > 0 { 1 } else { batch_max };
+            let limit = poison.batch_limit(batch_max);
             let deliveries = match source.next_batch(limit, &stop).await? {
                 Next::Batch(deliveries) => deliveries,
                 Next::Stopped => return Ok(()),
@@ -64,41 +61,25 @@ pub(super) async fn run(
                 invalid = tracing::field::Empty
             );
             let outcome =
-                tracing::Instrument::instrument(process_batch(&context, publisher, &deliveries, &stop), span).await;
+                tracing::Instrument::instrument(process_batch(&context, publisher, &deliveries, index, &stop), span)
+                    .await;
             match outcome {
                 Ok(()) => {
                     failures = 0;
-                    isolate_remaining = isolate_remaining.saturating_sub(deliveries.len());
-                    for delivery in &deliveries {
-                        refusals.remove(&message_key(delivery));
-                    }
+                    poison.settled(&deliveries);
                     stats.settled(deliveries.len());
                 }
-                Err(error) => {
+                Err(BatchFailure { error, locks }) => {
                     failures = failures.saturating_add(1);
                     stats.settled(0);
-                    if refused_by_database(&error) {
-                        if deliveries.len() > 1 {
-                            isolate_remaining = deliveries.len();
-                        } else if let Some(delivery) = deliveries.first() {
-                            if refusals.len() >= MAX_TRACKED_MESSAGES {
-                                refusals.clear();
-                            }
-                            let attempts = refusals.entry(message_key(delivery)).or_insert(0);
-                            *attempts += 1;
-                            if *attempts >= context.settings.max_attempts {
-                                let attempts = *attempts;
-                                let rejected =
-                                    reject_after_attempts(&context, publisher, delivery, attempts, &error).await;
-                                if rejected.is_ok() {
-                                    tracing::error!(%queue, attempts, error = %format!("{error:#}"), "the database keeps refusing a request; rejected and dead-lettered it");
-                                    refusals.remove(&message_key(delivery));
-                                    isolate_remaining = isolate_remaining.saturating_sub(1);
-                                    stats.settled(1);
-                                    continue;
-                                }
-                            }
+                    let rejected = poison.refused(&context, publisher, &deliveries, &error).await;
+                    if rejected {
+                        // Acked (dead-lettered) on this channel: only now may the locks go.
+                        if let Some(locks) = locks {
+                            locks.release(&context).await;
                         }
+                        stats.settled(1);
+                        continue;
                     }
                     tracing::warn!(
                         %queue,
@@ -107,6 +88,10 @@ pub(super) async fn run(
                         "batch not applied; returning it to the queue in order"
                     );
                     source.give_back("batch returned to the queue").await;
+                    // Returned: the locks may go now, not before.
+                    if let Some(locks) = locks {
+                        locks.release(&context).await;
+                    }
                     pause(&stop, failures, context.settings.backoff_max_ms).await;
                     continue 'channel;
                 }
@@ -114,6 +99,67 @@ pub(super) async fn run(
         }
     }
     Ok(())
+}
+
+/// Finds and sets aside a message the database keeps refusing. After the database refused
+/// a batch of several, the partition goes one message at a time through that many to find
+/// the one it refuses; that one's attempts are counted, and after `max_attempts` it is
+/// rejected with a result and dead-lettered.
+#[derive(Default)]
+struct PoisonTracker {
+    /// Deliveries still to be taken one at a time.
+    isolate_remaining: usize,
+    /// Failed attempts per message (by [`message_key`]), at most [`MAX_TRACKED_MESSAGES`].
+    refusals: HashMap<u64, u32>,
+}
+
+impl PoisonTracker {
+    /// Most deliveries the next batch may have.
+    fn batch_limit(&self, batch_max: usize) -> usize {
+        if self.isolate_remaining > 0 { 1 } else { batch_max }
+    }
+
+    /// A batch was acked.
+    fn settled(&mut self, deliveries: &[Delivery]) {
+        self.isolate_remaining = self.isolate_remaining.saturating_sub(deliveries.len());
+        for delivery in deliveries {
+            self.refusals.remove(&message_key(delivery));
+        }
+    }
+
+    /// A batch failed with `error`. True when it was a lone message refused too often, and
+    /// it is now rejected and dead-lettered (acked on `publisher`'s channel).
+    async fn refused(
+        &mut self,
+        context: &WorkerContext,
+        publisher: &crate::broker::Publisher,
+        deliveries: &[Delivery],
+        error: &anyhow::Error,
+    ) -> bool {
+        if !refused_by_database(error) {
+            return false;
+        }
+        let [delivery] = deliveries else {
+            self.isolate_remaining = deliveries.len();
+            return false;
+        };
+        if self.refusals.len() >= MAX_TRACKED_MESSAGES {
+            self.refusals.clear();
+        }
+        let attempts = self.refusals.entry(message_key(delivery)).or_insert(0);
+        *attempts += 1;
+        let attempts = *attempts;
+        if attempts < context.settings.max_attempts {
+            return false;
+        }
+        if reject_after_attempts(context, publisher, delivery, attempts, error).await.is_err() {
+            return false;
+        }
+        tracing::error!(attempts, error = %format!("{error:#}"), "the database keeps refusing a request; rejected and dead-lettered it");
+        self.refusals.remove(&message_key(delivery));
+        self.isolate_remaining = self.isolate_remaining.saturating_sub(1);
+        true
+    }
 }
 
 /// True when PostgreSQL itself refused the batch (a data or constraint error, a raised

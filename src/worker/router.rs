@@ -4,87 +4,231 @@
 //!
 //! Forward (confirmed, mandatory) then ack: a crash in between forwards the same messages
 //! again, right behind their first copies, so the duplicates are replays and order holds.
+//!
+//! The router is the one reader of what producers wrote, so it is where a message the AMQP
+//! client cannot decode (a property that is not UTF-8, a header table the library refuses)
+//! is met. lapin then closes the whole connection, so the router has a connection of its
+//! own ([`supervise`]): a poisoned delivery never interrupts the partitions' batches. The
+//! broker sets the message aside: the ingress queue is a quorum queue with
+//! `x-delivery-limit` ([`crate::broker::INGRESS_DELIVERY_LIMIT`]), so after that many returns
+//! it is dead-lettered to `<ns>.dead`. After any connection failure the router reconnects at
+//! once when the failure was a decoding error (an outage still backs off) and goes on with
+//! one delivery in flight ("careful mode") until a prefetch window has passed, so only the
+//! message at the head is returned again and the valid ones behind it are not counted
+//! toward the limit. Everything the router forwards was decoded and is encoded again by the
+//! client, so the partition queues only ever hold decodable messages.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use lapin::Connection;
+use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
+use lapin::types::{AMQPValue, ShortString};
 use tokio_util::sync::CancellationToken;
 
 use super::ordered::{Next, OrderedConsumer};
-use crate::backoff::pause;
-use crate::broker::{Names, Publisher};
+use crate::backoff::{jittered_delay, pause};
+use crate::broker::{self, Names, Publisher};
 use crate::domain::partitioning::partition_of;
 
 /// Most messages forwarded per confirm round.
 pub const ROUTER_BATCH_MAX: usize = 1_024;
 
+/// Header the router sets on every forwarded message to the routing key the producer used
+/// (any producer value is replaced), so a partition can refuse a request whose routing key
+/// is not its `user_id`.
+pub const ROUTING_KEY_HEADER: &str = "x-walletq-routing-key";
+
+/// Pause before reconnecting after a decoding failure: the broker has the message back at
+/// once, and the sooner it is delivered again the sooner its delivery limit is reached.
+const UNDECODABLE_RECONNECT_MS: u64 = 20;
+
 /// How the router runs.
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
+    /// Number of partition queues to route into.
     pub partitions: u16,
+    /// Unacked ingress deliveries in flight in normal operation.
     pub prefetch: u16,
+    /// Cap of the jittered backoff after an outage.
     pub backoff_max_ms: u64,
+    /// Consumer tag on the ingress queue (names the worker in the management UI).
     pub consumer_tag: String,
 }
 
-/// Routes until `stop`; returns an error when the connection is unusable.
+/// Where the router stands after a failure: how many deliveries it still takes one at a
+/// time so that only the message at the head of the queue is counted toward its limit.
+#[derive(Debug, Default)]
+struct Careful {
+    deliveries_left: usize,
+}
+
+/// What one connection of the router ended with.
+enum Ended {
+    /// `stop` was cancelled.
+    Stopped,
+    /// The connection failed; `undecodable` when the client could not decode a frame.
+    Failed { error: anyhow::Error, undecodable: bool },
+}
+
+/// Runs the router on connections of its own (named `connection_name`) until `stop`,
+/// reconnecting after every failure. Never returns an error: an outage is waited out.
+pub async fn supervise(
+    amqp_url: String,
+    ca_file: Option<std::path::PathBuf>,
+    connection_name: String,
+    names: Names,
+    settings: RouterSettings,
+    stop: CancellationToken,
+) {
+    let mut careful = Careful::default();
+    let mut failures: u32 = 0;
+    while !stop.is_cancelled() {
+        let connected = broker::connect(&amqp_url, &connection_name, ca_file.as_deref()).await;
+        let ended = match connected {
+            Ok(connection) => {
+                let connection = Arc::new(connection);
+                let ended = route(connection.clone(), &names, &settings, &stop, &mut careful).await;
+                let _ = connection.close(200, "OK".into()).await;
+                ended
+            }
+            Err(error) => Ended::Failed { error, undecodable: false },
+        };
+        let Ended::Failed { error, undecodable } = ended else {
+            return;
+        };
+        careful.deliveries_left = usize::from(settings.prefetch.max(1));
+        let delay = if undecodable {
+            metrics::counter!("walletq_undecodable_deliveries_total", "queue" => "ingress").increment(1);
+            tracing::error!(error = %format!("{error:#}"), limit = broker::INGRESS_DELIVERY_LIMIT,
+                "a message at the head of the ingress queue cannot be decoded; the broker dead-letters it after its delivery limit");
+            failures = 0;
+            Duration::from_millis(UNDECODABLE_RECONNECT_MS)
+        } else {
+            failures = failures.saturating_add(1);
+            metrics::counter!("walletq_reconnects_total", "service" => "rabbitmq-router").increment(1);
+            tracing::warn!(error = %format!("{error:#}"), "router connection lost; reconnecting");
+            jittered_delay(failures, settings.backoff_max_ms).max(Duration::from_millis(100))
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Routes on `connection` until `stop`; returns an error when the connection is unusable.
 pub async fn run_router(
     connection: Arc<Connection>,
     names: Names,
     settings: RouterSettings,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    match route(connection, &names, &settings, &stop, &mut Careful::default()).await {
+        Ended::Stopped => Ok(()),
+        Ended::Failed { error, .. } => Err(error),
+    }
+}
+
+async fn route(
+    connection: Arc<Connection>,
+    names: &Names,
+    settings: &RouterSettings,
+    stop: &CancellationToken,
+    careful: &mut Careful,
+) -> Ended {
     let ingress = names.ingress_queue();
     let partition_queues: Vec<String> = (0..settings.partitions).map(|p| names.partition_queue(p)).collect();
     let mut failures: u32 = 0;
-    'channel: while !stop.is_cancelled() {
-        let mut source =
-            OrderedConsumer::open(connection.clone(), &ingress, settings.prefetch, &settings.consumer_tag).await?;
+    while !stop.is_cancelled() {
+        let prefetch = if careful.deliveries_left > 0 { 1 } else { settings.prefetch };
+        let opened = OrderedConsumer::open(connection.clone(), &ingress, prefetch, &settings.consumer_tag).await;
+        let mut source = match opened {
+            Ok(source) => source,
+            Err(error) => return failed(error, &connection),
+        };
         loop {
-            let deliveries = match source.next_batch(ROUTER_BATCH_MAX, &stop).await? {
-                Next::Batch(deliveries) => deliveries,
-                Next::Stopped => return Ok(()),
-                Next::Reopen => {
+            let limit = if careful.deliveries_left > 0 { 1 } else { ROUTER_BATCH_MAX };
+            let deliveries = match source.next_batch(limit, stop).await {
+                Ok(Next::Batch(deliveries)) => deliveries,
+                Ok(Next::Stopped) => return Ended::Stopped,
+                Ok(Next::Reopen) => {
                     failures = failures.saturating_add(1);
-                    pause(&stop, failures, settings.backoff_max_ms).await;
-                    continue 'channel;
+                    pause(stop, failures, settings.backoff_max_ms).await;
+                    break;
                 }
+                Err(error) => return failed(error, &connection),
             };
-            let publisher = source.publisher();
-            let forwarded = async {
-                let mut confirms = Vec::with_capacity(deliveries.len());
-                for delivery in &deliveries {
-                    let partition = partition_of(delivery.routing_key.as_str(), settings.partitions);
-                    let queue = &partition_queues[usize::from(partition)];
-                    confirms.push(publisher.forward(queue, &delivery.data, delivery.properties.clone()).await?);
-                }
-                for confirm in confirms {
-                    Publisher::confirmed(confirm).await?;
-                }
-                let last = deliveries.last().context("empty batch")?;
-                publisher
-                    .channel()
-                    .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
-                    .await
-                    .context("acking ingress")
-            }
-            .await;
-            match forwarded {
+            match forward(source.publisher(), &deliveries, &partition_queues, settings.partitions).await {
                 Ok(()) => {
                     failures = 0;
                     metrics::counter!("walletq_routed_total").increment(deliveries.len() as u64);
+                    if careful.deliveries_left > 0 {
+                        careful.deliveries_left = careful.deliveries_left.saturating_sub(deliveries.len());
+                        if careful.deliveries_left == 0 {
+                            tracing::info!("past the undecodable message; routing with the full prefetch again");
+                            source.give_back("leaving careful mode").await;
+                            break;
+                        }
+                    }
                 }
+                Err(error) if !connection.status().connected() => return failed(error, &connection),
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     tracing::warn!(error = %format!("{error:#}"), size = deliveries.len(), "routing failed; returning the batch to the ingress queue");
                     source.give_back("batch returned to the ingress queue").await;
-                    pause(&stop, failures, settings.backoff_max_ms).await;
-                    continue 'channel;
+                    pause(stop, failures, settings.backoff_max_ms).await;
+                    break;
                 }
             }
         }
     }
-    Ok(())
+    Ended::Stopped
+}
+
+/// Forwards `deliveries` in order, waits for every confirm, then acks them all.
+async fn forward(
+    publisher: &Publisher,
+    deliveries: &[Delivery],
+    partition_queues: &[String],
+    partitions: u16,
+) -> anyhow::Result<()> {
+    let mut confirms = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        let routing_key = delivery.routing_key.as_str();
+        let queue = &partition_queues[usize::from(partition_of(routing_key, partitions))];
+        let properties = with_routing_key(delivery.properties.clone(), &delivery.routing_key);
+        confirms.push(publisher.forward(queue, &delivery.data, properties).await?);
+    }
+    for confirm in confirms {
+        Publisher::confirmed(confirm).await?;
+    }
+    let last = deliveries.last().context("empty batch")?;
+    publisher.channel().basic_ack(last.delivery_tag, BasicAckOptions { multiple: true }).await.context("acking ingress")
+}
+
+/// `properties` with [`ROUTING_KEY_HEADER`] set to `routing_key`.
+fn with_routing_key(properties: lapin::BasicProperties, routing_key: &ShortString) -> lapin::BasicProperties {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(ROUTING_KEY_HEADER.into(), AMQPValue::LongString(routing_key.as_str().into()));
+    properties.with_headers(headers)
+}
+
+/// The router's view of a failed connection: was it a frame the client could not decode?
+fn failed(error: anyhow::Error, connection: &Connection) -> Ended {
+    let undecodable = is_undecodable(&error);
+    if connection.status().connected() {
+        tracing::debug!("the router's connection is still up after a failure; closing it");
+    }
+    Ended::Failed { error, undecodable }
+}
+
+/// True when lapin refused to parse a frame (a poison message), not an outage.
+pub(crate) fn is_undecodable(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|e| e.downcast_ref::<lapin::Error>())
+        .any(|e| matches!(e.kind(), lapin::ErrorKind::ParsingError(_)))
 }
