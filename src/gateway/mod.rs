@@ -64,7 +64,7 @@ pub async fn app(services: &ServiceSettings, settings: &GatewaySettings, secret:
         tracing::warn!("starting without the broker; submissions answer 503 until it is reachable");
     }
     let shared = Shared {
-        verifier: Verifier::new(secret),
+        verifier: Verifier::new(secret, settings.jwt_max_ttl),
         ids: RequestIds::new(secret),
         link,
         ledger,
@@ -210,7 +210,11 @@ impl utoipa::Modify for BearerScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let mut scheme = Http::new(HttpAuthScheme::Bearer);
         scheme.bearer_format = Some("JWT".into());
-        scheme.description = Some("HS256 JWT signed with WALLETQ_JWT_SECRET; `sub` is the user; `exp` required".into());
+        scheme.description = Some(
+            "HS256 JWT signed with WALLETQ_JWT_SECRET; `sub` is the user; `exp` required; `nbf` and `iat` checked; \
+             lifetime at most --jwt-max-ttl (24h by default)"
+                .into(),
+        );
         openapi
             .components
             .get_or_insert_with(Default::default)

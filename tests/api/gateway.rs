@@ -38,7 +38,7 @@ async fn spawn_gateway(services: &ServiceSettings) -> TestGateway {
     let secret = JwtSecret::new(secret_text.clone()).expect("a long enough secret");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
     let address = listener.local_addr().expect("local address");
-    let settings = GatewaySettings { listen: address, db_connections: 4 };
+    let settings = GatewaySettings { listen: address, db_connections: 4, ..GatewaySettings::default() };
     let app = walletq::gateway::app(services, &settings, &secret).await.expect("gateway app");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(walletq::gateway::serve(listener, app, shutdown.clone().cancelled_owned()));
@@ -291,8 +291,16 @@ type BodyCase<'a> = (String, Vec<(&'a str, &'a str)>, StatusCode, &'a str, &'a s
 
 fn signed(secret: &[u8], algorithm: Algorithm, sub: &str, exp_offset_s: i64) -> String {
     let now = jsonwebtoken::get_current_timestamp();
-    let claims = Claims { sub: sub.into(), iat: now, exp: now.saturating_add_signed(exp_offset_s) };
+    let claims = Claims { sub: sub.into(), iat: Some(now), nbf: None, exp: now.saturating_add_signed(exp_offset_s) };
     jsonwebtoken::encode(&Header::new(algorithm), &claims, &EncodingKey::from_secret(secret)).expect("token")
+}
+
+/// An HS256 token for alice whose `iat`, `nbf` and `exp` are these offsets from now, in seconds.
+fn timed(secret: &[u8], iat_s: Option<i64>, nbf_s: Option<i64>, exp_s: i64) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    let at = |offset_s: i64| now.saturating_add_signed(offset_s);
+    let claims = Claims { sub: "alice".into(), iat: iat_s.map(at), nbf: nbf_s.map(at), exp: at(exp_s) };
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).expect("token")
 }
 
 #[tokio::test]
@@ -315,9 +323,22 @@ async fn every_error_is_a_problem_document() {
         (signed(secret, Algorithm::HS512, "alice", 600), "HS256"),
         (signed(secret, Algorithm::HS256, "not a user", 600), "`sub`"),
         ("garbage".to_owned(), "not a valid JWT"),
+        // Not before: refused until then (30 s of leeway); iat in the future; lifetimes over
+        // the default maximum of 24 h, counted from iat or, without it, from now.
+        (timed(secret, Some(0), Some(3_600), 7_200), "not valid yet"),
+        (timed(secret, Some(3_600), None, 7_200), "`iat` is in the future"),
+        (timed(secret, Some(0), None, 86_401), "maximum of 86400 s"),
+        (timed(secret, Some(-3_600), None, 86_399), "maximum of 86400 s"),
+        (timed(secret, None, None, 86_400 + 120), "maximum of 86400 s"),
     ] {
         let response = http.get(gateway.url("/v1/wallet")).bearer_auth(&token).send().await.expect("GET");
-        assert_problem(&parts(response).await, StatusCode::UNAUTHORIZED, "unauthorized", needle);
+        let refused = parts(response).await;
+        assert_problem(&refused, StatusCode::UNAUTHORIZED, "unauthorized", needle);
+        assert!(!refused.2["detail"].as_str().unwrap_or_default().contains(&token), "the token is not echoed");
+    }
+    for token in [timed(secret, Some(0), Some(-60), 600), timed(secret, None, Some(10), 86_400)] {
+        let response = http.get(gateway.url("/v1/wallet")).bearer_auth(&token).send().await.expect("GET");
+        assert_eq!(response.status(), StatusCode::OK, "nbf passed or within the leeway, lifetime within the maximum");
     }
 
     // 400, 413, 415, 422: the body and headers of a submission.
