@@ -1,5 +1,7 @@
 //! Settings from flags and environment, with defaults for the local services.
 
+use std::time::Duration;
+
 use clap::{Args, ValueEnum};
 
 /// Where the three services are, and which namespace of names this deployment uses.
@@ -114,12 +116,32 @@ pub struct GatewaySettings {
     /// PostgreSQL connections in the gateway's pool (reads of results and wallets).
     #[arg(long, env = "WALLETQ_DB_CONNECTIONS", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub db_connections: u32,
+    /// Longest lifetime a bearer token may declare (`exp` - `iat`, or `exp` - now without
+    /// `iat`), e.g. 15m, 24h, 7days; longer-lived tokens are refused (1s to 366days).
+    #[arg(long, env = "WALLETQ_JWT_MAX_TTL", default_value = "24h", value_parser = parse_max_ttl)]
+    pub jwt_max_ttl: Duration,
 }
+
+/// Longest `--jwt-max-ttl` accepted: a year and a day; a token living longer is not a session.
+pub const JWT_MAX_TTL_CEILING: Duration = Duration::from_secs(366 * 24 * 60 * 60);
 
 impl Default for GatewaySettings {
     fn default() -> Self {
-        GatewaySettings { listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)), db_connections: 8 }
+        GatewaySettings {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
+            db_connections: 8,
+            jwt_max_ttl: crate::gateway::auth::DEFAULT_MAX_TTL,
+        }
     }
+}
+
+/// A humantime duration (`90s`, `24h`, `7days`) between 1 s and [`JWT_MAX_TTL_CEILING`].
+fn parse_max_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if ttl < Duration::from_secs(1) || ttl > JWT_MAX_TTL_CEILING {
+        return Err("must be between 1s and 366days".into());
+    }
+    Ok(ttl)
 }
 
 impl WorkerSettings {
@@ -183,5 +205,16 @@ mod tests {
         assert!(parse_namespace("t_1-x").is_ok());
         assert!(parse_namespace("").is_err());
         assert!(parse_namespace("Bad.Name").is_err());
+    }
+
+    #[test]
+    fn the_token_lifetime_is_a_bounded_duration() {
+        assert_eq!(parse_max_ttl("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_max_ttl("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_max_ttl("366days"), Ok(JWT_MAX_TTL_CEILING));
+        for bad in ["0s", "500ms", "367days", "forever", "", "-1h"] {
+            assert!(parse_max_ttl(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(GatewaySettings::default().jwt_max_ttl, Duration::from_secs(86_400));
     }
 }

@@ -30,18 +30,72 @@ pub fn json_properties() -> BasicProperties {
         .with_headers(headers)
 }
 
-/// The publish time of a message in Unix milliseconds: the header when present, else the
-/// AMQP timestamp (seconds).
-pub fn published_at_ms(properties: &BasicProperties) -> Option<i64> {
-    let from_header = properties.headers().as_ref().and_then(|headers| {
-        headers.inner().get(PUBLISHED_MS_HEADER).and_then(|value| match value {
-            AMQPValue::LongLongInt(ms) => Some(*ms),
-            AMQPValue::LongInt(ms) => Some(i64::from(*ms)),
-            AMQPValue::LongUInt(ms) => Some(i64::from(*ms)),
-            _ => None,
-        })
-    });
-    from_header.or_else(|| properties.timestamp().and_then(|s| i64::try_from(s).ok()).map(|s| s.saturating_mul(1000)))
+/// How far ahead of this process's clock a publish time may be, in milliseconds: the
+/// producers' clocks may run a little ahead; a time further out is not a publish time.
+pub const PUBLISHED_MS_MAX_SKEW_MS: i64 = 60_000;
+/// How far behind this process's clock a publish time may be, in milliseconds (7 days): a
+/// request queued longer than a week is not a latency worth recording, and older values
+/// (0, small integers) are a producer's bug, not a time.
+pub const PUBLISHED_MS_MAX_AGE_MS: i64 = 7 * 24 * 60 * 60 * 1_000;
+
+/// Why a message's publish time is ignored (not used for latency). The label is the
+/// `reason` of `walletq_published_ms_ignored_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IgnoredPublishTime {
+    /// [`PUBLISHED_MS_HEADER`] is there but is not a 32- or 64-bit integer.
+    NotAnInteger,
+    /// Before 1970.
+    Negative,
+    /// More than [`PUBLISHED_MS_MAX_SKEW_MS`] ahead of now.
+    InTheFuture,
+    /// More than [`PUBLISHED_MS_MAX_AGE_MS`] before now.
+    TooOld,
+}
+
+impl IgnoredPublishTime {
+    /// The metric label of this reason.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            IgnoredPublishTime::NotAnInteger => "not_an_integer",
+            IgnoredPublishTime::Negative => "negative",
+            IgnoredPublishTime::InTheFuture => "in_the_future",
+            IgnoredPublishTime::TooOld => "too_old",
+        }
+    }
+}
+
+/// The publish time of a message in Unix milliseconds, if it is plausible at `now_ms`: the
+/// [`PUBLISHED_MS_HEADER`] header when present, else the AMQP timestamp (seconds). `Ok(None)`
+/// when the message carries neither. Any producer can set these, so a value that is not an
+/// integer, negative, more than [`PUBLISHED_MS_MAX_SKEW_MS`] ahead or more than
+/// [`PUBLISHED_MS_MAX_AGE_MS`] behind is refused rather than fed to a latency metric.
+pub fn published_at_ms(properties: &BasicProperties, now_ms: i64) -> Result<Option<i64>, IgnoredPublishTime> {
+    let header = properties.headers().as_ref().and_then(|headers| headers.inner().get(PUBLISHED_MS_HEADER));
+    let published_ms = match header {
+        Some(AMQPValue::LongLongInt(ms)) => *ms,
+        Some(AMQPValue::LongInt(ms)) => i64::from(*ms),
+        Some(AMQPValue::LongUInt(ms)) => i64::from(*ms),
+        Some(_) => return Err(IgnoredPublishTime::NotAnInteger),
+        None => match properties.timestamp() {
+            // Past i64::MAX seconds is "in the future" like any other far-off time.
+            Some(seconds) => i64::try_from(*seconds).unwrap_or(i64::MAX).saturating_mul(1_000),
+            None => return Ok(None),
+        },
+    };
+    plausible_published_ms(published_ms, now_ms).map(Some)
+}
+
+/// `published_ms` when it is a plausible publish time at `now_ms` (both Unix milliseconds).
+pub fn plausible_published_ms(published_ms: i64, now_ms: i64) -> Result<i64, IgnoredPublishTime> {
+    if published_ms < 0 {
+        Err(IgnoredPublishTime::Negative)
+    } else if published_ms > now_ms.saturating_add(PUBLISHED_MS_MAX_SKEW_MS) {
+        Err(IgnoredPublishTime::InTheFuture)
+    } else if published_ms < now_ms.saturating_sub(PUBLISHED_MS_MAX_AGE_MS) {
+        Err(IgnoredPublishTime::TooOld)
+    } else {
+        Ok(published_ms)
+    }
 }
 
 /// Properties of a request: persistent JSON with message_id = request_id.
@@ -139,5 +193,67 @@ impl Publisher {
         }
         let confirm = self.send(exchange, request.user_id.as_str(), &request.to_json(), properties).await?;
         Publisher::confirmed(confirm).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_header(value: AMQPValue) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(PUBLISHED_MS_HEADER.into(), value);
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn publish_times_must_be_plausible() {
+        use IgnoredPublishTime::*;
+        let now = chrono::Utc::now().timestamp_millis();
+        let skew = PUBLISHED_MS_MAX_SKEW_MS;
+        let age = PUBLISHED_MS_MAX_AGE_MS;
+        for (published, expected) in [
+            (i64::MIN, Err(Negative)),
+            (-1, Err(Negative)),
+            (0, Err(TooOld)),
+            (now - age - 1, Err(TooOld)),
+            (now - age, Ok(now - age)),
+            (now, Ok(now)),
+            (now + skew, Ok(now + skew)),
+            (now + skew + 1, Err(InTheFuture)),
+            (i64::MAX, Err(InTheFuture)),
+        ] {
+            assert_eq!(plausible_published_ms(published, now), expected, "{published}");
+            let properties = with_header(AMQPValue::LongLongInt(published));
+            assert_eq!(published_at_ms(&properties, now), expected.map(Some), "{published}");
+        }
+        // Clocks at the ends of the range do not overflow either.
+        assert_eq!(plausible_published_ms(i64::MAX, i64::MAX), Ok(i64::MAX));
+        assert_eq!(plausible_published_ms(0, i64::MIN), Err(InTheFuture));
+    }
+
+    #[test]
+    fn publish_times_come_from_integer_headers_or_the_timestamp() {
+        let now = chrono::Utc::now().timestamp_millis();
+        assert_eq!(published_at_ms(&json_properties(), now).map(|ms| ms.is_some()), Ok(true));
+        assert_eq!(published_at_ms(&BasicProperties::default(), now), Ok(None));
+        for value in [
+            AMQPValue::LongString("1700000000000".into()),
+            AMQPValue::Double(1.7e12),
+            AMQPValue::Float(1.0),
+            AMQPValue::Boolean(true),
+            AMQPValue::Void,
+            AMQPValue::Timestamp(1_700_000_000),
+        ] {
+            let properties = with_header(value.clone()).with_timestamp(1_700_000_000);
+            assert_eq!(published_at_ms(&properties, now), Err(IgnoredPublishTime::NotAnInteger), "{value:?}");
+        }
+        assert_eq!(published_at_ms(&with_header(AMQPValue::LongInt(-5)), now), Err(IgnoredPublishTime::Negative));
+        assert_eq!(published_at_ms(&with_header(AMQPValue::LongUInt(5)), now), Err(IgnoredPublishTime::TooOld));
+        let seconds = u64::try_from(now / 1_000).unwrap();
+        let stamped = BasicProperties::default().with_timestamp(seconds);
+        assert_eq!(published_at_ms(&stamped, now), Ok(Some(now / 1_000 * 1_000)));
+        let far = BasicProperties::default().with_timestamp(u64::MAX);
+        assert_eq!(published_at_ms(&far, now), Err(IgnoredPublishTime::InTheFuture));
     }
 }

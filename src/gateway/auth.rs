@@ -18,8 +18,11 @@ use crate::domain::UserId;
 pub const JWT_SECRET_ENV: &str = "WALLETQ_JWT_SECRET";
 /// Shortest secret accepted: RFC 7518 §3.2 asks HS256 keys to be at least 256 bits.
 pub const MIN_SECRET_BYTES: usize = 32;
-/// Clock skew tolerated on `exp`, in seconds.
-pub const EXPIRY_LEEWAY_S: u64 = 30;
+/// Clock skew tolerated between the token's issuer and the gateway, in seconds: on `exp`,
+/// `nbf` and `iat` (jsonwebtoken's `Validation::leeway`, whose own default is 60 s).
+pub const CLOCK_LEEWAY_S: u64 = 30;
+/// Default of `--jwt-max-ttl`: the longest lifetime a token may declare.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The HS256 signing secret. Its `Debug` never shows the bytes.
 #[derive(Clone)]
@@ -59,9 +62,13 @@ impl fmt::Debug for JwtSecret {
 pub struct Claims {
     /// The user the token speaks for.
     pub sub: String,
-    /// Issued at, in seconds since the epoch.
-    #[serde(default)]
-    pub iat: u64,
+    /// Issued at, in seconds since the epoch (optional). When present it may not be in the
+    /// future, and the token's lifetime is measured from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// Not before, in seconds since the epoch (optional): the token is refused until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     /// Expiry, in seconds since the epoch (required).
     pub exp: u64,
 }
@@ -69,37 +76,104 @@ pub struct Claims {
 /// Signs an HS256 token for `user`, valid for `ttl` from now.
 pub fn mint_token(secret: &JwtSecret, user: &UserId, ttl: Duration) -> anyhow::Result<String> {
     let now = jsonwebtoken::get_current_timestamp();
-    let claims = Claims { sub: user.as_str().to_owned(), iat: now, exp: now.saturating_add(ttl.as_secs()) };
+    let claims =
+        Claims { sub: user.as_str().to_owned(), iat: Some(now), nbf: None, exp: now.saturating_add(ttl.as_secs()) };
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.bytes()))
         .context("signing the token")
+}
+
+/// Why a bearer token is refused. The messages are the `detail` of the 401 answer: they
+/// name the rule, never the token or its claims' values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefused {
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet (its `nbf` is in the future)")]
+    NotYetValid,
+    #[error("the token's `iat` is in the future")]
+    IssuedInTheFuture,
+    #[error(
+        "the token's lifetime is over the gateway's maximum of {max_ttl_s} s (`exp` - `iat`, or `exp` - now without `iat`)"
+    )]
+    LivesTooLong { max_ttl_s: u64 },
+    #[error("the token's signature is not valid")]
+    BadSignature,
+    #[error("the token must be signed with HS256")]
+    WrongAlgorithm,
+    #[error("the token lacks the `{0}` claim")]
+    MissingClaim(String),
+    #[error("the token's `{0}` claim is not a number of seconds")]
+    MalformedClaim(String),
+    #[error(
+        "the token is not a valid JWT (three base64url parts of JSON, with `sub` a string and `exp`, `nbf`, `iat` whole seconds)"
+    )]
+    Malformed,
+    #[error("the token's `sub` is not a user id (1-64 characters of [A-Za-z0-9._:-])")]
+    BadSubject,
+}
+
+impl From<jsonwebtoken::errors::Error> for TokenRefused {
+    fn from(error: jsonwebtoken::errors::Error) -> Self {
+        match error.into_kind() {
+            ErrorKind::ExpiredSignature => TokenRefused::Expired,
+            ErrorKind::ImmatureSignature => TokenRefused::NotYetValid,
+            ErrorKind::InvalidSignature => TokenRefused::BadSignature,
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => TokenRefused::WrongAlgorithm,
+            ErrorKind::MissingRequiredClaim(claim) => TokenRefused::MissingClaim(claim),
+            ErrorKind::InvalidClaimFormat(claim) => TokenRefused::MalformedClaim(claim),
+            _ => TokenRefused::Malformed,
+        }
+    }
 }
 
 /// Verifies bearer tokens.
 pub struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    /// Longest lifetime a token may declare, in seconds (`--jwt-max-ttl`).
+    max_ttl_s: u64,
 }
 
 impl Verifier {
-    /// A verifier for HS256 tokens signed with `secret`; `exp` is required and checked.
-    pub fn new(secret: &JwtSecret) -> Self {
+    /// A verifier for HS256 tokens signed with `secret`: `exp` is required and checked, `nbf`
+    /// and `iat` when present, each with [`CLOCK_LEEWAY_S`]; lifetimes over `max_ttl` are refused.
+    pub fn new(secret: &JwtSecret, max_ttl: Duration) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = EXPIRY_LEEWAY_S;
+        validation.leeway = CLOCK_LEEWAY_S;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
-        Verifier { key: DecodingKey::from_secret(secret.bytes()), validation }
+        Verifier { key: DecodingKey::from_secret(secret.bytes()), validation, max_ttl_s: max_ttl.as_secs() }
     }
 
     /// The user of a verified token, or why it is refused.
-    pub fn user(&self, token: &str) -> Result<UserId, String> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
-            ErrorKind::ExpiredSignature => "the token has expired".to_owned(),
-            ErrorKind::InvalidSignature => "the token's signature is not valid".to_owned(),
-            ErrorKind::InvalidAlgorithm => "the token must be signed with HS256".to_owned(),
-            ErrorKind::MissingRequiredClaim(claim) => format!("the token lacks the `{claim}` claim"),
-            _ => format!("the token is not a valid JWT ({e})"),
-        })?;
-        UserId::parse(&data.claims.sub)
-            .ok_or_else(|| "the token's `sub` is not a user id (1-64 characters of [A-Za-z0-9._:-])".to_owned())
+    pub fn user(&self, token: &str) -> Result<UserId, TokenRefused> {
+        // Decoded loosely first, so that jsonwebtoken's own checks (a missing `exp`, a
+        // malformed `nbf`) say what is wrong instead of a generic deserialization error.
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &self.key, &self.validation)?.claims;
+        if claims.get("iat").is_some_and(|iat| !iat.is_u64()) {
+            return Err(TokenRefused::MalformedClaim("iat".into()));
+        }
+        let claims: Claims = serde_json::from_value(claims).map_err(|_| TokenRefused::Malformed)?;
+        self.check_times(&claims, jsonwebtoken::get_current_timestamp())?;
+        UserId::parse(&claims.sub).ok_or(TokenRefused::BadSubject)
+    }
+
+    /// The checks jsonwebtoken does not make (`exp` and `nbf` are its own): `iat` is not in
+    /// the future, and the lifetime is at most the maximum. The lifetime counts from `iat`
+    /// when present (both on the issuer's clock, so without leeway), else from `now` (the
+    /// gateway's clock, with leeway).
+    fn check_times(&self, claims: &Claims, now_s: u64) -> Result<(), TokenRefused> {
+        let latest_s = now_s.saturating_add(CLOCK_LEEWAY_S);
+        let lifetime_s = match claims.iat {
+            Some(iat) if iat > latest_s => return Err(TokenRefused::IssuedInTheFuture),
+            Some(iat) => claims.exp.saturating_sub(iat),
+            None => claims.exp.saturating_sub(latest_s),
+        };
+        if lifetime_s > self.max_ttl_s {
+            return Err(TokenRefused::LivesTooLong { max_ttl_s: self.max_ttl_s });
+        }
+        Ok(())
     }
 }
 
@@ -128,7 +202,7 @@ impl<S: HasVerifier + Send + Sync> FromRequestParts<S> for User {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
-        state.verifier().user(token).map(User).map_err(|detail| unauthorized(&detail))
+        state.verifier().user(token).map(User).map_err(|refused| unauthorized(&refused.to_string()))
     }
 }
 
@@ -140,21 +214,82 @@ mod tests {
         JwtSecret::new(vec![fill; MIN_SECRET_BYTES]).unwrap()
     }
 
+    fn sign(claims: &serde_json::Value, algorithm: Algorithm) -> String {
+        let key = EncodingKey::from_secret(secret(1).bytes());
+        jsonwebtoken::encode(&Header::new(algorithm), claims, &key).unwrap()
+    }
+
+    fn verifier() -> Verifier {
+        Verifier::new(&secret(1), DEFAULT_MAX_TTL)
+    }
+
     #[test]
     fn tokens_round_trip_and_are_checked() {
         let alice = UserId::parse("alice").unwrap();
         let token = mint_token(&secret(1), &alice, Duration::from_secs(60)).unwrap();
-        assert_eq!(Verifier::new(&secret(1)).user(&token), Ok(alice.clone()));
-        assert!(Verifier::new(&secret(2)).user(&token).unwrap_err().contains("signature"));
-        assert!(Verifier::new(&secret(1)).user("not.a.jwt").unwrap_err().contains("not a valid JWT"));
+        assert_eq!(verifier().user(&token), Ok(alice.clone()));
+        assert_eq!(Verifier::new(&secret(2), DEFAULT_MAX_TTL).user(&token), Err(TokenRefused::BadSignature));
+        assert_eq!(verifier().user("not.a.jwt"), Err(TokenRefused::Malformed));
+        assert_eq!(verifier().user(""), Err(TokenRefused::Malformed));
 
         let now = jsonwebtoken::get_current_timestamp();
-        let expired = Claims { sub: "alice".into(), iat: now - 7200, exp: now - 3600 };
-        let key = EncodingKey::from_secret(secret(1).bytes());
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &key).unwrap();
-        assert!(Verifier::new(&secret(1)).user(&token).unwrap_err().contains("expired"));
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS384), &expired, &key).unwrap();
-        assert!(Verifier::new(&secret(1)).user(&token).unwrap_err().contains("HS256"));
+        let expired = serde_json::json!({ "sub": "alice", "iat": now - 7200, "exp": now - 3600 });
+        assert_eq!(verifier().user(&sign(&expired, Algorithm::HS256)), Err(TokenRefused::Expired));
+        assert_eq!(verifier().user(&sign(&expired, Algorithm::HS384)), Err(TokenRefused::WrongAlgorithm));
+        let no_exp = serde_json::json!({ "sub": "alice" });
+        assert_eq!(verifier().user(&sign(&no_exp, Algorithm::HS256)), Err(TokenRefused::MissingClaim("exp".into())));
+        let bad_sub = serde_json::json!({ "sub": "not a user", "exp": now + 60 });
+        assert_eq!(verifier().user(&sign(&bad_sub, Algorithm::HS256)), Err(TokenRefused::BadSubject));
+    }
+
+    #[test]
+    fn not_before_issued_at_and_lifetime_are_enforced() {
+        let now = jsonwebtoken::get_current_timestamp();
+        let leeway = CLOCK_LEEWAY_S;
+        let max = DEFAULT_MAX_TTL.as_secs();
+        let check = |claims: serde_json::Value| verifier().user(&sign(&claims, Algorithm::HS256)).map(|_| ());
+        let token = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({ "sub": "alice", "exp": now + 600 });
+            claims.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            check(claims)
+        };
+        use TokenRefused::*;
+        use serde_json::json;
+        // nbf (RFC 7519 §4.1.5): refused until then, give or take the leeway.
+        assert_eq!(token(json!({ "nbf": now - 10 })), Ok(()));
+        assert_eq!(token(json!({ "nbf": now + leeway - 5 })), Ok(()), "within the leeway");
+        assert_eq!(token(json!({ "nbf": now + leeway + 60 })), Err(NotYetValid));
+        assert_eq!(token(json!({ "nbf": u64::MAX })), Err(NotYetValid));
+        assert_eq!(token(json!({ "nbf": "soon" })), Err(MalformedClaim("nbf".into())));
+        // iat: not in the future beyond the leeway.
+        assert_eq!(token(json!({ "iat": now + leeway - 5 })), Ok(()), "within the leeway");
+        assert_eq!(token(json!({ "iat": now + leeway + 60 })), Err(IssuedInTheFuture));
+        assert_eq!(token(json!({ "iat": u64::MAX })), Err(IssuedInTheFuture));
+        assert_eq!(token(json!({ "iat": "now" })), Err(MalformedClaim("iat".into())));
+        assert_eq!(token(json!({ "iat": -1 })), Err(MalformedClaim("iat".into())));
+        // Lifetime: from iat when present (exactly the maximum is fine), else from now.
+        let too_long = LivesTooLong { max_ttl_s: max };
+        assert_eq!(check(json!({ "sub": "alice", "iat": now, "exp": now + max })), Ok(()));
+        assert_eq!(check(json!({ "sub": "alice", "iat": now, "exp": now + max + 1 })), Err(too_long.clone()));
+        assert_eq!(check(json!({ "sub": "alice", "iat": now - 3600, "exp": now + max - 3600 })), Ok(()));
+        assert_eq!(check(json!({ "sub": "alice", "iat": now - 3600, "exp": now + max })), Err(too_long.clone()));
+        assert_eq!(check(json!({ "sub": "alice", "exp": now + max })), Ok(()));
+        assert_eq!(check(json!({ "sub": "alice", "exp": now + max + leeway + 60 })), Err(too_long.clone()));
+        assert_eq!(check(json!({ "sub": "alice", "exp": u64::MAX })), Err(too_long));
+        let short = Verifier::new(&secret(1), Duration::from_secs(60));
+        let minted = mint_token(&secret(1), &UserId::parse("alice").unwrap(), Duration::from_secs(61)).unwrap();
+        assert_eq!(short.user(&minted), Err(LivesTooLong { max_ttl_s: 60 }));
+    }
+
+    #[test]
+    fn refusals_never_echo_the_token() {
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = serde_json::json!({ "sub": "secret-subject", "iat": "secret-iat", "exp": now + 60 });
+        let token = sign(&claims, Algorithm::HS256);
+        for refused in [verifier().user(&token), verifier().user("secret.token.text"), verifier().user(&token[1..])] {
+            let detail = refused.unwrap_err().to_string();
+            assert!(!detail.contains("secret"), "{detail}");
+        }
     }
 
     #[test]

@@ -7,13 +7,13 @@
 //! See docs/HTTP.md for the API.
 
 pub mod auth;
+pub mod http;
 pub mod ids;
 mod link;
 mod ops;
 pub mod problem;
 mod routes;
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,13 +26,13 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{MethodFilter, on};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
 use crate::configuration::{GatewaySettings, ServiceSettings};
 use crate::ledger::Ledger;
 use auth::{HasVerifier, JwtSecret, Verifier};
+pub use http::serve;
 use ids::RequestIds;
 use link::BrokerLink;
 use problem::{Problem, ProblemKind};
@@ -64,7 +64,7 @@ pub async fn app(services: &ServiceSettings, settings: &GatewaySettings, secret:
         tracing::warn!("starting without the broker; submissions answer 503 until it is reachable");
     }
     let shared = Shared {
-        verifier: Verifier::new(secret),
+        verifier: Verifier::new(secret, settings.jwt_max_ttl),
         ids: RequestIds::new(secret),
         link,
         ledger,
@@ -72,17 +72,6 @@ pub async fn app(services: &ServiceSettings, settings: &GatewaySettings, secret:
         openapi_json: ApiDoc::openapi().to_json().context("rendering the OpenAPI document")?,
     };
     Ok(router(Arc::new(shared)))
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves, then finishes the requests in flight.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let address = listener.local_addr().context("reading the listening address")?;
-    tracing::info!(%address, "gateway listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("serving HTTP")
 }
 
 /// An HTTP method of a route.
@@ -151,8 +140,14 @@ fn router(shared: Arc<Shared>) -> Router {
         .router
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(no_route)
-        .layer(middleware::from_fn(count_requests))
+        // Innermost first: the body limit of the extractors, then bounded body reads, the
+        // header limit, the problem-document net, and the request counter outermost (it
+        // sees every answer as sent).
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(http::read_body))
+        .layer(middleware::from_fn(http::limit_headers))
+        .layer(middleware::map_response(http::problem_errors))
+        .layer(middleware::from_fn(count_requests))
         .with_state(shared)
 }
 
@@ -210,7 +205,11 @@ impl utoipa::Modify for BearerScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let mut scheme = Http::new(HttpAuthScheme::Bearer);
         scheme.bearer_format = Some("JWT".into());
-        scheme.description = Some("HS256 JWT signed with WALLETQ_JWT_SECRET; `sub` is the user; `exp` required".into());
+        scheme.description = Some(
+            "HS256 JWT signed with WALLETQ_JWT_SECRET; `sub` is the user; `exp` required; `nbf` and `iat` checked; \
+             lifetime at most --jwt-max-ttl (24h by default)"
+                .into(),
+        );
         openapi
             .components
             .get_or_insert_with(Default::default)

@@ -20,11 +20,18 @@ pub enum ProblemKind {
     NoSuchRoute,
     MethodNotAllowed,
     BodyTooLarge,
+    /// The body did not arrive in time.
+    RequestTimeout,
+    /// The header fields are over the gateway's limit.
+    HeadersTooLarge,
     UnsupportedMediaType,
     InvalidAmount,
     BrokerUnavailable,
     DatabaseUnavailable,
     NotReady,
+    /// An error answered by the HTTP layer rather than by a handler: `type` is
+    /// `about:blank` and `title` the status's reason phrase (RFC 9457 §4.2.1).
+    Http(StatusCode),
 }
 
 impl ProblemKind {
@@ -42,6 +49,12 @@ impl ProblemKind {
                 (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "The method is not allowed on this resource")
             }
             BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "The body is too large"),
+            RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request-timeout", "The request was not received in time"),
+            HeadersTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers-too-large",
+                "The request's header fields are too large",
+            ),
             UnsupportedMediaType => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "The body must be application/json")
             }
@@ -53,6 +66,7 @@ impl ProblemKind {
                 (StatusCode::SERVICE_UNAVAILABLE, "database-unavailable", "The database is unavailable")
             }
             NotReady => (StatusCode::SERVICE_UNAVAILABLE, "not-ready", "The gateway is not ready"),
+            Http(status) => (status, "about:blank", status.canonical_reason().unwrap_or("Error")),
         }
     }
 
@@ -63,7 +77,10 @@ impl ProblemKind {
 
     /// The problem `type` URI, e.g. `urn:walletq:problem:invalid-amount`.
     pub fn type_uri(self) -> String {
-        format!("urn:walletq:problem:{}", self.describe().1)
+        match self {
+            ProblemKind::Http(_) => "about:blank".to_owned(),
+            _ => format!("urn:walletq:problem:{}", self.describe().1),
+        }
     }
 }
 
@@ -76,7 +93,8 @@ impl ProblemKind {
     "detail": "`amount` has more than 2 decimal places, got 1.005"
 }))]
 pub struct Problem {
-    /// Stable identifier of the kind of problem (`urn:walletq:problem:…`).
+    /// Stable identifier of the kind of problem (`urn:walletq:problem:…`, or `about:blank`
+    /// for an error of the HTTP layer, whose `title` is then the status's reason phrase).
     #[serde(rename = "type")]
     pub type_uri: String,
     /// Short summary of the kind of problem.

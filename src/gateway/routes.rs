@@ -194,6 +194,9 @@ enum SubmitResponses {
     /// Missing, invalid or expired token.
     #[response(status = 401, content_type = "application/problem+json")]
     Unauthorized(Problem),
+    /// The body did not arrive within 10 s.
+    #[response(status = 408, content_type = "application/problem+json")]
+    Timeout(Problem),
     /// Body over 16 KiB.
     #[response(status = 413, content_type = "application/problem+json")]
     TooLarge(Problem),
@@ -203,6 +206,9 @@ enum SubmitResponses {
     /// Amount not acceptable.
     #[response(status = 422, content_type = "application/problem+json")]
     BadAmount(Problem),
+    /// Header fields over 16 KiB or 100 fields.
+    #[response(status = 431, content_type = "application/problem+json")]
+    HeadersTooLarge(Problem),
     /// Broker unavailable (see Retry-After); retry with the same Idempotency-Key.
     #[response(status = 503, content_type = "application/problem+json")]
     Unavailable(Problem),

@@ -72,12 +72,13 @@ pub(super) async fn process_batch(
     stop: &CancellationToken,
 ) -> Result<(), BatchFailure> {
     let started = Instant::now();
+    // Publish times as producers stamped them: only plausible ones are used (any producer
+    // can send any header value).
+    let started_ms = chrono::Utc::now().timestamp_millis();
+    let published: Vec<_> = deliveries.iter().map(|d| published_at_ms(&d.properties, started_ms)).collect();
     // How long the oldest request of the batch waited between its publish and now (-1: unknown).
-    let queued_ms = deliveries
-        .iter()
-        .filter_map(|d| published_at_ms(&d.properties))
-        .min()
-        .map_or(-1, |published_ms| chrono::Utc::now().timestamp_millis() - published_ms);
+    let queued_ms =
+        published.iter().filter_map(|p| p.ok().flatten()).min().map_or(-1, |ms| started_ms.saturating_sub(ms));
     let decoded: Vec<Result<Request, InvalidRequest>> =
         deliveries.iter().map(|d| decode_in_partition(d, context.partitions, partition)).collect();
     let valid: Vec<Request> = decoded.iter().filter_map(|d| d.as_ref().ok().cloned()).collect();
@@ -129,11 +130,16 @@ pub(super) async fn process_batch(
     metrics::histogram!("walletq_batch_size").record(deliveries.len() as f64);
     metrics::histogram!("walletq_batch_duration_seconds").record(started.elapsed().as_secs_f64());
     let now_ms = chrono::Utc::now().timestamp_millis();
-    for delivery in deliveries {
-        if let Some(published_ms) = published_at_ms(&delivery.properties) {
-            if published_ms <= now_ms {
-                let seconds = (now_ms - published_ms) as f64 / 1000.0;
+    for published in &published {
+        match published {
+            Ok(Some(published_ms)) => {
+                // At most the skew plus age bounds: both values are plausible times.
+                let seconds = now_ms.saturating_sub(*published_ms).max(0) as f64 / 1000.0;
                 metrics::histogram!("walletq_end_to_end_latency_seconds").record(seconds);
+            }
+            Ok(None) => {}
+            Err(ignored) => {
+                metrics::counter!("walletq_published_ms_ignored_total", "reason" => ignored.as_label()).increment(1)
             }
         }
     }

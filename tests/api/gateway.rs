@@ -38,7 +38,7 @@ async fn spawn_gateway(services: &ServiceSettings) -> TestGateway {
     let secret = JwtSecret::new(secret_text.clone()).expect("a long enough secret");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
     let address = listener.local_addr().expect("local address");
-    let settings = GatewaySettings { listen: address, db_connections: 4 };
+    let settings = GatewaySettings { listen: address, db_connections: 4, ..GatewaySettings::default() };
     let app = walletq::gateway::app(services, &settings, &secret).await.expect("gateway app");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(walletq::gateway::serve(listener, app, shutdown.clone().cancelled_owned()));
@@ -291,8 +291,16 @@ type BodyCase<'a> = (String, Vec<(&'a str, &'a str)>, StatusCode, &'a str, &'a s
 
 fn signed(secret: &[u8], algorithm: Algorithm, sub: &str, exp_offset_s: i64) -> String {
     let now = jsonwebtoken::get_current_timestamp();
-    let claims = Claims { sub: sub.into(), iat: now, exp: now.saturating_add_signed(exp_offset_s) };
+    let claims = Claims { sub: sub.into(), iat: Some(now), nbf: None, exp: now.saturating_add_signed(exp_offset_s) };
     jsonwebtoken::encode(&Header::new(algorithm), &claims, &EncodingKey::from_secret(secret)).expect("token")
+}
+
+/// An HS256 token for alice whose `iat`, `nbf` and `exp` are these offsets from now, in seconds.
+fn timed(secret: &[u8], iat_s: Option<i64>, nbf_s: Option<i64>, exp_s: i64) -> String {
+    let now = jsonwebtoken::get_current_timestamp();
+    let at = |offset_s: i64| now.saturating_add_signed(offset_s);
+    let claims = Claims { sub: "alice".into(), iat: iat_s.map(at), nbf: nbf_s.map(at), exp: at(exp_s) };
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret)).expect("token")
 }
 
 #[tokio::test]
@@ -315,9 +323,22 @@ async fn every_error_is_a_problem_document() {
         (signed(secret, Algorithm::HS512, "alice", 600), "HS256"),
         (signed(secret, Algorithm::HS256, "not a user", 600), "`sub`"),
         ("garbage".to_owned(), "not a valid JWT"),
+        // Not before: refused until then (30 s of leeway); iat in the future; lifetimes over
+        // the default maximum of 24 h, counted from iat or, without it, from now.
+        (timed(secret, Some(0), Some(3_600), 7_200), "not valid yet"),
+        (timed(secret, Some(3_600), None, 7_200), "`iat` is in the future"),
+        (timed(secret, Some(0), None, 86_401), "maximum of 86400 s"),
+        (timed(secret, Some(-3_600), None, 86_399), "maximum of 86400 s"),
+        (timed(secret, None, None, 86_400 + 120), "maximum of 86400 s"),
     ] {
         let response = http.get(gateway.url("/v1/wallet")).bearer_auth(&token).send().await.expect("GET");
-        assert_problem(&parts(response).await, StatusCode::UNAUTHORIZED, "unauthorized", needle);
+        let refused = parts(response).await;
+        assert_problem(&refused, StatusCode::UNAUTHORIZED, "unauthorized", needle);
+        assert!(!refused.2["detail"].as_str().unwrap_or_default().contains(&token), "the token is not echoed");
+    }
+    for token in [timed(secret, Some(0), Some(-60), 600), timed(secret, None, Some(10), 86_400)] {
+        let response = http.get(gateway.url("/v1/wallet")).bearer_auth(&token).send().await.expect("GET");
+        assert_eq!(response.status(), StatusCode::OK, "nbf passed or within the leeway, lifetime within the maximum");
     }
 
     // 400, 413, 415, 422: the body and headers of a submission.
@@ -381,6 +402,69 @@ async fn every_error_is_a_problem_document() {
     assert!(header(&deleted.1, "allow").contains("GET"), "405 names the allowed methods: {:?}", deleted.1);
 
     assert_eq!(app.count("SELECT count(*) FROM requests").await, 0, "no bad request reached the ledger");
+    gateway.stop().await;
+    app.cleanup().await;
+}
+
+/// Sends `request` as is on a new connection and returns the status, the head and the body
+/// of the answer (read until the gateway closes the connection).
+async fn raw_exchange(gateway: &TestGateway, request: &str) -> (u16, String, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = gateway.base.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write the request");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut answer)).await;
+    read.expect("the gateway answers and closes in time").expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer.as_str(), ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_ascii_lowercase(), serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())))
+}
+
+#[tokio::test]
+async fn errors_of_the_http_layer_are_problem_documents_too() {
+    let app = spawn_app().await;
+    let gateway = spawn_gateway(&app.services).await;
+    let http = &gateway.http;
+    let wallet = gateway.url("/v1/wallet");
+
+    // 431: header fields over 16 KiB in all, or over 100 of them (hyper's own limits are higher).
+    let big = http.get(&wallet).bearer_auth(gateway.token("ida")).header("x-padding", "p".repeat(20_000));
+    let refused = parts(big.send().await.expect("GET")).await;
+    assert_problem(&refused, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers-too-large", "16384 bytes");
+    let mut many = http.get(&wallet).bearer_auth(gateway.token("ida"));
+    for n in 0..120 {
+        many = many.header(format!("x-field-{n}"), "v");
+    }
+    let refused = parts(many.send().await.expect("GET")).await;
+    assert_problem(&refused, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "headers-too-large", "at most 100 fields");
+    let fine = http.get(&wallet).bearer_auth(gateway.token("ida")).header("x-padding", "p".repeat(8_000));
+    assert_eq!(fine.send().await.expect("GET").status(), StatusCode::OK, "8 KB of headers is fine");
+
+    // 413 from the declared length alone, before any body is read; 408 when the body stalls.
+    let declared = "POST /v1/deposits HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n\
+                    content-length: 1000000\r\nconnection: close\r\n\r\n";
+    let (status, head, body) = raw_exchange(&gateway, declared).await;
+    assert_eq!((status, body["status"].as_u64()), (413, Some(413)), "{head}{body}");
+    assert!(head.contains("content-type: application/problem+json"), "{head}");
+    assert_eq!(body["type"], "urn:walletq:problem:body-too-large");
+    let stalled = "POST /v1/deposits HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n\
+                   content-length: 20\r\nconnection: close\r\n\r\n{\"amo";
+    let started = std::time::Instant::now();
+    let (status, head, body) = raw_exchange(&gateway, stalled).await;
+    assert_eq!((status, body["status"].as_u64()), (408, Some(408)), "{head}{body}");
+    assert!(head.contains("content-type: application/problem+json"), "{head}");
+    assert_eq!(body["type"], "urn:walletq:problem:request-timeout");
+    assert!(started.elapsed() >= walletq::gateway::http::BODY_READ_TIMEOUT, "it waited for the body");
+
+    // 404 and 405 without a token: the routing answers come first, as problem documents.
+    let unknown = parts(http.post(gateway.url("/v1/nothing")).send().await.expect("POST")).await;
+    assert_problem(&unknown, StatusCode::NOT_FOUND, "no-such-route", "POST /v1/nothing");
+    let put = parts(http.put(gateway.url("/v1/deposits")).send().await.expect("PUT")).await;
+    assert_problem(&put, StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "PUT");
+
+    assert_eq!(app.count("SELECT count(*) FROM requests").await, 0, "nothing reached the ledger");
     gateway.stop().await;
     app.cleanup().await;
 }
