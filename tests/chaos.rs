@@ -1,6 +1,7 @@
 //! Chaos: three worker processes, one SIGKILLed every 2 s and replaced, Redis restarted,
-//! the workers' PostgreSQL connections killed and RabbitMQ restarted, all while 20,000
-//! requests flow. Nothing may be lost, applied twice or applied out of per-user order.
+//! the workers' PostgreSQL connections killed and RabbitMQ restarted, and now and then a
+//! message no AMQP client can decode, all while 20,000 requests flow. Nothing may be lost,
+//! applied twice or applied out of per-user order; every poison message ends dead-lettered.
 //!
 //! Its own test binary: it restarts shared services, so it must not run beside other tests
 //! (cargo runs test binaries one after another).
@@ -8,6 +9,9 @@
 #[allow(dead_code)]
 #[path = "api/helpers.rs"]
 mod helpers;
+#[allow(dead_code)]
+#[path = "api/raw_amqp.rs"]
+mod raw_amqp;
 
 use std::io::Write;
 use std::process::Command;
@@ -97,6 +101,32 @@ async fn publish_resilient(amqp_url: String, exchange: String, requests: Vec<Req
     resent_windows
 }
 
+/// Publishes one message whose `app_id` is not UTF-8 (RabbitMQ takes it, lapin cannot
+/// decode it). True when the broker confirmed it; false when it could not be sent (the
+/// broker may be restarting).
+async fn publish_poison(amqp_url: &str, exchange: &str, n: usize) -> bool {
+    let url = url::Url::parse(amqp_url).expect("AMQP_URL must be a URL");
+    let address = format!("{}:{}", url.host_str().unwrap_or("127.0.0.1"), url.port().unwrap_or(5672));
+    let Ok(mut raw) = raw_amqp::RawPublisher::connect(&address, url.username(), url.password().unwrap_or("")).await
+    else {
+        return false;
+    };
+    let user = format!("chaos-poison-{n}");
+    let body = format!(r#"{{"request_id":"{user}","user_id":"{user}","op":"deposit","amount":"1.00"}}"#);
+    let app_id = raw_amqp::RawProperty::AppId(b"\xff\xfe".to_vec());
+    matches!(raw.publish(exchange, &user, &[app_id], body.as_bytes()).await, Ok(raw_amqp::Published::Acked))
+}
+
+/// Messages in `queue`, from a passive declaration on a fresh connection.
+async fn queue_length(amqp_url: &str, queue: &str) -> Option<u32> {
+    let connection = walletq::broker::connect(amqp_url, "chaos probe", None).await.ok()?;
+    let channel = connection.create_channel().await.ok()?;
+    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+    let declared = channel.queue_declare(queue.into(), passive, lapin::types::FieldTable::default()).await.ok()?;
+    let _ = connection.close(200, "OK".into()).await;
+    Some(declared.message_count())
+}
+
 async fn stored_count(pool: &sqlx::PgPool) -> Option<i64> {
     sqlx::query_scalar("SELECT count(*) FROM requests").fetch_one(pool).await.ok()
 }
@@ -114,7 +144,7 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
         tokio::spawn(publish_resilient(app.services.amqp_url.clone(), app.names.requests_exchange(), requests.clone()));
 
     let started = Instant::now();
-    let (mut kills, mut outages) = (0usize, 0usize);
+    let (mut kills, mut outages, mut poisons) = (0usize, 0usize, 0usize);
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.tick().await;
     loop {
@@ -142,6 +172,11 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
             5 => {
                 restart_rabbitmq().await;
                 outages += 1;
+            }
+            // Every other tick, while requests flow: a message no client can decode.
+            n if n % 2 == 0 && !publishing.is_finished() => {
+                let exchange = app.names.requests_exchange();
+                poisons += usize::from(publish_poison(&app.services.amqp_url, &exchange, n).await);
             }
             _ => {}
         }
@@ -173,17 +208,36 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
         sqlx::query_scalar("SELECT count(*) FROM ledger_entries").fetch_one(&app.pool).await.expect("entries");
     let applied_twice = usize::try_from((entries - approved).max(0)).unwrap_or(usize::MAX);
     let audit = walletq::ledger::audit::audit(&app.pool).await.expect("audit");
+    // Only the poison messages are dead-lettered: valid traffic never is.
+    let dead_queue = app.names.dead_queue();
+    let poison_deadline = Instant::now() + Duration::from_secs(60);
+    let dead = loop {
+        let dead = queue_length(&app.services.amqp_url, &dead_queue).await;
+        if dead.is_some_and(|d| d as usize >= poisons) || Instant::now() > poison_deadline {
+            break dead.unwrap_or(0) as usize;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let poison_applied: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM requests WHERE request_id LIKE 'chaos-poison-%'")
+            .fetch_one(&app.pool)
+            .await
+            .expect("poison count");
 
     let summary = format!(
-        "chaos: {REQUESTS} requests, {kills} kills, {outages} outages, {lost} lost, {applied_twice} applied twice, \
-         {out_of_order} out of order ({resent_windows} publish windows re-sent, {:.1} s)",
+        "chaos: {REQUESTS} requests, {kills} kills, {outages} outages, {poisons} poison messages ({dead} dead-lettered), \
+         {lost} lost, {applied_twice} applied twice, {out_of_order} out of order \
+         ({resent_windows} publish windows re-sent, {:.1} s)",
         started.elapsed().as_secs_f64()
     );
     // Straight to the terminal, past the test harness's capture, so CI shows the figures.
     let _ = writeln!(std::io::stderr(), "{summary}");
     assert_eq!((lost, applied_twice, out_of_order), (0, 0, 0), "{summary}");
-    assert_eq!(stored.len(), REQUESTS, "exactly one stored result per request");
+    assert_eq!(stored.len() - poison_applied as usize, REQUESTS, "exactly one stored result per request");
     assert_eq!(entries, approved, "one ledger entry per approved request");
     assert!(audit.is_clean(), "audit: {audit:?}");
+    assert_eq!(poison_applied, 0, "no poison message was applied");
+    assert!(poisons > 0, "the run published poison messages: {summary}");
+    assert_eq!(dead, poisons, "exactly the poison messages are dead-lettered: {summary}");
     app.cleanup().await;
 }
