@@ -138,6 +138,13 @@ pub async fn run_worker(
             Err(ConnectionFailure::Fatal(error)) => break Err(error),
             Err(ConnectionFailure::Transient(error)) => {
                 readiness.broker_connected.store(false, Ordering::Relaxed);
+                if router::is_undecodable(&error) {
+                    // Only the router publishes into partition queues, and what it forwards
+                    // is always decodable: someone with write access published there directly.
+                    metrics::counter!("walletq_undecodable_deliveries_total", "queue" => "partition").increment(1);
+                    tracing::error!(error = %format!("{error:#}"),
+                        "a partition queue holds a message no client can decode (only the router may publish there): move it away by hand; see docs/ARCHITECTURE.md");
+                }
                 metrics::counter!("walletq_reconnects_total", "service" => "rabbitmq").increment(1);
                 failures = failures.saturating_add(1);
                 let delay = jittered_delay(failures, context.settings.backoff_max_ms).max(Duration::from_millis(100));
