@@ -105,11 +105,17 @@ impl TestApp {
 
     /// Starts the in-process worker.
     pub fn start_worker(&mut self) {
+        let settings = self.worker_settings();
+        self.start_worker_with(settings);
+    }
+
+    /// Starts the in-process worker with the given settings.
+    pub fn start_worker_with(&mut self, settings: WorkerSettings) {
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(walletq::worker::run_worker(
             self.services.clone(),
             self.topology.clone(),
-            self.worker_settings(),
+            settings,
             shutdown.clone(),
         ));
         self.worker = Some((shutdown, handle));
@@ -247,7 +253,8 @@ pub async fn drop_database(namespace: &str) {
         .await;
 }
 
-async fn admin_pool() -> PgPool {
+/// A pool on the server's `postgres` database (superuser), for what a test database cannot do.
+pub async fn admin_pool() -> PgPool {
     let base = env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/walletq");
     let mut url = url::Url::parse(&base).expect("DATABASE_URL must be a URL");
     url.set_path("/postgres");

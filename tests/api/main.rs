@@ -13,6 +13,7 @@ mod pipeline;
 mod poison;
 mod privileges;
 mod properties;
+mod protocol;
 mod raw_amqp;
 mod scaling;
 mod topology;
