@@ -67,6 +67,9 @@ impl Names {
 /// message the client cannot decode comes back this often (docs/ARCHITECTURE.md).
 pub const INGRESS_DELIVERY_LIMIT: i64 = 10;
 
+/// What to do when the broker refuses a declaration with other arguments (PRECONDITION_FAILED).
+const REDECLARE_HINT: &str = "an existing queue with other arguments must be deleted first";
+
 fn queue_arguments(queue_type: QueueType) -> FieldTable {
     let mut arguments = FieldTable::default();
     arguments.insert("x-queue-type".into(), AMQPValue::LongString(queue_type.as_str().into()));
@@ -87,7 +90,7 @@ pub async fn declare_topology(channel: &Channel, names: &Names, settings: &Topol
     channel
         .queue_declare(names.dead_queue().into(), queue_options, queue_arguments(settings.queue_type))
         .await
-        .with_context(|| format!("declaring queue {}", names.dead_queue()))?;
+        .with_context(|| format!("declaring queue {} ({REDECLARE_HINT})", names.dead_queue()))?;
     channel
         .queue_bind(
             names.dead_queue().into(),
@@ -101,7 +104,7 @@ pub async fn declare_topology(channel: &Channel, names: &Names, settings: &Topol
     channel
         .queue_declare(names.results_queue().into(), queue_options, queue_arguments(settings.queue_type))
         .await
-        .with_context(|| format!("declaring queue {}", names.results_queue()))?;
+        .with_context(|| format!("declaring queue {} ({REDECLARE_HINT})", names.results_queue()))?;
 
     channel
         .exchange_declare(names.requests_exchange().into(), ExchangeKind::Fanout, durable, FieldTable::default())
@@ -123,9 +126,10 @@ pub async fn declare_topology(channel: &Channel, names: &Names, settings: &Topol
         if *queue == names.ingress_queue() {
             arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(INGRESS_DELIVERY_LIMIT));
         }
-        channel.queue_declare(queue.as_str().into(), queue_options, arguments).await.with_context(|| {
-            format!("declaring queue {queue} (an existing queue with other arguments must be deleted first)")
-        })?;
+        channel
+            .queue_declare(queue.as_str().into(), queue_options, arguments)
+            .await
+            .with_context(|| format!("declaring queue {queue} ({REDECLARE_HINT})"))?;
     }
     channel
         .queue_bind(

@@ -257,6 +257,7 @@ async fn a_worker_exits_1_naming_precondition_failed_when_the_queue_type_differs
     assert_eq!(output.status.code(), Some(1), "exit status; stderr: {stderr}");
     assert!(stderr.contains("PRECONDITION_FAILED"), "stderr names PRECONDITION_FAILED: {stderr}");
     assert!(stderr.contains("x-queue-type"), "stderr names the argument that differs: {stderr}");
+    assert!(stderr.contains("must be deleted first"), "stderr gives the hint: {stderr}");
     assert!(
         stderr.contains(&format!("declaring queue {}.", app.services.namespace)),
         "stderr names the queue: {stderr}"
