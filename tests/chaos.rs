@@ -1,7 +1,11 @@
-//! Chaos: three worker processes, one SIGKILLed every 2 s and replaced, Redis restarted,
-//! the workers' PostgreSQL connections killed and RabbitMQ restarted, and now and then a
-//! message no AMQP client can decode, all while 20,000 requests flow. Nothing may be lost,
-//! applied twice or applied out of per-user order; every poison message ends dead-lettered.
+//! Chaos: three worker processes, one SIGKILLed every 2 s and replaced, while 20,000
+//! requests flow; on the way Redis restarts, the workers' PostgreSQL connections are killed,
+//! RabbitMQ restarts, Redis stays down for 10 s, a worker is frozen (SIGSTOP) past its lock
+//! TTL, and now and then a message no AMQP client can decode or a request whose routing key
+//! is not its user arrives. Nothing may be lost, applied twice or applied out of per-user
+//! order; every result is read back from the reply queue and checked.
+//!
+//! The seed is random and printed; `CHAOS_SEED=<n>` replays a run's workload and fault order.
 //!
 //! Its own test binary: it restarts shared services, so it must not run beside other tests
 //! (cargo runs test binaries one after another).
@@ -13,38 +17,58 @@ mod helpers;
 #[path = "api/raw_amqp.rs"]
 mod raw_amqp;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use helpers::{Lcg, SequentialModel, WorkerProcess, mixed_requests, spawn_app_with, spawn_worker_process_with};
+use futures_util::StreamExt;
+use helpers::{
+    Lcg, SequentialModel, WorkerProcess, free_port, http_get, mixed_requests, request, spawn_app_with,
+    spawn_worker_process_with,
+};
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use walletq::broker::{Publisher, request_properties};
 use walletq::configuration::{QueueType, TopologySettings};
-use walletq::domain::{Request, Status};
+use walletq::domain::{Op, Reason, Request, RequestResult, Status};
 
 const REQUESTS: usize = 20_000;
 const USERS: u64 = 200;
 const WINDOW: usize = 500;
+/// Requests published with a routing key that is not their user: refused, dead-lettered.
+const MISROUTED: usize = 20;
 const DEADLINE: Duration = Duration::from_secs(600);
 /// Publishing is paced so the kills and outages hit a stream still in flight.
 const PUBLISH_RATE_PER_SEC: u64 = 1_000;
+/// How long Redis stays down in the sustained outage.
+const REDIS_OUTAGE: Duration = Duration::from_secs(10);
+/// How long one worker stays frozen: past its 2 s lock TTL and the 3 s membership TTL.
+const FREEZE: Duration = Duration::from_secs(6);
 
 fn run(program: &str, args: &[&str]) {
     let status = Command::new(program).args(args).status().unwrap_or_else(|e| panic!("running {program}: {e}"));
     assert!(status.success(), "{program} {args:?} failed: {status}");
 }
 
-async fn restart_redis() {
+async fn stop_redis() {
     tokio::task::spawn_blocking(|| {
         // Shutting down closes the connection, so redis-cli reports an error: ignore it.
         let _ = Command::new("redis-cli").args(["-h", "127.0.0.1", "-p", "6379", "shutdown", "nosave"]).status();
+    })
+    .await
+    .expect("stop redis");
+}
+
+async fn start_redis() {
+    tokio::task::spawn_blocking(|| {
         run(
             "redis-server",
             &["--daemonize", "yes", "--bind", "127.0.0.1", "--port", "6379", "--save", "", "--appendonly", "no"],
         );
     })
     .await
-    .expect("restart redis");
+    .expect("start redis");
 }
 
 async fn restart_rabbitmq() {
@@ -57,48 +81,63 @@ async fn restart_rabbitmq() {
     .expect("restart rabbitmq");
 }
 
-/// Publishes every request with confirms in windows; after a broker failure it reconnects
-/// and sends the unconfirmed window again (duplicates are replays, order is kept).
-async fn publish_resilient(amqp_url: String, exchange: String, requests: Vec<Request>) -> usize {
-    let mut resent_windows = 0;
+/// One message to publish: the routing key (the user's, except for misrouted ones).
+#[derive(Clone)]
+struct Outgoing {
+    routing_key: String,
+    request: Request,
+}
+
+/// Publishes every request with confirms, in windows. When a window fails (the broker
+/// restarted), it reconnects and sends again from the first unconfirmed message of the
+/// window on. Only that suffix: the confirmed ones before it are not sent twice, and the
+/// ones after it are sent again in order (resending only the unconfirmed ones out of their
+/// place would reorder a user's requests). Copies that did arrive become replays.
+async fn publish_resilient(amqp_url: String, exchange: String, reply_to: String, outgoing: Vec<Outgoing>) -> usize {
+    let mut resent = 0;
     let mut publisher: Option<(lapin::Connection, Publisher)> = None;
     let started = tokio::time::Instant::now();
-    for (index, window) in requests.chunks(WINDOW).enumerate() {
+    for (index, window) in outgoing.chunks(WINDOW).enumerate() {
         let due = Duration::from_millis((index * WINDOW) as u64 * 1_000 / PUBLISH_RATE_PER_SEC);
         tokio::time::sleep_until(started + due).await;
-        loop {
-            if publisher.is_none() {
-                match walletq::broker::connect(&amqp_url, "chaos publisher", None).await {
-                    Ok(connection) => match Publisher::open(&connection).await {
-                        Ok(p) => publisher = Some((connection, p)),
-                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                    },
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
+        let mut confirmed = 0;
+        while confirmed < window.len() {
+            let Some((_, current)) = &publisher else {
+                publisher = connect_publisher(&amqp_url).await;
                 continue;
-            }
-            let Some((_, current)) = &publisher else { continue };
+            };
+            let pending = &window[confirmed..];
             let attempt = async {
-                let mut confirms = Vec::with_capacity(window.len());
-                for r in window {
-                    let properties = request_properties(r.request_id.as_str());
-                    confirms.push(current.send(&exchange, r.user_id.as_str(), &r.to_json(), properties).await?);
+                let mut confirms = Vec::with_capacity(pending.len());
+                for m in pending {
+                    let properties = request_properties(m.request.request_id.as_str())
+                        .with_reply_to(reply_to.as_str().into())
+                        .with_correlation_id(m.request.request_id.as_str().into());
+                    confirms.push(current.send(&exchange, &m.routing_key, &m.request.to_json(), properties).await?);
                 }
                 for confirm in confirms {
                     Publisher::confirmed(confirm).await?;
+                    confirmed += 1;
                 }
                 anyhow::Ok(())
             };
-            match tokio::time::timeout(Duration::from_secs(15), attempt).await {
-                Ok(Ok(())) => break,
-                _ => {
-                    resent_windows += 1;
-                    publisher = None;
-                }
+            if !matches!(tokio::time::timeout(Duration::from_secs(15), attempt).await, Ok(Ok(()))) {
+                resent += window.len() - confirmed;
+                publisher = None;
             }
         }
     }
-    resent_windows
+    resent
+}
+
+async fn connect_publisher(amqp_url: &str) -> Option<(lapin::Connection, Publisher)> {
+    if let Ok(connection) = walletq::broker::connect(amqp_url, "chaos publisher", None).await {
+        if let Ok(publisher) = Publisher::open(&connection).await {
+            return Some((connection, publisher));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    None
 }
 
 /// Publishes one message whose `app_id` is not UTF-8 (RabbitMQ takes it, lapin cannot
@@ -121,8 +160,8 @@ async fn publish_poison(amqp_url: &str, exchange: &str, n: usize) -> bool {
 async fn queue_length(amqp_url: &str, queue: &str) -> Option<u32> {
     let connection = walletq::broker::connect(amqp_url, "chaos probe", None).await.ok()?;
     let channel = connection.create_channel().await.ok()?;
-    let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
-    let declared = channel.queue_declare(queue.into(), passive, lapin::types::FieldTable::default()).await.ok()?;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let declared = channel.queue_declare(queue.into(), passive, FieldTable::default()).await.ok()?;
     let _ = connection.close(200, "OK".into()).await;
     Some(declared.message_count())
 }
@@ -131,113 +170,404 @@ async fn stored_count(pool: &sqlx::PgPool) -> Option<i64> {
     sqlx::query_scalar("SELECT count(*) FROM requests").fetch_one(pool).await.ok()
 }
 
+/// A worker process and the address of its `/readyz`.
+struct Worker {
+    process: WorkerProcess,
+    metrics: String,
+}
+
+/// What the run did, for the summary line.
+#[derive(Default)]
+struct Faults {
+    kills: usize,
+    outages: usize,
+    poisons: usize,
+    /// Whether the sustained Redis outage applied nothing and every worker answered 503.
+    redis_outage_checked: bool,
+    /// Redis's clock-based fencing tokens from before the empty restart: every fence written
+    /// after it must be above this.
+    fence_before_outage: i64,
+    /// When Redis came back (worker clock, as `processed_at`).
+    redis_back_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Redis down for [`REDIS_OUTAGE`]: after a grace for batches already past their locks,
+/// nothing is applied, and every live worker's `/readyz` answers 503. Then Redis restarts
+/// empty.
+async fn sustained_redis_outage(pool: &sqlx::PgPool, workers: &[Worker], faults: &mut Faults) {
+    faults.fence_before_outage =
+        sqlx::query_scalar("SELECT coalesce(max(fence), 0) FROM user_fences").fetch_one(pool).await.expect("fences");
+    stop_redis().await;
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = stored_count(pool).await.expect("stored count");
+    // Not ready: 503, or no answer yet (a worker started during the outage serves its
+    // endpoints only once it reaches Redis). Never 200.
+    let mut not_ready = 0;
+    for worker in workers {
+        let probe_deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < probe_deadline {
+            if http_get(&worker.metrics, "/readyz").await.is_none_or(|(status, _)| status == 503) {
+                not_ready += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(REDIS_OUTAGE.saturating_sub(down.elapsed())).await;
+    let after = stored_count(pool).await.expect("stored count");
+    assert_eq!(before, after, "requests were applied while Redis was down: the backstop must fail closed");
+    assert_eq!(not_ready, workers.len(), "no worker answers /readyz 200 while Redis is down");
+    start_redis().await;
+    faults.redis_back_at = Some(chrono::Utc::now());
+    faults.redis_outage_checked = true;
+    faults.outages += 1;
+}
+
+/// Reads results from `queue` until every request id in `ids` has at least one, or the
+/// deadline passes. Returns them in arrival order.
+async fn read_results(amqp_url: &str, queue: &str, ids: usize, deadline: Duration) -> Vec<RequestResult> {
+    let connection = walletq::broker::connect(amqp_url, "chaos results", None).await.expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    let options = BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() };
+    let mut consumer =
+        channel.basic_consume(queue.into(), "".into(), options, FieldTable::default()).await.expect("consume");
+    let mut results = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let until = tokio::time::Instant::now() + deadline;
+    while seen.len() < ids {
+        let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(until, consumer.next()).await else { break };
+        let result: RequestResult = serde_json::from_slice(&delivery.data).expect("a result body");
+        if let Some(id) = &result.request_id {
+            seen.insert(id.as_str().to_owned());
+        }
+        results.push(result);
+    }
+    // What is still queued (replays behind the last first result) is read too.
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
+        results.push(serde_json::from_slice(&delivery.data).expect("a result body"));
+    }
+    let _ = connection.close(200, "OK".into()).await;
+    results
+}
+
+/// What the run's results say, each count able to be non-zero (see the tests below).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Findings {
+    /// Requests with no stored result, or whose result never arrived.
+    lost: usize,
+    /// Requests answered as applied (not a replay) more than once.
+    applied_twice: usize,
+    /// Requests whose stored result is not the sequential model's, or whose first result
+    /// arrived before that of a request of the same user published earlier.
+    out_of_order: usize,
+    /// Replayed results that differ from the stored result.
+    replay_mismatch: usize,
+}
+
+/// Checks every valid request (in publish order) against the results read back (in
+/// arrival order), the stored results and a sequential model.
+fn analyse(requests: &[Request], results: &[RequestResult], stored: &HashMap<String, RequestResult>) -> Findings {
+    let mut findings = Findings::default();
+    let mut model = SequentialModel::default();
+    let mut first_arrival: HashMap<&str, usize> = HashMap::new();
+    let mut applications: HashMap<&str, usize> = HashMap::new();
+    for (position, result) in results.iter().enumerate() {
+        let Some(id) = result.request_id.as_ref().map(|id| id.as_str()) else { continue };
+        first_arrival.entry(id).or_insert(position);
+        if result.replayed {
+            let same = stored.get(id).is_some_and(|s| {
+                s.status == result.status
+                    && s.reason == result.reason
+                    && s.balance == result.balance
+                    && s.processed_at == result.processed_at
+            });
+            findings.replay_mismatch += usize::from(!same);
+        } else {
+            *applications.entry(id).or_insert(0) += 1;
+        }
+    }
+    let mut last_arrival_of_user: HashMap<&str, usize> = HashMap::new();
+    for r in requests {
+        let id = r.request_id.as_str();
+        let (status, reason, balance) = model.apply(r);
+        let (Some(result), Some(&arrived)) = (stored.get(id), first_arrival.get(id)) else {
+            findings.lost += 1;
+            continue;
+        };
+        findings.applied_twice += usize::from(applications.get(id).copied().unwrap_or(0) > 1);
+        let matches = result.status == status
+            && result.reason.map(|x| x.as_str()) == reason
+            && result.balance.map(|b| b.cents()) == balance;
+        let previous = last_arrival_of_user.insert(r.user_id.as_str(), arrived);
+        let in_order = previous.is_none_or(|p| p < arrived);
+        findings.out_of_order += usize::from(!matches || !in_order);
+    }
+    findings
+}
+
+/// The scheduled fault of tick `kills` (after the kill of that tick).
+async fn fault_of_tick(
+    kills: usize,
+    app: &helpers::TestApp,
+    workers: &mut [Worker],
+    rng: &mut Lcg,
+    faults: &mut Faults,
+    publishing_done: bool,
+) {
+    match kills {
+        1 => {
+            stop_redis().await;
+            start_redis().await;
+            faults.outages += 1;
+        }
+        3 => {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .execute(&app.pool)
+            .await
+            .expect("kill the workers' PostgreSQL connections");
+            faults.outages += 1;
+        }
+        5 => {
+            restart_rabbitmq().await;
+            faults.outages += 1;
+        }
+        7 => sustained_redis_outage(&app.pool, workers, faults).await,
+        9 => {
+            let frozen = rng.next_below(workers.len() as u64) as usize;
+            workers[frozen].process.pause();
+            tokio::time::sleep(FREEZE).await;
+            workers[frozen].process.resume();
+            faults.outages += 1;
+        }
+        n if n % 2 == 0 && !publishing_done => {
+            let exchange = app.names.requests_exchange();
+            faults.poisons += usize::from(publish_poison(&app.services.amqp_url, &exchange, n).await);
+        }
+        _ => {}
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
+    let seed = seed();
+    let _ = writeln!(std::io::stderr(), "chaos: seed {seed} (CHAOS_SEED={seed} replays this run)");
     let app = spawn_app_with(TopologySettings { partitions: 16, queue_type: QueueType::Quorum }, false).await;
-    let requests = mixed_requests("c", REQUESTS, USERS, 4, 10_000, 2026);
-    let mut rng = Lcg(7);
+    let requests = mixed_requests("c", REQUESTS, USERS, 4, 10_000, seed);
+    let mut rng = Lcg(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let replies = format!("{}.chaos-replies", app.names.namespace());
+    declare_replies(&app, &replies).await;
+
+    // Misrouted requests are spread through the stream: routing key "mis-N", user "chaos-mis-N".
+    let mut outgoing: Vec<Outgoing> =
+        requests.iter().map(|r| Outgoing { routing_key: r.user_id.as_str().to_owned(), request: r.clone() }).collect();
+    for n in 0..MISROUTED {
+        let at = (n + 1) * REQUESTS / (MISROUTED + 1);
+        let misrouted = request(format!("chaos-mis-{n}"), &format!("chaos-mis-{n}"), Op::Deposit, 100);
+        outgoing.insert(at, Outgoing { routing_key: format!("mis-{n}"), request: misrouted });
+    }
 
     // Worker logs at error only: the outages make every worker warn many times a second.
-    let spawn = || spawn_worker_process_with(&app, &[("RUST_LOG", "error")]);
-    let mut workers: Vec<WorkerProcess> = (0..3).map(|_| spawn()).collect();
+    let spawn = || {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let env = [("RUST_LOG", "error"), ("WALLETQ_METRICS_ADDR", metrics.as_str())];
+        Worker { process: spawn_worker_process_with(&app, &env), metrics }
+    };
+    let mut workers: Vec<Worker> = (0..3).map(|_| spawn()).collect();
+    let exchange = app.names.requests_exchange();
     let publishing =
-        tokio::spawn(publish_resilient(app.services.amqp_url.clone(), app.names.requests_exchange(), requests.clone()));
+        tokio::spawn(publish_resilient(app.services.amqp_url.clone(), exchange, replies.clone(), outgoing));
 
     let started = Instant::now();
-    let (mut kills, mut outages, mut poisons) = (0usize, 0usize, 0usize);
+    let mut faults = Faults::default();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.tick().await;
     loop {
         tick.tick().await;
         assert!(started.elapsed() < DEADLINE, "chaos run did not finish within {DEADLINE:?}");
         let victim = rng.next_below(workers.len() as u64) as usize;
-        workers[victim].kill();
+        workers[victim].process.kill();
         workers[victim] = spawn();
-        kills += 1;
-        match kills {
-            1 => {
-                restart_redis().await;
-                outages += 1;
-            }
-            3 => {
-                sqlx::query(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
-                )
-                .execute(&app.pool)
-                .await
-                .expect("kill the workers' PostgreSQL connections");
-                outages += 1;
-            }
-            5 => {
-                restart_rabbitmq().await;
-                outages += 1;
-            }
-            // Every other tick, while requests flow: a message no client can decode.
-            n if n % 2 == 0 && !publishing.is_finished() => {
-                let exchange = app.names.requests_exchange();
-                poisons += usize::from(publish_poison(&app.services.amqp_url, &exchange, n).await);
-            }
-            _ => {}
-        }
+        faults.kills += 1;
+        fault_of_tick(faults.kills, &app, &mut workers, &mut rng, &mut faults, publishing.is_finished()).await;
         let stored = stored_count(&app.pool).await.unwrap_or(0);
-        if outages == 3 && publishing.is_finished() && stored == REQUESTS as i64 {
+        if faults.outages == 5 && publishing.is_finished() && stored == REQUESTS as i64 {
             break;
         }
     }
-    let resent_windows = publishing.await.expect("publisher");
+    let resent = publishing.await.expect("publisher");
+    let results = read_results(&app.services.amqp_url, &replies, REQUESTS + MISROUTED, Duration::from_secs(60)).await;
     drop(workers);
 
     let stored = app.stored_results().await;
-    let mut model = SequentialModel::default();
-    let (mut lost, mut out_of_order, mut approved) = (0usize, 0usize, 0i64);
-    for r in &requests {
-        let (status, reason, balance) = model.apply(r);
-        approved += i64::from(status == Status::Approved);
-        match stored.get(r.request_id.as_str()) {
-            None => lost += 1,
-            Some(result) => {
-                let matches = result.status == status
-                    && result.reason.map(|x| x.as_str()) == reason
-                    && result.balance.map(|b| b.cents()) == balance;
-                out_of_order += usize::from(!matches);
-            }
-        }
-    }
+    let mut findings = analyse(&requests, &results, &stored);
+    let approved =
+        requests.iter().filter(|r| stored.get(r.request_id.as_str()).is_some_and(|s| s.status == Status::Approved));
+    let approved = approved.count() as i64;
     let entries: i64 =
         sqlx::query_scalar("SELECT count(*) FROM ledger_entries").fetch_one(&app.pool).await.expect("entries");
-    let applied_twice = usize::try_from((entries - approved).max(0)).unwrap_or(usize::MAX);
+    findings.applied_twice += usize::try_from((entries - approved).max(0)).unwrap_or(usize::MAX);
+    let misrouted_refused = results
+        .iter()
+        .filter(|r| r.request_id.as_ref().is_some_and(|id| id.as_str().starts_with("chaos-mis-")))
+        .filter(|r| r.reason == Some(Reason::InvalidRequest))
+        .count();
+    let stale_fences_after_restart = fences_not_above(&app.pool, &faults).await;
     let audit = walletq::ledger::audit::audit(&app.pool).await.expect("audit");
-    // Only the poison messages are dead-lettered: valid traffic never is.
-    let dead_queue = app.names.dead_queue();
-    let poison_deadline = Instant::now() + Duration::from_secs(60);
-    let dead = loop {
-        let dead = queue_length(&app.services.amqp_url, &dead_queue).await;
-        if dead.is_some_and(|d| d as usize >= poisons) || Instant::now() > poison_deadline {
-            break dead.unwrap_or(0) as usize;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let poison_applied: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM requests WHERE request_id LIKE 'chaos-poison-%'")
-            .fetch_one(&app.pool)
-            .await
-            .expect("poison count");
+    let dead = wait_for_dead(&app, faults.poisons + MISROUTED).await;
+    let poison_or_misrouted_stored: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM requests WHERE request_id LIKE 'chaos-poison-%' OR request_id LIKE 'chaos-mis-%'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
 
+    let Findings { lost, applied_twice, out_of_order, replay_mismatch } = findings;
     let summary = format!(
-        "chaos: {REQUESTS} requests, {kills} kills, {outages} outages, {poisons} poison messages ({dead} dead-lettered), \
-         {lost} lost, {applied_twice} applied twice, {out_of_order} out of order \
-         ({resent_windows} publish windows re-sent, {:.1} s)",
+        "chaos: {REQUESTS} requests, {} kills, {} outages, {} poison messages, {misrouted_refused} of {MISROUTED} misrouted refused, \
+         {dead} dead-lettered, {lost} lost, {applied_twice} applied twice, {out_of_order} out of order \
+         ({replay_mismatch} replays differing, {} results read, {resent} messages re-sent, seed {seed}, {:.1} s)",
+        faults.kills,
+        faults.outages,
+        faults.poisons,
+        results.len(),
         started.elapsed().as_secs_f64()
     );
     // Straight to the terminal, past the test harness's capture, so CI shows the figures.
     let _ = writeln!(std::io::stderr(), "{summary}");
-    assert_eq!((lost, applied_twice, out_of_order), (0, 0, 0), "{summary}");
-    assert_eq!(stored.len() - poison_applied as usize, REQUESTS, "exactly one stored result per request");
+    assert_eq!((lost, applied_twice, out_of_order, replay_mismatch), (0, 0, 0, 0), "{summary}");
+    assert_eq!(stored.len(), REQUESTS, "exactly one stored result per valid request: {summary}");
     assert_eq!(entries, approved, "one ledger entry per approved request");
     assert!(audit.is_clean(), "audit: {audit:?}");
-    assert_eq!(poison_applied, 0, "no poison message was applied");
-    assert!(poisons > 0, "the run published poison messages: {summary}");
-    assert_eq!(dead, poisons, "exactly the poison messages are dead-lettered: {summary}");
+    assert!(faults.redis_outage_checked, "the sustained Redis outage ran: {summary}");
+    assert_eq!(stale_fences_after_restart, 0, "fences written after Redis restarted empty are above the old ones");
+    assert_eq!(misrouted_refused, MISROUTED, "every misrouted request is refused: {summary}");
+    assert_eq!(poison_or_misrouted_stored, 0, "no poison or misrouted message was applied");
+    assert!(faults.poisons > 0, "the run published poison messages: {summary}");
+    assert_eq!(dead, faults.poisons + MISROUTED, "exactly the poison and misrouted messages are dead-lettered");
+    delete_replies(&app, &replies).await;
     app.cleanup().await;
+}
+
+/// A durable quorum queue for the run's results: it survives the broker restart.
+async fn declare_replies(app: &helpers::TestApp, queue: &str) {
+    let channel = app.connection.create_channel().await.expect("channel");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    channel.queue_declare(queue.into(), QueueDeclareOptions::durable(), arguments).await.expect("declare replies");
+}
+
+async fn delete_replies(app: &helpers::TestApp, queue: &str) {
+    if let Ok(connection) = walletq::broker::connect(&app.services.amqp_url, "chaos cleanup", None).await {
+        if let Ok(channel) = connection.create_channel().await {
+            let _ = channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await;
+        }
+        let _ = connection.close(200, "OK".into()).await;
+    }
+}
+
+/// Waits up to a minute for `expected` dead letters; returns how many there are.
+async fn wait_for_dead(app: &helpers::TestApp, expected: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let dead = queue_length(&app.services.amqp_url, &app.names.dead_queue()).await;
+        if dead.is_some_and(|d| d as usize >= expected) || Instant::now() > deadline {
+            return dead.unwrap_or(0) as usize;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Users with a request applied after Redis came back whose fence is not above every fence
+/// stored before the outage (0 when the tokens stayed monotonic across the empty restart).
+async fn fences_not_above(pool: &sqlx::PgPool, faults: &Faults) -> i64 {
+    let Some(back_at) = faults.redis_back_at else { return 0 };
+    sqlx::query_scalar(
+        "SELECT count(*) FROM user_fences f
+         WHERE f.fence <= $1 AND EXISTS (SELECT 1 FROM requests r WHERE r.user_id = f.user_id AND r.processed_at > $2)",
+    )
+    .bind(faults.fence_before_outage)
+    .bind(back_at + chrono::Duration::seconds(1))
+    .fetch_one(pool)
+    .await
+    .expect("fences")
+}
+
+/// Each detector fires on the fault it is meant to catch: the run's zeros mean something.
+mod detectors {
+    use super::*;
+
+    fn setup() -> (Vec<Request>, Vec<RequestResult>, HashMap<String, RequestResult>) {
+        let requests = vec![
+            request("d-1", "u", Op::Deposit, 500),
+            request("d-2", "u", Op::Withdraw, 200),
+            request("d-3", "u", Op::Withdraw, 400),
+        ];
+        let now = chrono::Utc::now();
+        let money = |cents| walletq::domain::Money::from_cents(cents).expect("money");
+        let results = vec![
+            RequestResult::approved(&requests[0], money(500), None, now),
+            RequestResult::approved(&requests[1], money(300), None, now),
+            RequestResult::rejected(&requests[2], Reason::InsufficientFunds, Some(money(300)), now),
+        ];
+        let stored = results.iter().map(|r| (r.request_id.as_ref().expect("id").as_str().to_owned(), r.clone()));
+        (requests, results.clone(), stored.collect())
+    }
+
+    #[test]
+    fn a_correct_run_finds_nothing() {
+        let (requests, results, stored) = setup();
+        assert_eq!(analyse(&requests, &results, &stored), Findings::default());
+    }
+
+    #[test]
+    fn a_missing_result_or_stored_row_is_lost() {
+        let (requests, mut results, mut stored) = setup();
+        results.remove(1);
+        assert_eq!(analyse(&requests, &results, &stored).lost, 1);
+        let (_, results, _) = setup();
+        stored.remove("d-3");
+        assert_eq!(analyse(&requests, &results, &stored).lost, 1);
+    }
+
+    #[test]
+    fn a_second_application_is_applied_twice() {
+        let (requests, mut results, stored) = setup();
+        results.push(results[0].clone());
+        assert_eq!(analyse(&requests, &results, &stored).applied_twice, 1);
+    }
+
+    #[test]
+    fn results_of_one_user_out_of_publish_order_are_out_of_order() {
+        let (requests, mut results, stored) = setup();
+        results.swap(0, 1);
+        assert_eq!(analyse(&requests, &results, &stored).out_of_order, 1);
+    }
+
+    #[test]
+    fn a_stored_result_unlike_the_model_is_out_of_order() {
+        let (requests, results, mut stored) = setup();
+        let wrong = stored.get_mut("d-3").expect("d-3");
+        wrong.status = Status::Approved;
+        assert_eq!(analyse(&requests, &results, &stored).out_of_order, 1);
+    }
+
+    #[test]
+    fn a_replay_unlike_the_stored_result_is_found() {
+        let (requests, mut results, stored) = setup();
+        let mut replay = results[1].clone();
+        replay.replayed = true;
+        replay.balance = walletq::domain::Money::from_cents(1);
+        results.push(replay);
+        assert_eq!(analyse(&requests, &results, &stored).replay_mismatch, 1);
+    }
 }

@@ -332,6 +332,22 @@ impl WorkerProcess {
         let _ = self.0.wait();
     }
 
+    /// SIGSTOP: the process freezes wherever it is; its connections stay open.
+    #[allow(dead_code, reason = "used by tests/chaos.rs")]
+    pub fn pause(&self) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.0.id() as i32, libc::SIGSTOP) };
+        assert_eq!(rc, 0, "SIGSTOP the worker");
+    }
+
+    /// SIGCONT after [`WorkerProcess::pause`].
+    #[allow(dead_code, reason = "used by tests/chaos.rs")]
+    pub fn resume(&self) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.0.id() as i32, libc::SIGCONT) };
+        assert_eq!(rc, 0, "SIGCONT the worker");
+    }
+
     /// SIGTERM, then wait for the exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         // SAFETY: plain kill(2) on our own child's pid.
