@@ -1,8 +1,10 @@
 //! PostgreSQL: the wallets, the stored requests and results, the append-only ledger.
 //!
-//! A batch is applied in one transaction with two set-based statements, whatever its
-//! size: one reads (fence check, the wallets locked, the requests already known), one
-//! writes (balances, requests with their results, ledger entries, coupons).
+//! A batch is applied in one transaction with three set-based statements, whatever its
+//! size: the fence check; the reads (the wallets locked, the requests already known); the
+//! writes (balances, only where unchanged since the read; requests with their results;
+//! ledger entries; coupons). docs/ARCHITECTURE.md explains why the fence check is a
+//! statement of its own ("The fenced write is sound on its own").
 
 pub mod audit;
 pub mod group;
@@ -34,6 +36,10 @@ pub enum LedgerError {
     Database(#[from] sqlx::Error),
     #[error("stored data breaks an invariant: {0}")]
     Corrupt(String),
+    /// The batch's wallet write found wallets other than it read: `written` of `expected`
+    /// rows matched. Another transaction wrote them meanwhile; retrying reads them afresh.
+    #[error("{written} of {expected} wallet writes matched the balances read: a wallet changed meanwhile")]
+    WalletChanged { expected: usize, written: i64 },
     /// The group committer is gone (the worker is shutting down).
     #[error("the ledger's group committer has stopped")]
     Stopped,
@@ -148,15 +154,13 @@ impl Ledger {
         let now = Utc::now().trunc_subsecs(6);
         let mut tx = self.pool.begin().await?;
 
-        // 1–2. In one round trip: fencing (lock each user's fence row, sorted so concurrent
-        //      batches can't deadlock; refuse if a newer token has written), the users'
-        //      wallets (locked) and the requests already known.
+        // 1. Fencing, alone (see `fence`): refuse if a newer token has written for a user.
         let mut sorted: Vec<&(UserId, i64)> = fences.iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        let users: Vec<String> = sorted.iter().map(|(u, _)| u.as_str().to_owned()).collect();
+        let fenced: Vec<String> = sorted.iter().map(|(u, _)| u.as_str().to_owned()).collect();
         let tokens: Vec<i64> = sorted.iter().map(|(_, t)| *t).collect();
-        let (accepted, state) = lock_and_load(&mut tx, requests, &users, &tokens).await?;
-        if accepted.len() != users.len() {
+        let accepted = fence(&mut tx, &fenced, &tokens).await?;
+        if accepted.len() != fenced.len() {
             let stale = sorted
                 .iter()
                 .find(|(u, _)| !accepted.iter().any(|a| a == u.as_str()))
@@ -165,9 +169,17 @@ impl Ledger {
             return Err(LedgerError::StaleFence(stale));
         }
 
-        // 3. Apply the rules (pure), then write the plan.
+        // 2. The requests' users' wallets (locked) and the requests already known.
+        let mut users: Vec<String> = requests.iter().map(|r| r.user_id.as_str().to_owned()).collect();
+        users.sort();
+        users.dedup();
+        let state = load(&mut tx, requests, &users).await?;
+
+        // 3. Apply the rules (pure), then write the plan: each wallet only if it still holds
+        //    the balance read (or, when none was read, only if no one created it meanwhile).
+        let read = state.balances.clone();
         let plan = plan_batch(requests, state, now, new_coupon_code);
-        write_plan(&mut tx, &plan, now).await?;
+        write_plan(&mut tx, &plan, &read, now).await?;
         tx.commit().await?;
         Ok(plan.results)
     }
@@ -281,61 +293,63 @@ fn new_coupon_code() -> String {
     format!("WQ-{}", &hex[..16])
 }
 
-/// Fences the users, locks their wallets and reads them, and reads the batch's known
-/// requests, in one statement. Returns the users whose fence was accepted and the state.
-async fn lock_and_load(
-    tx: &mut sqlx::PgConnection,
-    requests: &[Request],
-    users: &[String],
-    tokens: &[i64],
-) -> Result<(Vec<String>, LedgerState), LedgerError> {
-    let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
-    let rows = sqlx::query(
-        "WITH fenced AS (
-             INSERT INTO user_fences (user_id, fence)
-             SELECT * FROM unnest($1::text[], $2::bigint[])
-             ON CONFLICT (user_id) DO UPDATE SET fence = EXCLUDED.fence
-             WHERE user_fences.fence <= EXCLUDED.fence
-             RETURNING user_id
-         ), locked AS (
-             SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) FOR UPDATE
-         )
-         SELECT 'fence' AS kind, user_id, NULL::numeric AS balance,
-                NULL::text AS request_id, NULL::text AS op, NULL::numeric AS amount, NULL::text AS result
-         FROM fenced
-         UNION ALL
-         SELECT 'wallet', user_id, balance, NULL, NULL, NULL, NULL FROM locked
-         UNION ALL
-         SELECT 'known', user_id, NULL, request_id, op, amount, result::text
-         FROM requests WHERE request_id = ANY($3)",
+/// Fences the users: upserts each user's fence row (sorted by the caller, so concurrent
+/// batches can't deadlock) unless a newer token has written, and keeps it row-locked until
+/// the transaction ends. Returns the users whose fence was accepted.
+///
+/// This is a statement of its own, before the reads: if it had to wait for another
+/// transaction's fence row, the reads that follow take their snapshot after that transaction
+/// ended and see everything it wrote, wallets it created included.
+async fn fence(tx: &mut sqlx::PgConnection, users: &[String], tokens: &[i64]) -> Result<Vec<String>, LedgerError> {
+    let accepted = sqlx::query_scalar(
+        "INSERT INTO user_fences (user_id, fence)
+         SELECT * FROM unnest($1::text[], $2::bigint[])
+         ON CONFLICT (user_id) DO UPDATE SET fence = EXCLUDED.fence
+         WHERE user_fences.fence <= EXCLUDED.fence
+         RETURNING user_id",
     )
     .bind(users)
     .bind(tokens)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(accepted)
+}
+
+/// Locks and reads the users' wallets and reads the batch's known requests, in one statement.
+async fn load(tx: &mut sqlx::PgConnection, requests: &[Request], users: &[String]) -> Result<LedgerState, LedgerError> {
+    let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
+    let rows = sqlx::query(
+        "WITH locked AS (
+             SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) FOR UPDATE
+         )
+         SELECT 'wallet' AS kind, user_id, balance,
+                NULL::text AS request_id, NULL::text AS op, NULL::numeric AS amount, NULL::text AS result
+         FROM locked
+         UNION ALL
+         SELECT 'known', user_id, NULL, request_id, op, amount, result::text
+         FROM requests WHERE request_id = ANY($2)",
+    )
+    .bind(users)
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await?;
 
-    let mut accepted = Vec::with_capacity(users.len());
     let mut state = LedgerState::default();
     for row in rows {
         let kind: String = row.try_get("kind")?;
-        match kind.as_str() {
-            "fence" => accepted.push(row.try_get("user_id")?),
-            "wallet" => {
-                let user: String = row.try_get("user_id")?;
-                let balance: Decimal = row.try_get("balance")?;
-                let user = UserId::parse(&user).ok_or_else(|| LedgerError::Corrupt(format!("bad user id {user:?}")))?;
-                let balance = Money::from_decimal(balance)
-                    .ok_or_else(|| LedgerError::Corrupt(format!("balance {balance} of {user} is not valid money")))?;
-                state.balances.insert(user, balance);
-            }
-            _ => {
-                let stored = decode_stored(&row)?;
-                state.known.insert(stored.request.request_id.clone(), stored);
-            }
+        if kind == "wallet" {
+            let user: String = row.try_get("user_id")?;
+            let balance: Decimal = row.try_get("balance")?;
+            let user = UserId::parse(&user).ok_or_else(|| LedgerError::Corrupt(format!("bad user id {user:?}")))?;
+            let balance = Money::from_decimal(balance)
+                .ok_or_else(|| LedgerError::Corrupt(format!("balance {balance} of {user} is not valid money")))?;
+            state.balances.insert(user, balance);
+        } else {
+            let stored = decode_stored(&row)?;
+            state.known.insert(stored.request.request_id.clone(), stored);
         }
     }
-    Ok((accepted, state))
+    Ok(state)
 }
 
 fn decode_stored(row: &sqlx::postgres::PgRow) -> Result<StoredRequest, LedgerError> {
@@ -355,9 +369,13 @@ fn decode_stored(row: &sqlx::postgres::PgRow) -> Result<StoredRequest, LedgerErr
     Ok(StoredRequest { request, result })
 }
 
+/// Writes a plan in one statement. `read` holds the balances the plan started from: a wallet
+/// is updated only while it still holds that balance, and created only if it still does not
+/// exist; when a wallet fails either test nothing is written ([`LedgerError::WalletChanged`]).
 async fn write_plan(
     tx: &mut sqlx::PgConnection,
     plan: &crate::domain::BatchPlan,
+    read: &HashMap<UserId, Money>,
     now: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
     if plan.new_requests.is_empty() {
@@ -366,6 +384,8 @@ async fn write_plan(
     let new = &plan.new_requests;
     let balance_users: Vec<&str> = plan.balances.iter().map(|(u, _)| u.as_str()).collect();
     let balances: Vec<Decimal> = plan.balances.iter().map(|(_, b)| b.as_decimal()).collect();
+    let read_balances: Vec<Option<Decimal>> =
+        plan.balances.iter().map(|(u, _)| read.get(u).map(|b| b.as_decimal())).collect();
 
     let ids: Vec<&str> = new.iter().map(|n| n.request.request_id.as_str()).collect();
     let users: Vec<&str> = new.iter().map(|n| n.request.user_id.as_str()).collect();
@@ -398,12 +418,22 @@ async fn write_plan(
     let coupon_ids: Vec<&str> = coupons.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
 
     // One round trip for the whole plan: the data-modifying CTEs all run, and the foreign
-    // keys between them are checked at the end of the statement.
-    sqlx::query(
+    // keys between them are checked at the end of the statement. The wallet writes never
+    // overwrite blindly: `updated` matches only the balance read, `created` only a wallet
+    // that is still missing; the statement returns how many of them matched.
+    let written: i64 = sqlx::query_scalar(
         "WITH balances AS (
+             SELECT * FROM unnest($1::text[], $2::numeric[], $19::numeric[]) AS b(user_id, balance, read)
+         ), updated AS (
+             UPDATE wallets w SET balance = b.balance, updated_at = now()
+             FROM balances b
+             WHERE w.user_id = b.user_id AND b.read IS NOT NULL AND w.balance = b.read
+             RETURNING w.user_id
+         ), created AS (
              INSERT INTO wallets (user_id, balance)
-             SELECT * FROM unnest($1::text[], $2::numeric[])
-             ON CONFLICT (user_id) DO UPDATE SET balance = EXCLUDED.balance, updated_at = now()
+             SELECT user_id, balance FROM balances WHERE read IS NULL
+             ON CONFLICT (user_id) DO NOTHING
+             RETURNING user_id
          ), stored AS (
              INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at)
              SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $10
@@ -412,9 +442,11 @@ async fn write_plan(
          ), entries AS (
              INSERT INTO ledger_entries (request_id, user_id, delta, balance_after)
              SELECT * FROM unnest($11::text[], $12::text[], $13::numeric[], $14::numeric[])
+         ), granted AS (
+             INSERT INTO coupons (code, user_id, kind, request_id)
+             SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::text[])
          )
-         INSERT INTO coupons (code, user_id, kind, request_id)
-         SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::text[])",
+         SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM created)",
     )
     .bind(&balance_users)
     .bind(&balances)
@@ -434,8 +466,12 @@ async fn write_plan(
     .bind(&coupon_users)
     .bind(&kinds)
     .bind(&coupon_ids)
-    .execute(&mut *tx)
+    .bind(&read_balances)
+    .fetch_one(&mut *tx)
     .await?;
+    if written != balance_users.len() as i64 {
+        return Err(LedgerError::WalletChanged { expected: balance_users.len(), written });
+    }
     Ok(())
 }
 
