@@ -3,6 +3,7 @@
 
 mod bench;
 mod crash;
+mod fault;
 mod fenced_write;
 mod gateway;
 mod group_commit;
