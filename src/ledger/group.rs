@@ -5,7 +5,8 @@
 //! locks of its batch's users while it waits, and one user's requests live in one partition.
 //! That is checked anyway; batches sharing a user are applied one by one, in arrival order.
 //! When a merged transaction fails, each batch is applied on its own, so one partition's
-//! stale fence or poison message never fails another partition's batch.
+//! stale fence or poison message never fails another partition's batch; except when it timed
+//! out (the database stopped answering), which fails every batch of the group at once.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -118,6 +119,14 @@ async fn apply_group(ledger: &Ledger, group: Vec<Job>) {
                     results = results.len(),
                     "a merged batch returned the wrong number of results; applying its batches one by one"
                 );
+            }
+            Err(LedgerError::TimedOut { after_ms }) => {
+                // The link or the server stopped answering: one by one, each batch would wait
+                // out the bound again. They all fail now and come back through their queues.
+                for job in group {
+                    let _ = job.reply.send(Err(LedgerError::TimedOut { after_ms }));
+                }
+                return;
             }
             Err(error) => {
                 tracing::debug!(error = %error, batches = group.len(), "a merged batch failed; applying its batches one by one");

@@ -40,6 +40,12 @@ pub enum LedgerError {
     /// rows matched. Another transaction wrote them meanwhile; retrying reads them afresh.
     #[error("{written} of {expected} wallet writes matched the balances read: a wallet changed meanwhile")]
     WalletChanged { expected: usize, written: i64 },
+    /// The transaction did not end within its client-side bound ([`TRANSACTION_TIMEOUT_MS`]
+    /// by default): a stalled or half-open link, or a server that stopped answering. Its
+    /// connection was closed, not returned to the pool. The transaction may have committed
+    /// if the bound ran out during `COMMIT`; a retry then answers the batch as replays.
+    #[error("the ledger transaction did not finish within {after_ms} ms; its connection was closed")]
+    TimedOut { after_ms: u64 },
     /// The group committer is gone (the worker is shutting down).
     #[error("the ledger's group committer has stopped")]
     Stopped,
@@ -53,8 +59,23 @@ pub struct WalletView {
     pub coupons: Vec<Coupon>,
 }
 
-/// Longest wait for a connection from the pool.
+/// Longest wait for a connection from the pool (opening one included).
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a connection outside the pool (TCP, TLS, startup), such as the one that
+/// creates a missing database: an address that drops packets fails instead of hanging.
+pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Client-side bound on one ledger transaction, from BEGIN to COMMIT. Above
+/// `statement_timeout` + `lock_timeout`, so the server's bounds end a slow statement first;
+/// this one ends what they cannot: a stalled or half-open link, on which nothing answers.
+pub const TRANSACTION_TIMEOUT_MS: u64 = 45_000;
+/// TCP keepalive on the PostgreSQL sockets: the first probe after this much silence...
+pub const TCP_KEEPALIVE_IDLE_MS: u64 = 10_000;
+/// ...then one probe this often...
+pub const TCP_KEEPALIVE_INTERVAL_MS: u64 = 5_000;
+/// ...and the connection is dropped after this many unanswered probes (a dead peer on an
+/// idle pooled connection is found in 10 + 3 × 5 = 25 s). The same total bounds data sent
+/// and never acknowledged (`TCP_USER_TIMEOUT`), which keepalive does not cover.
+pub const TCP_KEEPALIVE_PROBES: u32 = 3;
 /// Server-side bound on any one statement of a walletq session (PostgreSQL `statement_timeout`).
 pub const STATEMENT_TIMEOUT_MS: u64 = 30_000;
 /// Longest wait for a row lock (PostgreSQL `lock_timeout`): a transaction blocked behind
@@ -81,6 +102,7 @@ pub enum Schema {
 #[derive(Clone)]
 pub struct Ledger {
     pool: PgPool,
+    transaction_timeout: Duration,
 }
 
 impl Ledger {
@@ -122,7 +144,7 @@ impl Ledger {
         let pool = PgPoolOptions::new()
             .after_connect(move |_, _| {
                 Box::pin(async move {
-                    set_nodelay_on_sockets_to(port);
+                    tune_sockets_to(port);
                     Ok(())
                 })
             })
@@ -136,7 +158,15 @@ impl Ledger {
             Schema::Migrate => MIGRATOR.run(&pool).await.context("running database migrations")?,
             Schema::Check => check_migrated(&pool).await?,
         }
-        Ok(Ledger { pool })
+        Ok(Ledger { pool, transaction_timeout: Duration::from_millis(TRANSACTION_TIMEOUT_MS) })
+    }
+
+    /// Sets the client-side bound on one [`Ledger::apply_batch`] transaction (default
+    /// [`TRANSACTION_TIMEOUT_MS`]). Tests shorten it to stall a link without waiting 45 s;
+    /// keep it above `statement_timeout` + `lock_timeout` so the server's own bounds act first.
+    pub fn with_transaction_timeout(mut self, timeout: Duration) -> Self {
+        self.transaction_timeout = timeout;
+        self
     }
 
     /// The connection pool, for reads outside the pipeline.
@@ -146,42 +176,27 @@ impl Ledger {
 
     /// Applies `requests` in order under the given fencing tokens, in one transaction, and
     /// returns one result per request.
+    ///
+    /// The transaction is bounded on the client side too ([`Ledger::with_transaction_timeout`]):
+    /// past the bound it is abandoned with [`LedgerError::TimedOut`] and its connection is
+    /// closed rather than returned to the pool, whose state mid-statement nobody knows.
     pub async fn apply_batch(
         &self,
         requests: &[Request],
         fences: &[(UserId, i64)],
     ) -> Result<Vec<RequestResult>, LedgerError> {
-        let now = Utc::now().trunc_subsecs(6);
-        let mut tx = self.pool.begin().await?;
-
-        // 1. Fencing, alone (see `fence`): refuse if a newer token has written for a user.
-        let mut sorted: Vec<&(UserId, i64)> = fences.iter().collect();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        let fenced: Vec<String> = sorted.iter().map(|(u, _)| u.as_str().to_owned()).collect();
-        let tokens: Vec<i64> = sorted.iter().map(|(_, t)| *t).collect();
-        let accepted = fence(&mut tx, &fenced, &tokens).await?;
-        if accepted.len() != fenced.len() {
-            let stale = sorted
-                .iter()
-                .find(|(u, _)| !accepted.iter().any(|a| a == u.as_str()))
-                .map(|(u, _)| u.clone())
-                .ok_or_else(|| LedgerError::Corrupt("fence check returned unknown users".into()))?;
-            return Err(LedgerError::StaleFence(stale));
+        let mut conn = self.pool.acquire().await?;
+        match tokio::time::timeout(self.transaction_timeout, apply_in(&mut *conn, requests, fences)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // Closing the socket (dropping the detached connection) ends the server's
+                // session as soon as the link carries the close; the pool opens a replacement.
+                drop(conn.detach());
+                let after_ms = u64::try_from(self.transaction_timeout.as_millis()).unwrap_or(u64::MAX);
+                tracing::warn!(after_ms, "a ledger transaction timed out; its connection was closed");
+                Err(LedgerError::TimedOut { after_ms })
+            }
         }
-
-        // 2. The requests' users' wallets (locked) and the requests already known.
-        let mut users: Vec<String> = requests.iter().map(|r| r.user_id.as_str().to_owned()).collect();
-        users.sort();
-        users.dedup();
-        let state = load(&mut tx, requests, &users).await?;
-
-        // 3. Apply the rules (pure), then write the plan: each wallet only if it still holds
-        //    the balance read (or, when none was read, only if no one created it meanwhile).
-        let read = state.balances.clone();
-        let plan = plan_batch(requests, state, now, new_coupon_code);
-        write_plan(&mut tx, &plan, &read, now).await?;
-        tx.commit().await?;
-        Ok(plan.results)
     }
 
     /// The stored result of a request, if it was processed.
@@ -228,8 +243,12 @@ async fn create_database_if_missing(options: &PgConnectOptions, shown: &str) -> 
     let Some(name) = options.get_database().map(str::to_owned) else {
         return Ok(());
     };
-    let mut admin = PgConnection::connect_with(&options.clone().database("postgres"))
+    let admin_options = options.clone().database("postgres");
+    let connecting = PgConnection::connect_with(&admin_options);
+    let mut admin = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connecting)
         .await
+        .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT_MS} ms"))
+        .and_then(|connected| Ok(connected?))
         .with_context(|| format!("connecting to PostgreSQL at {shown}"))?;
     let exists_sql = "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)";
     let exists: bool = sqlx::query_scalar(exists_sql).bind(&name).fetch_one(&mut admin).await?;
@@ -262,17 +281,27 @@ async fn check_migrated(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Turns off Nagle's algorithm on every TCP socket of this process connected to `port`.
+/// Tunes every TCP socket of this process connected to `port`: no Nagle's algorithm, and
+/// keepalive with a user timeout. Runs after each connect; sqlx 0.9.0 offers neither option.
 ///
-/// sqlx 0.9.0 stopped setting `TCP_NODELAY` (launchbadge/sqlx#4335, fixed upstream by #4336,
-/// not released yet). Over TLS (`sslmode=prefer`, the default) a statement larger than one
-/// 16 KiB record — a batch's `INSERT … unnest(…)` — is written as several records, and Nagle
-/// holds the last one until the server's delayed ACK: about 40 ms per statement. Runs after
-/// each connect; remove once sqlx sets the option itself.
-fn set_nodelay_on_sockets_to(port: u16) {
+/// `TCP_NODELAY`: sqlx 0.9.0 stopped setting it (launchbadge/sqlx#4335, fixed upstream by
+/// #4336, not released yet). Over TLS (`sslmode=prefer`, the default) a statement larger than
+/// one 16 KiB record — a batch's `INSERT … unnest(…)` — is written as several records, and
+/// Nagle holds the last one until the server's delayed ACK: about 40 ms per statement.
+///
+/// Keepalive ([`TCP_KEEPALIVE_IDLE_MS`] and the next two) and `TCP_USER_TIMEOUT`: a peer
+/// that vanished (a host gone, a dropped NAT entry) is noticed within about 25 s instead of
+/// the kernel's defaults (hours idle, about 15 minutes of retransmissions).
+fn tune_sockets_to(port: u16) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_millis(TCP_KEEPALIVE_IDLE_MS))
+        .with_interval(Duration::from_millis(TCP_KEEPALIVE_INTERVAL_MS))
+        .with_retries(TCP_KEEPALIVE_PROBES);
+    let user_timeout =
+        Duration::from_millis(TCP_KEEPALIVE_IDLE_MS + TCP_KEEPALIVE_INTERVAL_MS * u64::from(TCP_KEEPALIVE_PROBES));
     for entry in entries.flatten() {
         let Some(fd) = entry.file_name().to_str().and_then(|name| name.parse::<std::os::fd::RawFd>().ok()) else {
             continue;
@@ -282,8 +311,15 @@ fn set_nodelay_on_sockets_to(port: u16) {
         let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         let socket = socket2::SockRef::from(&borrowed);
         let peer_port = socket.peer_addr().ok().and_then(|peer| peer.as_socket()).map(|peer| peer.port());
-        if peer_port == Some(port) && socket.tcp_nodelay().is_ok_and(|on| !on) {
+        if peer_port != Some(port) {
+            continue;
+        }
+        if socket.tcp_nodelay().is_ok_and(|on| !on) {
             let _ = socket.set_tcp_nodelay(true);
+        }
+        if socket.keepalive().is_ok_and(|on| !on) {
+            let _ = socket.set_tcp_keepalive(&keepalive);
+            let _ = socket.set_tcp_user_timeout(Some(user_timeout));
         }
     }
 }
@@ -291,6 +327,45 @@ fn set_nodelay_on_sockets_to(port: u16) {
 fn new_coupon_code() -> String {
     let hex = uuid::Uuid::new_v4().simple().to_string().to_ascii_uppercase();
     format!("WQ-{}", &hex[..16])
+}
+
+/// The transaction of [`Ledger::apply_batch`], on one connection.
+async fn apply_in(
+    conn: &mut PgConnection,
+    requests: &[Request],
+    fences: &[(UserId, i64)],
+) -> Result<Vec<RequestResult>, LedgerError> {
+    let now = Utc::now().trunc_subsecs(6);
+    let mut tx = conn.begin().await?;
+
+    // 1. Fencing, alone (see `fence`): refuse if a newer token has written for a user.
+    let mut sorted: Vec<&(UserId, i64)> = fences.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let fenced: Vec<String> = sorted.iter().map(|(u, _)| u.as_str().to_owned()).collect();
+    let tokens: Vec<i64> = sorted.iter().map(|(_, t)| *t).collect();
+    let accepted = fence(&mut tx, &fenced, &tokens).await?;
+    if accepted.len() != fenced.len() {
+        let stale = sorted
+            .iter()
+            .find(|(u, _)| !accepted.iter().any(|a| a == u.as_str()))
+            .map(|(u, _)| u.clone())
+            .ok_or_else(|| LedgerError::Corrupt("fence check returned unknown users".into()))?;
+        return Err(LedgerError::StaleFence(stale));
+    }
+
+    // 2. The requests' users' wallets (locked) and the requests already known.
+    let mut users: Vec<String> = requests.iter().map(|r| r.user_id.as_str().to_owned()).collect();
+    users.sort();
+    users.dedup();
+    let state = load(&mut tx, requests, &users).await?;
+
+    // 3. Apply the rules (pure), then write the plan: each wallet only if it still holds
+    //    the balance read (or, when none was read, only if no one created it meanwhile).
+    let read = state.balances.clone();
+    let plan = plan_batch(requests, state, now, new_coupon_code);
+    write_plan(&mut tx, &plan, &read, now).await?;
+    tx.commit().await?;
+    Ok(plan.results)
 }
 
 /// Fences the users: upserts each user's fence row (sorted by the caller, so concurrent

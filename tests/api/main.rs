@@ -9,6 +9,7 @@ mod gateway;
 mod group_commit;
 mod group_locking;
 mod helpers;
+mod ledger_timeout;
 mod malformed;
 mod operations;
 mod pipeline;
