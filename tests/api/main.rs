@@ -12,6 +12,7 @@ mod helpers;
 mod ledger_timeout;
 mod malformed;
 mod operations;
+mod outcomes;
 mod pipeline;
 mod privileges;
 mod properties;
