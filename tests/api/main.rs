@@ -1,6 +1,7 @@
 //! Integration tests against the real RabbitMQ, Redis and PostgreSQL.
 //! Each test has its own namespace (queues, exchanges, Redis keys) and its own database.
 
+mod audit_checks;
 mod bench;
 mod crash;
 mod fault;
