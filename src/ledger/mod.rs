@@ -186,7 +186,7 @@ impl Ledger {
         fences: &[(UserId, i64)],
     ) -> Result<Vec<RequestResult>, LedgerError> {
         let mut conn = self.pool.acquire().await?;
-        match tokio::time::timeout(self.transaction_timeout, apply_in(&mut *conn, requests, fences)).await {
+        match tokio::time::timeout(self.transaction_timeout, apply_in(&mut conn, requests, fences)).await {
             Ok(outcome) => outcome,
             Err(_) => {
                 // Closing the socket (dropping the detached connection) ends the server's
