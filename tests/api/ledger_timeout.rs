@@ -5,8 +5,10 @@
 
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use sqlx::{Connection, PgConnection};
 use walletq::domain::{Money, Op, Status, UserId};
+use walletq::ledger::group::GroupCommitter;
 use walletq::ledger::{Ledger, LedgerError};
 
 use crate::fault::Relay;
@@ -16,6 +18,13 @@ use crate::helpers::{drop_database, eventually, isolated_services, request};
 const BOUND: Duration = Duration::from_secs(2);
 /// What the timeout may take beyond its bound (the runtime, the shared machine).
 const SLACK: Duration = Duration::from_secs(2);
+
+/// A relay to the PostgreSQL of `database_url`.
+async fn relay_to(database_url: &str) -> Relay {
+    let target = url::Url::parse(database_url).expect("a URL");
+    Relay::start(&format!("{}:{}", target.host_str().expect("a host"), target.port_or_known_default().expect("a port")))
+        .await
+}
 
 /// Waits until some backend of `direct`'s database waits for a lock.
 async fn wait_until_blocked(direct: &Ledger) {
@@ -55,13 +64,7 @@ fn keepalive_of_sockets_to(port: u16) -> Vec<Option<Duration>> {
 async fn a_stalled_database_link_times_the_transaction_out_and_the_pool_recovers() {
     let services = isolated_services();
     let direct = Ledger::connect(&services.database_url, 1, None).await.expect("PostgreSQL must be reachable");
-    let target = url::Url::parse(&services.database_url).expect("a URL");
-    let relay = Relay::start(&format!(
-        "{}:{}",
-        target.host_str().expect("a host"),
-        target.port_or_known_default().expect("a port")
-    ))
-    .await;
+    let relay = relay_to(&services.database_url).await;
     let ledger = Ledger::connect(&relay.through(&services.database_url), 1, None)
         .await
         .expect("PostgreSQL through the relay")
@@ -112,6 +115,51 @@ async fn a_stalled_database_link_times_the_transaction_out_and_the_pool_recovers
     holder.close().await.expect("close");
     ledger.pool().close().await;
     direct.pool().close().await;
+    drop(relay);
+    drop_database(&services.namespace).await;
+}
+
+/// A merged group that the database did not answer in time fails as a whole: applied again
+/// batch by batch, each would wait out a bound again while the link is still stalled.
+#[tokio::test]
+async fn a_group_the_database_did_not_answer_fails_at_once_rather_than_batch_by_batch() {
+    let services = isolated_services();
+    let relay = relay_to(&services.database_url).await;
+    let ledger = Ledger::connect(&relay.through(&services.database_url), 2, None)
+        .await
+        .expect("PostgreSQL through the relay")
+        .with_transaction_timeout(BOUND);
+    let committer = GroupCommitter::spawn(ledger.clone(), 1);
+    eventually("two pooled connections through the relay", Duration::from_secs(10), || async {
+        (relay.connections() == 2).then_some(())
+    })
+    .await;
+    relay.stall();
+
+    // Four partitions' batches on disjoint users: the first takes the one transaction slot
+    // and times out; the others wait, are merged, and their acquire (which pings the pooled
+    // connection over the stalled link) times out. Or all four are merged.
+    let batches: Vec<_> = (0..4)
+        .map(|i| {
+            let user = format!("user{i}");
+            (vec![request(format!("d{i}"), &user, Op::Deposit, 100)], vec![(UserId::parse(&user).expect("user id"), 1)])
+        })
+        .collect();
+    let started = tokio::time::Instant::now();
+    let outcomes = join_all(batches.iter().map(|(requests, fences)| committer.apply_batch(requests, fences))).await;
+    let elapsed = started.elapsed();
+
+    for outcome in &outcomes {
+        let unanswered =
+            matches!(outcome, Err(LedgerError::TimedOut { .. } | LedgerError::Database(sqlx::Error::PoolTimedOut)));
+        assert!(unanswered, "{outcome:?}");
+    }
+    let two_groups = BOUND + walletq::ledger::ACQUIRE_TIMEOUT + SLACK;
+    assert!(elapsed < two_groups, "one bound per group, not one per batch: {elapsed:?}");
+
+    drop(committer);
+    relay.restore();
+    ledger.pool().close().await;
     drop(relay);
     drop_database(&services.namespace).await;
 }
