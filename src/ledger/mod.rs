@@ -444,6 +444,36 @@ fn decode_stored(row: &sqlx::postgres::PgRow) -> Result<StoredRequest, LedgerErr
     Ok(StoredRequest { request, result })
 }
 
+/// The write of [`write_plan`]: one round trip for the whole plan. The data-modifying CTEs
+/// all run, and the foreign keys between them are checked at the end of the statement. The
+/// wallet writes never overwrite blindly: `updated` matches only the balance read, `created`
+/// only a wallet that is still missing; the statement returns how many of them matched.
+const WRITE_PLAN_SQL: &str = "WITH balances AS (
+         SELECT * FROM unnest($1::text[], $2::numeric[], $19::numeric[]) AS b(user_id, balance, read)
+     ), updated AS (
+         UPDATE wallets w SET balance = b.balance, updated_at = now()
+         FROM balances b
+         WHERE w.user_id = b.user_id AND b.read IS NOT NULL AND w.balance = b.read
+         RETURNING w.user_id
+     ), created AS (
+         INSERT INTO wallets (user_id, balance)
+         SELECT user_id, balance FROM balances WHERE read IS NULL
+         ON CONFLICT (user_id) DO NOTHING
+         RETURNING user_id
+     ), stored AS (
+         INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at)
+         SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $10
+         FROM unnest($3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[], $8::text[], $9::text[])
+              AS r(id, user_id, op, amount, status, reason, result)
+     ), entries AS (
+         INSERT INTO ledger_entries (request_id, user_id, delta, balance_after)
+         SELECT * FROM unnest($11::text[], $12::text[], $13::numeric[], $14::numeric[])
+     ), granted AS (
+         INSERT INTO coupons (code, user_id, kind, request_id)
+         SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::text[])
+     )
+     SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM created)";
+
 /// Writes a plan in one statement. `read` holds the balances the plan started from: a wallet
 /// is updated only while it still holds that balance, and created only if it still does not
 /// exist; when a wallet fails either test nothing is written ([`LedgerError::WalletChanged`]).
@@ -492,58 +522,28 @@ async fn write_plan(
     let kinds: Vec<&str> = coupons.iter().map(|(_, c)| c.kind.as_str()).collect();
     let coupon_ids: Vec<&str> = coupons.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
 
-    // One round trip for the whole plan: the data-modifying CTEs all run, and the foreign
-    // keys between them are checked at the end of the statement. The wallet writes never
-    // overwrite blindly: `updated` matches only the balance read, `created` only a wallet
-    // that is still missing; the statement returns how many of them matched.
-    let written: i64 = sqlx::query_scalar(
-        "WITH balances AS (
-             SELECT * FROM unnest($1::text[], $2::numeric[], $19::numeric[]) AS b(user_id, balance, read)
-         ), updated AS (
-             UPDATE wallets w SET balance = b.balance, updated_at = now()
-             FROM balances b
-             WHERE w.user_id = b.user_id AND b.read IS NOT NULL AND w.balance = b.read
-             RETURNING w.user_id
-         ), created AS (
-             INSERT INTO wallets (user_id, balance)
-             SELECT user_id, balance FROM balances WHERE read IS NULL
-             ON CONFLICT (user_id) DO NOTHING
-             RETURNING user_id
-         ), stored AS (
-             INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at)
-             SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $10
-             FROM unnest($3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[], $8::text[], $9::text[])
-                  AS r(id, user_id, op, amount, status, reason, result)
-         ), entries AS (
-             INSERT INTO ledger_entries (request_id, user_id, delta, balance_after)
-             SELECT * FROM unnest($11::text[], $12::text[], $13::numeric[], $14::numeric[])
-         ), granted AS (
-             INSERT INTO coupons (code, user_id, kind, request_id)
-             SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::text[])
-         )
-         SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM created)",
-    )
-    .bind(&balance_users)
-    .bind(&balances)
-    .bind(&ids)
-    .bind(&users)
-    .bind(&ops)
-    .bind(&amounts)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&results)
-    .bind(now)
-    .bind(&entry_ids)
-    .bind(&entry_users)
-    .bind(&deltas)
-    .bind(&after)
-    .bind(&codes)
-    .bind(&coupon_users)
-    .bind(&kinds)
-    .bind(&coupon_ids)
-    .bind(&read_balances)
-    .fetch_one(&mut *tx)
-    .await?;
+    let written: i64 = sqlx::query_scalar(WRITE_PLAN_SQL)
+        .bind(&balance_users)
+        .bind(&balances)
+        .bind(&ids)
+        .bind(&users)
+        .bind(&ops)
+        .bind(&amounts)
+        .bind(&statuses)
+        .bind(&reasons)
+        .bind(&results)
+        .bind(now)
+        .bind(&entry_ids)
+        .bind(&entry_users)
+        .bind(&deltas)
+        .bind(&after)
+        .bind(&codes)
+        .bind(&coupon_users)
+        .bind(&kinds)
+        .bind(&coupon_ids)
+        .bind(&read_balances)
+        .fetch_one(&mut *tx)
+        .await?;
     if written != balance_users.len() as i64 {
         return Err(LedgerError::WalletChanged { expected: balance_users.len(), written });
     }

@@ -61,6 +61,7 @@ struct Shared {
 
 /// A running relay; stops, closing every connection, when dropped.
 pub struct Relay {
+    /// Where the relay listens: what clients connect to instead of the target.
     address: SocketAddr,
     shared: Arc<Shared>,
     /// The accept loop; it owns the connection tasks, so aborting it ends them all.

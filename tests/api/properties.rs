@@ -311,6 +311,7 @@ static CASE: AtomicU64 = AtomicU64::new(0);
 
 /// Where a case's batches go, and what it reads the database with.
 struct Target<'a> {
+    /// The ledger under test, and what the checks read the database with.
     ledger: &'a Ledger,
     /// Through this committer (merged with other cases' batches), or straight to the ledger.
     committer: Option<&'a GroupCommitter>,
