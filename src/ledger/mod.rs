@@ -102,6 +102,8 @@ pub enum Schema {
 #[derive(Clone)]
 pub struct Ledger {
     pool: PgPool,
+    /// Client-side bound on one `apply_batch` transaction ([`TRANSACTION_TIMEOUT_MS`] unless
+    /// [`Ledger::with_transaction_timeout`] changed it).
     transaction_timeout: Duration,
 }
 
@@ -288,6 +290,7 @@ async fn check_migrated(pool: &PgPool) -> anyhow::Result<()> {
 /// #4336, not released yet). Over TLS (`sslmode=prefer`, the default) a statement larger than
 /// one 16 KiB record — a batch's `INSERT … unnest(…)` — is written as several records, and
 /// Nagle holds the last one until the server's delayed ACK: about 40 ms per statement.
+/// Remove that part once sqlx sets the option itself.
 ///
 /// Keepalive ([`TCP_KEEPALIVE_IDLE_MS`] and the next two) and `TCP_USER_TIMEOUT`: a peer
 /// that vanished (a host gone, a dropped NAT entry) is noticed within about 25 s instead of
