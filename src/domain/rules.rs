@@ -10,6 +10,9 @@ use super::money::Money;
 use super::outcome::{Reason, RequestResult};
 use super::request::{Op, Request, RequestId, UserId};
 
+/// The `detail` of a deposit refused because the balance would pass its largest value.
+const DEPOSIT_PAST_MAX_BALANCE: &str = "deposit would exceed the largest supported balance";
+
 /// A request that was already processed, with its stored result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRequest {
@@ -61,7 +64,11 @@ pub struct BatchPlan {
 ///   `insufficient_funds`; otherwise it debits.
 ///
 /// A deposit that would push a balance past the supported range is rejected
-/// `invalid_request` rather than overflowing, and like any invalid request not stored.
+/// `invalid_request` rather than overflowing, and stored like the other rejections.
+///
+/// Every outcome of a new request is stored, so all copies of a message get the same one.
+/// Only a conflict is not stored; its status and reason do not depend on the wallet (the
+/// balance it reports does).
 pub fn plan_batch(
     requests: &[Request],
     mut state: LedgerState,
@@ -94,11 +101,12 @@ pub fn plan_batch(
             },
             (Op::Deposit, balance) => match balance.unwrap_or(Money::ZERO).checked_add(request.amount) {
                 None => {
-                    // Like every invalid request, it is not stored: its id stays usable.
+                    // Stored like every outcome of a valid request: a copy of it (the router's
+                    // second forward, a resend) gets this refusal again, even once a withdrawal
+                    // has made room, so a request_id has one outcome.
                     let mut result = RequestResult::rejected(request, Reason::InvalidRequest, balance, now);
-                    result.detail = Some("deposit would exceed the largest supported balance".into());
-                    plan.results.push(result);
-                    continue;
+                    result.detail = Some(DEPOSIT_PAST_MAX_BALANCE.into());
+                    (result, None)
                 }
                 Some(after) => {
                     let coupon =
@@ -168,15 +176,36 @@ mod tests {
     }
 
     #[test]
-    fn a_deposit_past_the_supported_range_is_invalid_and_not_stored() {
+    fn a_deposit_past_the_supported_range_is_rejected_and_stored_without_an_entry() {
         let mut state = LedgerState::default();
         let huge = Money::parse("9999999999999999.99").unwrap();
         state.balances.insert(UserId::parse("u").unwrap(), huge);
         let plan = plan(&[request("d", "u", Op::Deposit, "1")], state);
         assert_eq!(plan.results[0].reason, Some(Reason::InvalidRequest));
         assert_eq!(plan.results[0].balance, Some(huge));
-        assert!(plan.new_requests.is_empty());
+        assert_eq!(plan.new_requests.len(), 1, "stored, like every other outcome of a valid request");
+        assert_eq!(plan.new_requests[0].entry, None);
         assert!(plan.balances.is_empty());
+    }
+
+    /// Defect 5 of issue 16: the router's duplicate forward of a deposit refused as past the
+    /// largest balance, after a withdrawal made room, was approved (`replayed: false`), and a
+    /// producer keeping the first result believed it was not applied.
+    #[test]
+    fn a_copy_of_a_deposit_refused_past_the_range_gets_the_same_refusal_after_a_withdrawal() {
+        let mut state = LedgerState::default();
+        let huge = Money::parse("9999999999999999.99").unwrap();
+        state.balances.insert(UserId::parse("u").unwrap(), huge);
+        let deposit = request("d", "u", Op::Deposit, "1");
+        let plan = plan(&[deposit.clone(), request("w", "u", Op::Withdraw, "5"), deposit], state);
+        let (first, copy) = (&plan.results[0], &plan.results[2]);
+        assert_eq!(copy.status, Status::Rejected, "{copy:?}");
+        assert!(copy.replayed);
+        assert_eq!(copy, &RequestResult { replayed: true, ..first.clone() }, "one outcome per request_id");
+        assert_eq!(
+            plan.balances,
+            vec![(UserId::parse("u").unwrap(), huge.checked_sub(Money::parse("5").unwrap()).unwrap())]
+        );
     }
 
     #[test]

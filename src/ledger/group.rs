@@ -5,7 +5,8 @@
 //! locks of its batch's users while it waits, and one user's requests live in one partition.
 //! That is checked anyway; batches sharing a user are applied one by one, in arrival order.
 //! When a merged transaction fails, each batch is applied on its own, so one partition's
-//! stale fence or poison message never fails another partition's batch.
+//! stale fence or poison message never fails another partition's batch; except when the
+//! database did not answer in time, which fails every batch of the group at once.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -119,6 +120,15 @@ async fn apply_group(ledger: &Ledger, group: Vec<Job>) {
                     "a merged batch returned the wrong number of results; applying its batches one by one"
                 );
             }
+            Err(error) if unanswered(&error).is_some() => {
+                // The database did not answer in time: one by one, each batch would wait out
+                // the bound again. They all fail now and come back through their queues.
+                let copies: Vec<LedgerError> = group.iter().map_while(|_| unanswered(&error)).collect();
+                for (job, copy) in group.into_iter().zip(copies) {
+                    let _ = job.reply.send(Err(copy));
+                }
+                return;
+            }
             Err(error) => {
                 tracing::debug!(error = %error, batches = group.len(), "a merged batch failed; applying its batches one by one");
             }
@@ -127,6 +137,17 @@ async fn apply_group(ledger: &Ledger, group: Vec<Job>) {
     for job in group {
         let outcome = ledger.apply_batch(&job.requests, &job.fences).await;
         let _ = job.reply.send(outcome);
+    }
+}
+
+/// A copy of `error` when it means the database did not answer in time (the transaction's
+/// bound, or the pool's acquire timeout, which includes checking the connection); `None`
+/// for the errors worth trying batch by batch.
+fn unanswered(error: &LedgerError) -> Option<LedgerError> {
+    match error {
+        LedgerError::TimedOut { after_ms } => Some(LedgerError::TimedOut { after_ms: *after_ms }),
+        LedgerError::Database(sqlx::Error::PoolTimedOut) => Some(LedgerError::Database(sqlx::Error::PoolTimedOut)),
+        _ => None,
     }
 }
 

@@ -1,8 +1,10 @@
 //! PostgreSQL: the wallets, the stored requests and results, the append-only ledger.
 //!
-//! A batch is applied in one transaction with two set-based statements, whatever its
-//! size: one reads (fence check, the wallets locked, the requests already known), one
-//! writes (balances, requests with their results, ledger entries, coupons).
+//! A batch is applied in one transaction with three set-based statements, whatever its
+//! size: the fence check; the reads (the wallets locked, the requests already known); the
+//! writes (balances, only where unchanged since the read; requests with their results;
+//! ledger entries; coupons). docs/ARCHITECTURE.md explains why the fence check is a
+//! statement of its own ("The fenced write is sound on its own").
 
 pub mod audit;
 pub mod group;
@@ -34,6 +36,16 @@ pub enum LedgerError {
     Database(#[from] sqlx::Error),
     #[error("stored data breaks an invariant: {0}")]
     Corrupt(String),
+    /// The batch's wallet write found wallets other than it read: `written` of `expected`
+    /// rows matched. Another transaction wrote them meanwhile; retrying reads them afresh.
+    #[error("{written} of {expected} wallet writes matched the balances read: a wallet changed meanwhile")]
+    WalletChanged { expected: usize, written: i64 },
+    /// The transaction did not end within its client-side bound ([`TRANSACTION_TIMEOUT_MS`]
+    /// by default): a stalled or half-open link, or a server that stopped answering. Its
+    /// connection was closed, not returned to the pool. The transaction may have committed
+    /// if the bound ran out during `COMMIT`; a retry then answers the batch as replays.
+    #[error("the ledger transaction did not finish within {after_ms} ms; its connection was closed")]
+    TimedOut { after_ms: u64 },
     /// The group committer is gone (the worker is shutting down).
     #[error("the ledger's group committer has stopped")]
     Stopped,
@@ -47,8 +59,23 @@ pub struct WalletView {
     pub coupons: Vec<Coupon>,
 }
 
-/// Longest wait for a connection from the pool.
+/// Longest wait for a connection from the pool (opening one included).
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a connection outside the pool (TCP, TLS, startup), such as the one that
+/// creates a missing database: an address that drops packets fails instead of hanging.
+pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Client-side bound on one ledger transaction, from BEGIN to COMMIT. Above
+/// `statement_timeout` + `lock_timeout`, so the server's bounds end a slow statement first;
+/// this one ends what they cannot: a stalled or half-open link, on which nothing answers.
+pub const TRANSACTION_TIMEOUT_MS: u64 = 45_000;
+/// TCP keepalive on the PostgreSQL sockets: the first probe after this much silence...
+pub const TCP_KEEPALIVE_IDLE_MS: u64 = 10_000;
+/// ...then one probe this often...
+pub const TCP_KEEPALIVE_INTERVAL_MS: u64 = 5_000;
+/// ...and the connection is dropped after this many unanswered probes (a dead peer on an
+/// idle pooled connection is found in 10 + 3 × 5 = 25 s). The same total bounds data sent
+/// and never acknowledged (`TCP_USER_TIMEOUT`), which keepalive does not cover.
+pub const TCP_KEEPALIVE_PROBES: u32 = 3;
 /// Server-side bound on any one statement of a walletq session (PostgreSQL `statement_timeout`).
 pub const STATEMENT_TIMEOUT_MS: u64 = 30_000;
 /// Longest wait for a row lock (PostgreSQL `lock_timeout`): a transaction blocked behind
@@ -75,6 +102,9 @@ pub enum Schema {
 #[derive(Clone)]
 pub struct Ledger {
     pool: PgPool,
+    /// Client-side bound on one `apply_batch` transaction ([`TRANSACTION_TIMEOUT_MS`] unless
+    /// [`Ledger::with_transaction_timeout`] changed it).
+    transaction_timeout: Duration,
 }
 
 impl Ledger {
@@ -116,7 +146,7 @@ impl Ledger {
         let pool = PgPoolOptions::new()
             .after_connect(move |_, _| {
                 Box::pin(async move {
-                    set_nodelay_on_sockets_to(port);
+                    tune_sockets_to(port);
                     Ok(())
                 })
             })
@@ -130,7 +160,15 @@ impl Ledger {
             Schema::Migrate => MIGRATOR.run(&pool).await.context("running database migrations")?,
             Schema::Check => check_migrated(&pool).await?,
         }
-        Ok(Ledger { pool })
+        Ok(Ledger { pool, transaction_timeout: Duration::from_millis(TRANSACTION_TIMEOUT_MS) })
+    }
+
+    /// Sets the client-side bound on one [`Ledger::apply_batch`] transaction (default
+    /// [`TRANSACTION_TIMEOUT_MS`]). Tests shorten it to stall a link without waiting 45 s;
+    /// keep it above `statement_timeout` + `lock_timeout` so the server's own bounds act first.
+    pub fn with_transaction_timeout(mut self, timeout: Duration) -> Self {
+        self.transaction_timeout = timeout;
+        self
     }
 
     /// The connection pool, for reads outside the pipeline.
@@ -140,36 +178,27 @@ impl Ledger {
 
     /// Applies `requests` in order under the given fencing tokens, in one transaction, and
     /// returns one result per request.
+    ///
+    /// The transaction is bounded on the client side too ([`Ledger::with_transaction_timeout`]):
+    /// past the bound it is abandoned with [`LedgerError::TimedOut`] and its connection is
+    /// closed rather than returned to the pool, whose state mid-statement nobody knows.
     pub async fn apply_batch(
         &self,
         requests: &[Request],
         fences: &[(UserId, i64)],
     ) -> Result<Vec<RequestResult>, LedgerError> {
-        let now = Utc::now().trunc_subsecs(6);
-        let mut tx = self.pool.begin().await?;
-
-        // 1–2. In one round trip: fencing (lock each user's fence row, sorted so concurrent
-        //      batches can't deadlock; refuse if a newer token has written), the users'
-        //      wallets (locked) and the requests already known.
-        let mut sorted: Vec<&(UserId, i64)> = fences.iter().collect();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        let users: Vec<String> = sorted.iter().map(|(u, _)| u.as_str().to_owned()).collect();
-        let tokens: Vec<i64> = sorted.iter().map(|(_, t)| *t).collect();
-        let (accepted, state) = lock_and_load(&mut tx, requests, &users, &tokens).await?;
-        if accepted.len() != users.len() {
-            let stale = sorted
-                .iter()
-                .find(|(u, _)| !accepted.iter().any(|a| a == u.as_str()))
-                .map(|(u, _)| u.clone())
-                .ok_or_else(|| LedgerError::Corrupt("fence check returned unknown users".into()))?;
-            return Err(LedgerError::StaleFence(stale));
+        let mut conn = self.pool.acquire().await?;
+        match tokio::time::timeout(self.transaction_timeout, apply_in(&mut conn, requests, fences)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                // Closing the socket (dropping the detached connection) ends the server's
+                // session as soon as the link carries the close; the pool opens a replacement.
+                drop(conn.detach());
+                let after_ms = u64::try_from(self.transaction_timeout.as_millis()).unwrap_or(u64::MAX);
+                tracing::warn!(after_ms, "a ledger transaction timed out; its connection was closed");
+                Err(LedgerError::TimedOut { after_ms })
+            }
         }
-
-        // 3. Apply the rules (pure), then write the plan.
-        let plan = plan_batch(requests, state, now, new_coupon_code);
-        write_plan(&mut tx, &plan, now).await?;
-        tx.commit().await?;
-        Ok(plan.results)
     }
 
     /// The stored result of a request, if it was processed.
@@ -216,8 +245,12 @@ async fn create_database_if_missing(options: &PgConnectOptions, shown: &str) -> 
     let Some(name) = options.get_database().map(str::to_owned) else {
         return Ok(());
     };
-    let mut admin = PgConnection::connect_with(&options.clone().database("postgres"))
+    let admin_options = options.clone().database("postgres");
+    let connecting = PgConnection::connect_with(&admin_options);
+    let mut admin = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connecting)
         .await
+        .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT_MS} ms"))
+        .and_then(|connected| Ok(connected?))
         .with_context(|| format!("connecting to PostgreSQL at {shown}"))?;
     let exists_sql = "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)";
     let exists: bool = sqlx::query_scalar(exists_sql).bind(&name).fetch_one(&mut admin).await?;
@@ -250,17 +283,28 @@ async fn check_migrated(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Turns off Nagle's algorithm on every TCP socket of this process connected to `port`.
+/// Tunes every TCP socket of this process connected to `port`: no Nagle's algorithm, and
+/// keepalive with a user timeout. Runs after each connect; sqlx 0.9.0 offers neither option.
 ///
-/// sqlx 0.9.0 stopped setting `TCP_NODELAY` (launchbadge/sqlx#4335, fixed upstream by #4336,
-/// not released yet). Over TLS (`sslmode=prefer`, the default) a statement larger than one
-/// 16 KiB record — a batch's `INSERT … unnest(…)` — is written as several records, and Nagle
-/// holds the last one until the server's delayed ACK: about 40 ms per statement. Runs after
-/// each connect; remove once sqlx sets the option itself.
-fn set_nodelay_on_sockets_to(port: u16) {
+/// `TCP_NODELAY`: sqlx 0.9.0 stopped setting it (launchbadge/sqlx#4335, fixed upstream by
+/// #4336, not released yet). Over TLS (`sslmode=prefer`, the default) a statement larger than
+/// one 16 KiB record — a batch's `INSERT … unnest(…)` — is written as several records, and
+/// Nagle holds the last one until the server's delayed ACK: about 40 ms per statement.
+/// Remove that part once sqlx sets the option itself.
+///
+/// Keepalive ([`TCP_KEEPALIVE_IDLE_MS`] and the next two) and `TCP_USER_TIMEOUT`: a peer
+/// that vanished (a host gone, a dropped NAT entry) is noticed within about 25 s instead of
+/// the kernel's defaults (hours idle, about 15 minutes of retransmissions).
+fn tune_sockets_to(port: u16) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_millis(TCP_KEEPALIVE_IDLE_MS))
+        .with_interval(Duration::from_millis(TCP_KEEPALIVE_INTERVAL_MS))
+        .with_retries(TCP_KEEPALIVE_PROBES);
+    let user_timeout =
+        Duration::from_millis(TCP_KEEPALIVE_IDLE_MS + TCP_KEEPALIVE_INTERVAL_MS * u64::from(TCP_KEEPALIVE_PROBES));
     for entry in entries.flatten() {
         let Some(fd) = entry.file_name().to_str().and_then(|name| name.parse::<std::os::fd::RawFd>().ok()) else {
             continue;
@@ -270,8 +314,15 @@ fn set_nodelay_on_sockets_to(port: u16) {
         let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         let socket = socket2::SockRef::from(&borrowed);
         let peer_port = socket.peer_addr().ok().and_then(|peer| peer.as_socket()).map(|peer| peer.port());
-        if peer_port == Some(port) && socket.tcp_nodelay().is_ok_and(|on| !on) {
+        if peer_port != Some(port) {
+            continue;
+        }
+        if socket.tcp_nodelay().is_ok_and(|on| !on) {
             let _ = socket.set_tcp_nodelay(true);
+        }
+        if socket.keepalive().is_ok_and(|on| !on) {
+            let _ = socket.set_tcp_keepalive(&keepalive);
+            let _ = socket.set_tcp_user_timeout(Some(user_timeout));
         }
     }
 }
@@ -281,61 +332,102 @@ fn new_coupon_code() -> String {
     format!("WQ-{}", &hex[..16])
 }
 
-/// Fences the users, locks their wallets and reads them, and reads the batch's known
-/// requests, in one statement. Returns the users whose fence was accepted and the state.
-async fn lock_and_load(
-    tx: &mut sqlx::PgConnection,
+/// The transaction of [`Ledger::apply_batch`], on one connection.
+async fn apply_in(
+    conn: &mut PgConnection,
     requests: &[Request],
-    users: &[String],
-    tokens: &[i64],
-) -> Result<(Vec<String>, LedgerState), LedgerError> {
-    let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
-    let rows = sqlx::query(
-        "WITH fenced AS (
-             INSERT INTO user_fences (user_id, fence)
-             SELECT * FROM unnest($1::text[], $2::bigint[])
-             ON CONFLICT (user_id) DO UPDATE SET fence = EXCLUDED.fence
-             WHERE user_fences.fence <= EXCLUDED.fence
-             RETURNING user_id
-         ), locked AS (
-             SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) FOR UPDATE
-         )
-         SELECT 'fence' AS kind, user_id, NULL::numeric AS balance,
-                NULL::text AS request_id, NULL::text AS op, NULL::numeric AS amount, NULL::text AS result
-         FROM fenced
-         UNION ALL
-         SELECT 'wallet', user_id, balance, NULL, NULL, NULL, NULL FROM locked
-         UNION ALL
-         SELECT 'known', user_id, NULL, request_id, op, amount, result::text
-         FROM requests WHERE request_id = ANY($3)",
+    fences: &[(UserId, i64)],
+) -> Result<Vec<RequestResult>, LedgerError> {
+    let now = Utc::now().trunc_subsecs(6);
+    let mut tx = conn.begin().await?;
+
+    // 1. Fencing, alone (see `fence`): refuse if a newer token has written for a user.
+    let mut sorted: Vec<&(UserId, i64)> = fences.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let fenced: Vec<String> = sorted.iter().map(|(u, _)| u.as_str().to_owned()).collect();
+    let tokens: Vec<i64> = sorted.iter().map(|(_, t)| *t).collect();
+    let accepted = fence(&mut tx, &fenced, &tokens).await?;
+    if accepted.len() != fenced.len() {
+        let stale = sorted
+            .iter()
+            .find(|(u, _)| !accepted.iter().any(|a| a == u.as_str()))
+            .map(|(u, _)| u.clone())
+            .ok_or_else(|| LedgerError::Corrupt("fence check returned unknown users".into()))?;
+        return Err(LedgerError::StaleFence(stale));
+    }
+
+    // 2. The requests' users' wallets (locked) and the requests already known.
+    let mut users: Vec<String> = requests.iter().map(|r| r.user_id.as_str().to_owned()).collect();
+    users.sort();
+    users.dedup();
+    let state = load(&mut tx, requests, &users).await?;
+
+    // 3. Apply the rules (pure), then write the plan: each wallet only if it still holds
+    //    the balance read (or, when none was read, only if no one created it meanwhile).
+    let read = state.balances.clone();
+    let plan = plan_batch(requests, state, now, new_coupon_code);
+    write_plan(&mut tx, &plan, &read, now).await?;
+    tx.commit().await?;
+    Ok(plan.results)
+}
+
+/// Fences the users: upserts each user's fence row (sorted by the caller, so concurrent
+/// batches can't deadlock) unless a newer token has written, and keeps it row-locked until
+/// the transaction ends. Returns the users whose fence was accepted.
+///
+/// This is a statement of its own, before the reads: if it had to wait for another
+/// transaction's fence row, the reads that follow take their snapshot after that transaction
+/// ended and see everything it wrote, wallets it created included.
+async fn fence(tx: &mut sqlx::PgConnection, users: &[String], tokens: &[i64]) -> Result<Vec<String>, LedgerError> {
+    let accepted = sqlx::query_scalar(
+        "INSERT INTO user_fences (user_id, fence)
+         SELECT * FROM unnest($1::text[], $2::bigint[])
+         ON CONFLICT (user_id) DO UPDATE SET fence = EXCLUDED.fence
+         WHERE user_fences.fence <= EXCLUDED.fence
+         RETURNING user_id",
     )
     .bind(users)
     .bind(tokens)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(accepted)
+}
+
+/// Locks and reads the users' wallets and reads the batch's known requests, in one statement.
+async fn load(tx: &mut sqlx::PgConnection, requests: &[Request], users: &[String]) -> Result<LedgerState, LedgerError> {
+    let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
+    let rows = sqlx::query(
+        "WITH locked AS (
+             SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) FOR UPDATE
+         )
+         SELECT 'wallet' AS kind, user_id, balance,
+                NULL::text AS request_id, NULL::text AS op, NULL::numeric AS amount, NULL::text AS result
+         FROM locked
+         UNION ALL
+         SELECT 'known', user_id, NULL, request_id, op, amount, result::text
+         FROM requests WHERE request_id = ANY($2)",
+    )
+    .bind(users)
     .bind(&ids)
     .fetch_all(&mut *tx)
     .await?;
 
-    let mut accepted = Vec::with_capacity(users.len());
     let mut state = LedgerState::default();
     for row in rows {
         let kind: String = row.try_get("kind")?;
-        match kind.as_str() {
-            "fence" => accepted.push(row.try_get("user_id")?),
-            "wallet" => {
-                let user: String = row.try_get("user_id")?;
-                let balance: Decimal = row.try_get("balance")?;
-                let user = UserId::parse(&user).ok_or_else(|| LedgerError::Corrupt(format!("bad user id {user:?}")))?;
-                let balance = Money::from_decimal(balance)
-                    .ok_or_else(|| LedgerError::Corrupt(format!("balance {balance} of {user} is not valid money")))?;
-                state.balances.insert(user, balance);
-            }
-            _ => {
-                let stored = decode_stored(&row)?;
-                state.known.insert(stored.request.request_id.clone(), stored);
-            }
+        if kind == "wallet" {
+            let user: String = row.try_get("user_id")?;
+            let balance: Decimal = row.try_get("balance")?;
+            let user = UserId::parse(&user).ok_or_else(|| LedgerError::Corrupt(format!("bad user id {user:?}")))?;
+            let balance = Money::from_decimal(balance)
+                .ok_or_else(|| LedgerError::Corrupt(format!("balance {balance} of {user} is not valid money")))?;
+            state.balances.insert(user, balance);
+        } else {
+            let stored = decode_stored(&row)?;
+            state.known.insert(stored.request.request_id.clone(), stored);
         }
     }
-    Ok((accepted, state))
+    Ok(state)
 }
 
 fn decode_stored(row: &sqlx::postgres::PgRow) -> Result<StoredRequest, LedgerError> {
@@ -355,9 +447,43 @@ fn decode_stored(row: &sqlx::postgres::PgRow) -> Result<StoredRequest, LedgerErr
     Ok(StoredRequest { request, result })
 }
 
+/// The write of [`write_plan`]: one round trip for the whole plan. The data-modifying CTEs
+/// all run, and the foreign keys between them are checked at the end of the statement. The
+/// wallet writes never overwrite blindly: `updated` matches only the balance read, `created`
+/// only a wallet that is still missing; the statement returns how many of them matched.
+const WRITE_PLAN_SQL: &str = "WITH balances AS (
+         SELECT * FROM unnest($1::text[], $2::numeric[], $19::numeric[]) AS b(user_id, balance, read)
+     ), updated AS (
+         UPDATE wallets w SET balance = b.balance, updated_at = now()
+         FROM balances b
+         WHERE w.user_id = b.user_id AND b.read IS NOT NULL AND w.balance = b.read
+         RETURNING w.user_id
+     ), created AS (
+         INSERT INTO wallets (user_id, balance)
+         SELECT user_id, balance FROM balances WHERE read IS NULL
+         ON CONFLICT (user_id) DO NOTHING
+         RETURNING user_id
+     ), stored AS (
+         INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at)
+         SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $10
+         FROM unnest($3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[], $8::text[], $9::text[])
+              AS r(id, user_id, op, amount, status, reason, result)
+     ), entries AS (
+         INSERT INTO ledger_entries (request_id, user_id, delta, balance_after)
+         SELECT * FROM unnest($11::text[], $12::text[], $13::numeric[], $14::numeric[])
+     ), granted AS (
+         INSERT INTO coupons (code, user_id, kind, request_id)
+         SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::text[])
+     )
+     SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM created)";
+
+/// Writes a plan in one statement. `read` holds the balances the plan started from: a wallet
+/// is updated only while it still holds that balance, and created only if it still does not
+/// exist; when a wallet fails either test nothing is written ([`LedgerError::WalletChanged`]).
 async fn write_plan(
     tx: &mut sqlx::PgConnection,
     plan: &crate::domain::BatchPlan,
+    read: &HashMap<UserId, Money>,
     now: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
     if plan.new_requests.is_empty() {
@@ -366,6 +492,8 @@ async fn write_plan(
     let new = &plan.new_requests;
     let balance_users: Vec<&str> = plan.balances.iter().map(|(u, _)| u.as_str()).collect();
     let balances: Vec<Decimal> = plan.balances.iter().map(|(_, b)| b.as_decimal()).collect();
+    let read_balances: Vec<Option<Decimal>> =
+        plan.balances.iter().map(|(u, _)| read.get(u).map(|b| b.as_decimal())).collect();
 
     let ids: Vec<&str> = new.iter().map(|n| n.request.request_id.as_str()).collect();
     let users: Vec<&str> = new.iter().map(|n| n.request.user_id.as_str()).collect();
@@ -397,45 +525,31 @@ async fn write_plan(
     let kinds: Vec<&str> = coupons.iter().map(|(_, c)| c.kind.as_str()).collect();
     let coupon_ids: Vec<&str> = coupons.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
 
-    // One round trip for the whole plan: the data-modifying CTEs all run, and the foreign
-    // keys between them are checked at the end of the statement.
-    sqlx::query(
-        "WITH balances AS (
-             INSERT INTO wallets (user_id, balance)
-             SELECT * FROM unnest($1::text[], $2::numeric[])
-             ON CONFLICT (user_id) DO UPDATE SET balance = EXCLUDED.balance, updated_at = now()
-         ), stored AS (
-             INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at)
-             SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $10
-             FROM unnest($3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[], $8::text[], $9::text[])
-                  AS r(id, user_id, op, amount, status, reason, result)
-         ), entries AS (
-             INSERT INTO ledger_entries (request_id, user_id, delta, balance_after)
-             SELECT * FROM unnest($11::text[], $12::text[], $13::numeric[], $14::numeric[])
-         )
-         INSERT INTO coupons (code, user_id, kind, request_id)
-         SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::text[])",
-    )
-    .bind(&balance_users)
-    .bind(&balances)
-    .bind(&ids)
-    .bind(&users)
-    .bind(&ops)
-    .bind(&amounts)
-    .bind(&statuses)
-    .bind(&reasons)
-    .bind(&results)
-    .bind(now)
-    .bind(&entry_ids)
-    .bind(&entry_users)
-    .bind(&deltas)
-    .bind(&after)
-    .bind(&codes)
-    .bind(&coupon_users)
-    .bind(&kinds)
-    .bind(&coupon_ids)
-    .execute(&mut *tx)
-    .await?;
+    let written: i64 = sqlx::query_scalar(WRITE_PLAN_SQL)
+        .bind(&balance_users)
+        .bind(&balances)
+        .bind(&ids)
+        .bind(&users)
+        .bind(&ops)
+        .bind(&amounts)
+        .bind(&statuses)
+        .bind(&reasons)
+        .bind(&results)
+        .bind(now)
+        .bind(&entry_ids)
+        .bind(&entry_users)
+        .bind(&deltas)
+        .bind(&after)
+        .bind(&codes)
+        .bind(&coupon_users)
+        .bind(&kinds)
+        .bind(&coupon_ids)
+        .bind(&read_balances)
+        .fetch_one(&mut *tx)
+        .await?;
+    if written != balance_users.len() as i64 {
+        return Err(LedgerError::WalletChanged { expected: balance_users.len(), written });
+    }
     Ok(())
 }
 

@@ -4,11 +4,21 @@
 //! `decode_request`, as in the worker), compared after every batch with a pure model
 //! written here independently, in integer cents. The audit must stay clean.
 //!
-//! One database for the whole test; every case uses fresh user and request ids. The run is
+//! A second test runs several such sequences at once, each on its own users, through one
+//! `GroupCommitter` (one transaction in flight), as a worker's partitions do: each sequence
+//! hands over one batch at a time, the committer merges the batches that wait together, and
+//! every sequence is checked against its own model.
+//!
+//! One database per test; every case uses fresh user and request ids. The run is
 //! deterministic (fixed RNG seed); `PROPTEST_CASES` changes the number of cases.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+
+use futures_util::future::join_all;
 
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -16,7 +26,8 @@ use proptest::test_runner::{Config, TestCaseError, TestRng, TestRunner};
 use walletq::domain::{
     CouponKind, Money, Op, Reason, Request, RequestId, RequestResult, Status, UserId, decode_request,
 };
-use walletq::ledger::Ledger;
+use walletq::ledger::group::GroupCommitter;
+use walletq::ledger::{Ledger, LedgerError};
 
 use crate::helpers::{drop_database, isolated_services};
 
@@ -24,6 +35,8 @@ use crate::helpers::{drop_database, isolated_services};
 const USERS: usize = 3;
 /// Default number of cases (each a fresh set of users); well under a second each.
 const DEFAULT_CASES: u32 = 64;
+/// Most sequences run at once through the group committer, in one case of the second test.
+const CONCURRENT_SEQUENCES_MAX: usize = 4;
 
 #[derive(Debug, Clone, Copy)]
 enum Change {
@@ -296,7 +309,36 @@ impl Model {
 
 static CASE: AtomicU64 = AtomicU64::new(0);
 
-async fn run_case(ledger: &Ledger, fences: &AtomicI64, steps: &[Step], cuts: &[usize]) -> Result<(), TestCaseError> {
+/// Where a case's batches go, and what it reads the database with.
+struct Target<'a> {
+    /// The ledger under test, and what the checks read the database with.
+    ledger: &'a Ledger,
+    /// Through this committer (merged with other cases' batches), or straight to the ledger.
+    committer: Option<&'a GroupCommitter>,
+    /// The next fencing token (shared by every case of a test, so it only grows).
+    fences: &'a AtomicI64,
+    /// Batches applied per transaction (told apart by the `processed_at` of their new
+    /// results), to check that the committer merged some.
+    transactions: &'a Mutex<HashMap<DateTime<Utc>, usize>>,
+}
+
+impl Target<'_> {
+    async fn apply(&self, requests: &[Request], fences: &[(UserId, i64)]) -> Result<Vec<RequestResult>, LedgerError> {
+        let results = match self.committer {
+            Some(committer) => committer.apply_batch(requests, fences).await,
+            None => self.ledger.apply_batch(requests, fences).await,
+        };
+        // Every result that is not a replay carries its transaction's time.
+        if let Some(fresh) = results.as_ref().ok().and_then(|r| r.iter().find(|r| !r.replayed)) {
+            let mut transactions = self.transactions.lock().expect("not poisoned");
+            *transactions.entry(fresh.processed_at).or_default() += 1;
+        }
+        results
+    }
+}
+
+async fn run_case(target: &Target<'_>, steps: &[Step], cuts: &[usize]) -> Result<(), TestCaseError> {
+    let ledger = target.ledger;
     // A shrunk case runs again: new ids every time.
     let case = CASE.fetch_add(1, Ordering::Relaxed);
     let messages = messages(case, steps);
@@ -326,15 +368,13 @@ async fn run_case(ledger: &Ledger, fences: &AtomicI64, steps: &[Step], cuts: &[u
         if valid.is_empty() {
             continue;
         }
-        let fence = fences.fetch_add(1, Ordering::Relaxed);
+        let fence = target.fences.fetch_add(1, Ordering::Relaxed);
         let mut batch_users: Vec<UserId> = valid.iter().map(|r| r.user_id.clone()).collect();
         batch_users.sort();
         batch_users.dedup();
         let batch_fences: Vec<(UserId, i64)> = batch_users.into_iter().map(|u| (u, fence)).collect();
-        let results = ledger
-            .apply_batch(&valid, &batch_fences)
-            .await
-            .map_err(|e| TestCaseError::fail(format!("apply_batch: {e}")))?;
+        let results =
+            target.apply(&valid, &batch_fences).await.map_err(|e| TestCaseError::fail(format!("apply_batch: {e}")))?;
         prop_assert_eq!(results.len(), valid.len());
         for (request, result) in valid.iter().zip(&results) {
             model.check(request, result)?;
@@ -354,7 +394,12 @@ async fn run_case(ledger: &Ledger, fences: &AtomicI64, steps: &[Step], cuts: &[u
         }
     }
 
-    // Every first result is stored as sent; malformed messages left nothing behind.
+    check_stored(ledger, case, &model, &messages).await
+}
+
+/// At the end of a case: every first result is stored as sent, malformed messages left
+/// nothing behind, nothing else of the case is stored, and the audit is clean.
+async fn check_stored(ledger: &Ledger, case: u64, model: &Model, messages: &[Message]) -> Result<(), TestCaseError> {
     for (id, (_, result)) in &model.stored {
         let stored = ledger
             .stored_result(&RequestId::parse(id).expect("request id"))
@@ -386,13 +431,10 @@ fn ledger_matches_the_model_for_random_sequences() {
     let services = isolated_services();
     let ledger =
         runtime.block_on(Ledger::connect(&services.database_url, 2, None)).expect("PostgreSQL must be reachable");
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(DEFAULT_CASES);
-    let config = Config { cases, failure_persistence: None, max_shrink_iters: 256, ..Config::default() };
-    let rng = TestRng::deterministic_rng(config.rng_algorithm);
-    let mut runner = TestRunner::new_with_rng(config, rng);
-    let fences = AtomicI64::new(1);
+    let (fences, transactions) = (AtomicI64::new(1), Mutex::default());
+    let target = Target { ledger: &ledger, committer: None, fences: &fences, transactions: &transactions };
 
-    let outcome = runner.run(&scenario(), |(steps, cuts)| runtime.block_on(run_case(&ledger, &fences, &steps, &cuts)));
+    let outcome = runner().run(&scenario(), |(steps, cuts)| runtime.block_on(run_case(&target, &steps, &cuts)));
 
     runtime.block_on(async {
         ledger.pool().close().await;
@@ -401,4 +443,46 @@ fn ledger_matches_the_model_for_random_sequences() {
     if let Err(failure) = outcome {
         panic!("{failure}");
     }
+}
+
+#[test]
+fn group_committer_matches_the_model_for_concurrent_sequences_on_disjoint_users() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let services = isolated_services();
+    let ledger =
+        runtime.block_on(Ledger::connect(&services.database_url, 2, None)).expect("PostgreSQL must be reachable");
+    let committer = {
+        let _entered = runtime.enter();
+        GroupCommitter::spawn(ledger.clone(), 1)
+    };
+    let (fences, transactions) = (AtomicI64::new(1), Mutex::default());
+    let target = Target { ledger: &ledger, committer: Some(&committer), fences: &fences, transactions: &transactions };
+    let sequences = prop::collection::vec(scenario(), 2..=CONCURRENT_SEQUENCES_MAX);
+
+    let outcome = runner().run(&sequences, |sequences| {
+        runtime.block_on(async {
+            let cases = sequences.iter().map(|(steps, cuts)| run_case(&target, steps, cuts));
+            join_all(cases).await.into_iter().collect::<Result<Vec<()>, _>>().map(drop)
+        })
+    });
+
+    runtime.block_on(async {
+        drop(committer);
+        ledger.pool().close().await;
+        drop_database(&services.namespace).await;
+    });
+    if let Err(failure) = outcome {
+        panic!("{failure}");
+    }
+    let transactions = transactions.into_inner().expect("not poisoned");
+    let merged = transactions.values().filter(|batches| **batches > 1).count();
+    assert!(merged > 0, "the committer merged no batches in {} transactions", transactions.len());
+}
+
+/// The runner both tests use: `PROPTEST_CASES` cases, a fixed seed, no persistence.
+fn runner() -> TestRunner {
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(DEFAULT_CASES);
+    let config = Config { cases, failure_persistence: None, max_shrink_iters: 256, ..Config::default() };
+    let rng = TestRng::deterministic_rng(config.rng_algorithm);
+    TestRunner::new_with_rng(config, rng)
 }
