@@ -60,7 +60,7 @@ async fn fill_wallet_to_the_brim(app: &TestApp, user: &str) {
 }
 
 #[tokio::test]
-async fn a_deposit_past_the_largest_balance_is_acked_answered_not_stored_and_its_id_stays_usable() {
+async fn a_deposit_past_the_largest_balance_is_acked_answered_and_its_refusal_replayed() {
     let mut app = spawn_app().await;
     let reply = app.reply_queue.clone();
     app.publish_all(&[request("open-max", "max", Op::Deposit, 100)]).await;
@@ -108,17 +108,17 @@ async fn a_deposit_past_the_largest_balance_is_acked_answered_not_stored_and_its
     assert!(String::from_utf8_lossy(&dead_letter.data).contains("marker"), "the one dead letter is the marker");
     assert_eq!(app.balance("max").await, Some(brim), "nothing was credited");
 
-    // PROTOCOL.md: "Like every invalid request it is **not stored**, so its `request_id`
-    // stays usable" -- the two assertions below depend on that rule.
-    assert_eq!(app.count("SELECT count(*) FROM requests WHERE request_id LIKE 'too-much%'").await, 0);
+    // Stored like other rejections (issue 16, defect 5): every copy of the id gets this same
+    // outcome, even after a withdrawal made room.
+    assert_eq!(app.count("SELECT count(*) FROM requests WHERE request_id LIKE 'too-much%'").await, 2);
     app.publish_all(&[request("make-room", "max", Op::Withdraw, 1_000)]).await;
     assert_eq!(app.next_results(1).await[0].1.status, Status::Approved);
     publish_with(&app, &too_much, Some(&reply), Some("corr-again")).await;
     let again = &app.next_results(1).await[0].1;
     assert_eq!(id_of(again), "too-much");
-    assert_eq!(again.status, Status::Approved, "the same id and body, evaluated again against the balance now");
-    assert!(!again.replayed, "nothing was stored to replay");
-    assert_eq!(again.balance, Money::from_cents(999_999_999_999_999_949 - 1_000 + 100));
+    assert_eq!(again.status, Status::Rejected, "the copy gets the stored refusal, not a new evaluation");
+    assert!(again.replayed, "the stored refusal is replayed");
+    assert_eq!(again.balance, Some(brim), "the replay repeats the stored result");
 
     // Acked: once the worker is gone, nothing is left in (or returned to) any partition queue.
     app.stop_worker().await;
