@@ -43,7 +43,7 @@ fi
 scripts/services-up.sh >/dev/null
 log "building the release binary"
 cargo build --release --locked --quiet
-WALLETQ="$PWD/target/release/walletq"
+WALLETQ="$(realpath -m "${CARGO_TARGET_DIR:-$PWD/target}")/release/walletq"
 
 # --- A fresh namespace, database and RabbitMQ virtual host ----------------------
 work=$(mktemp -d)

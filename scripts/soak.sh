@@ -32,7 +32,7 @@ log() { printf 'soak: %s\n' "$*"; }
 python3 -c 'import pika' 2>/dev/null || python3 -m pip install --quiet pika
 if [ -z "${WALLETQ_BIN:-}" ]; then
 	cargo build --quiet --locked --release --bin walletq
-	WALLETQ_BIN=target/release/walletq
+	WALLETQ_BIN="${CARGO_TARGET_DIR:-target}/release/walletq"
 fi
 
 worker_pid="" load_pid=""

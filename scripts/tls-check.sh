@@ -141,7 +141,7 @@ log "services up: redis :$TLS_REDIS_PORT, postgres :$TLS_PG_PORT, rabbitmq :$TLS
 
 # --- walletq against them ---------------------------------------------------------
 cargo build --quiet --locked --bin walletq
-walletq=target/debug/walletq
+walletq="${CARGO_TARGET_DIR:-target}/debug/walletq"
 export RUST_LOG=warn WALLETQ_NAMESPACE=tlscheck
 DB="postgres://postgres@localhost:$TLS_PG_PORT/walletq"
 AMQPS="amqps://guest:guest@localhost:$TLS_AMQP_PORT/%2f"
