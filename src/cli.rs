@@ -248,16 +248,16 @@ async fn submit(args: SubmitArgs, op: Op) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::json!({ "request_id": request.request_id, "published": true }));
         return Ok(ExitCode::SUCCESS);
     }
-    match client.submit_and_wait(&request, Duration::from_secs(args.wait)).await {
-        Ok(result) => {
+    let wait = Duration::from_secs(args.wait);
+    match client.submit_and_wait_for(&request, wait).await? {
+        Some(result) => {
             println!("{}", serde_json::to_string_pretty(&result)?);
             Ok(if result.status == Status::Approved { ExitCode::SUCCESS } else { ExitCode::from(EXIT_REJECTED) })
         }
-        Err(error) if error.to_string().contains("no result") => {
-            eprintln!("walletq: {error}");
+        None => {
+            eprintln!("walletq: no result for request {} within {wait:?}; it may still be applied", request.request_id);
             Ok(ExitCode::from(EXIT_NO_RESULT))
         }
-        Err(error) => Err(error),
     }
 }
 

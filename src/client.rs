@@ -22,7 +22,7 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ExchangeKind};
 use tokio::sync::oneshot;
 
-use crate::broker::{self, Names, Publisher};
+use crate::broker::{self, AMQPSoftError, Names, Publisher};
 use crate::domain::{Money, Op, Request, RequestId, RequestResult, UserId};
 
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<RequestResult>>>>;
@@ -115,7 +115,7 @@ impl Client {
                 Ok(true)
             }
             // A passive declare of a missing exchange closes the channel with 404 NOT_FOUND.
-            Err(error) if error.to_string().contains("NOT_FOUND") => Ok(false),
+            Err(error) if crate::broker::soft_error(&error) == Some(AMQPSoftError::NOTFOUND) => Ok(false),
             Err(error) => Err(error).with_context(|| format!("checking exchange {exchange}")),
         }
     }

@@ -12,6 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use lapin::protocol::AMQPErrorKind;
+pub use lapin::protocol::AMQPSoftError;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder};
 
@@ -45,6 +47,19 @@ pub async fn connect(amqp_url: &str, connection_name: &str, ca_file: Option<&Pat
         .map_err(|_| anyhow::anyhow!("no connection within {CONNECT_TIMEOUT:?}"))
         .and_then(|connected| connected.map_err(anyhow::Error::from))
         .with_context(|| format!("connecting to RabbitMQ at {shown}"))
+}
+
+/// The broker's soft (channel-level) error code when `error` is one, matched by variant:
+/// `PRECONDITIONFAILED` for a declaration with other arguments, `NOTFOUND` for a passive
+/// declaration of something missing.
+pub fn soft_error(error: &lapin::Error) -> Option<AMQPSoftError> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => Some(soft.clone()),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
 }
 
 /// Declares an exclusive, server-named reply queue on its own channel and consumes it

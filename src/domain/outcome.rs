@@ -15,6 +15,16 @@ pub enum Status {
     Rejected,
 }
 
+impl Status {
+    /// The wire name, `approved` or `rejected` (also the stored `status` column).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Approved => "approved",
+            Status::Rejected => "rejected",
+        }
+    }
+}
+
 /// Why a request was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -115,5 +125,20 @@ impl RequestResult {
     pub fn to_json(&self) -> Vec<u8> {
         // Serializing plain data (strings, enums, timestamps) into a Vec cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_names_are_the_serde_names() {
+        for status in [Status::Approved, Status::Rejected] {
+            assert_eq!(serde_json::to_value(status).ok(), Some(serde_json::Value::from(status.as_str())));
+        }
+        for reason in [Reason::InsufficientFunds, Reason::NoWallet, Reason::InvalidRequest, Reason::Conflict] {
+            assert_eq!(serde_json::to_value(reason).ok(), Some(serde_json::Value::from(reason.as_str())));
+        }
     }
 }

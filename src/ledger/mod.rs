@@ -499,13 +499,7 @@ async fn write_plan(
     let users: Vec<&str> = new.iter().map(|n| n.request.user_id.as_str()).collect();
     let ops: Vec<&str> = new.iter().map(|n| n.request.op.as_str()).collect();
     let amounts: Vec<Decimal> = new.iter().map(|n| n.request.amount.as_decimal()).collect();
-    let statuses: Vec<&str> = new
-        .iter()
-        .map(|n| match n.result.status {
-            crate::domain::Status::Approved => "approved",
-            crate::domain::Status::Rejected => "rejected",
-        })
-        .collect();
+    let statuses: Vec<&str> = new.iter().map(|n| n.result.status.as_str()).collect();
     let reasons: Vec<Option<&str>> = new.iter().map(|n| n.result.reason.map(|r| r.as_str())).collect();
     let results: Vec<String> = new
         .iter()

@@ -291,10 +291,7 @@ async fn publish_and_ack(
 
 fn count_result(result: &RequestResult) {
     let op = result.op.map(|op| op.as_str()).unwrap_or("unknown");
-    let status = match result.status {
-        crate::domain::Status::Approved => "approved",
-        crate::domain::Status::Rejected => "rejected",
-    };
+    let status = result.status.as_str();
     let reason = result.reason.map(|r| r.as_str()).unwrap_or("none");
     metrics::counter!("walletq_requests_total", "op" => op, "status" => status, "reason" => reason).increment(1);
     if result.replayed {

@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::jittered_delay;
-use crate::broker::{self, Names, declare_topology};
+use crate::broker::{self, AMQPSoftError, Names, declare_topology};
 use crate::configuration::{ServiceSettings, TopologySettings, WorkerSettings};
 use crate::domain::assignment::partitions_of;
 use crate::ledger::group::GroupCommitter;
@@ -234,8 +234,10 @@ impl Session<'_> {
         let channel =
             connection.create_channel().await.context("opening a channel").map_err(ConnectionFailure::Transient)?;
         if let Err(error) = declare_topology(&channel, &context.names, topology).await {
-            let text = format!("{error:#}");
-            let refused = text.contains("PRECONDITION_FAILED");
+            let refused = error
+                .chain()
+                .filter_map(|e| e.downcast_ref::<lapin::Error>())
+                .any(|e| broker::soft_error(e) == Some(AMQPSoftError::PRECONDITIONFAILED));
             return Err(if refused { ConnectionFailure::Fatal(error) } else { ConnectionFailure::Transient(error) });
         }
         let _ = channel.close(200, "OK".into()).await;
