@@ -4,7 +4,8 @@ mod publish;
 mod topology;
 
 pub use publish::{
-    CONFIRM_TIMEOUT, PUBLISHED_MS_HEADER, Publisher, json_properties, published_at_ms, request_properties,
+    CONFIRM_TIMEOUT, IgnoredPublishTime, PUBLISHED_MS_HEADER, Publisher, json_properties, published_at_ms,
+    request_properties,
 };
 pub use topology::{INGRESS_DELIVERY_LIMIT, Names, declare_topology};
 

@@ -15,7 +15,7 @@ use crate::backoff::jittered_delay;
 use lapin::types::AMQPValue;
 
 use super::router::ROUTING_KEY_HEADER;
-use crate::broker::{Publisher, json_properties, published_at_ms};
+use crate::broker::{IgnoredPublishTime, Publisher, json_properties, published_at_ms};
 use crate::domain::partitioning::partition_of;
 use crate::domain::{InvalidRequest, Request, RequestResult, UserId, decode_request};
 use crate::lock::{Acquire, LockGrant};
@@ -61,6 +61,14 @@ impl From<anyhow::Error> for BatchFailure {
     }
 }
 
+/// When each stage of a batch ended, for the `batch stages` trace.
+struct StageTimes {
+    started: Instant,
+    locked: Instant,
+    applied: Instant,
+    acked: Instant,
+}
+
 /// Applies one batch and acks it, then releases its locks. On error nothing was acked:
 /// the caller returns the whole batch to the queue and then releases the locks it gets
 /// back; whatever was committed is replayed, never applied twice.
@@ -76,9 +84,6 @@ pub(super) async fn process_batch(
     // can send any header value).
     let started_ms = chrono::Utc::now().timestamp_millis();
     let published: Vec<_> = deliveries.iter().map(|d| published_at_ms(&d.properties, started_ms)).collect();
-    // How long the oldest request of the batch waited between its publish and now (-1: unknown).
-    let queued_ms =
-        published.iter().filter_map(|p| p.ok().flatten()).min().map_or(-1, |ms| started_ms.saturating_sub(ms));
     let decoded: Vec<Result<Request, InvalidRequest>> =
         deliveries.iter().map(|d| decode_in_partition(d, context.partitions, partition)).collect();
     let valid: Vec<Request> = decoded.iter().filter_map(|d| d.as_ref().ok().cloned()).collect();
@@ -87,50 +92,75 @@ pub(super) async fn process_batch(
         metrics::counter!("walletq_redeliveries_total").increment(redelivered as u64);
     }
 
-    let mut locks = None;
-    let mut applied = Vec::new();
-    let mut locked_at = started;
-    if !valid.is_empty() {
-        let mut users: Vec<UserId> = Vec::new();
-        for request in &valid {
-            if !users.contains(&request.user_id) {
-                users.push(request.user_id.clone());
-            }
-        }
-        let held = HeldLocks::keep(context, acquire(context, &users, stop).await?);
-        locked_at = Instant::now();
-        match context.committer.apply_batch(&valid, &held.grant.fences).await {
-            Ok(results) => applied = results,
-            Err(error) => {
-                let error = anyhow::Error::from(error).context("applying the batch in PostgreSQL");
-                return Err(BatchFailure { error, locks: Some(held) });
-            }
-        }
-        locks = Some(held);
-    }
-
+    let (locks, applied, locked) = lock_and_apply(context, &valid, stop).await?;
     let applied_at = Instant::now();
     let outcome = publish_and_ack(context, publisher, deliveries, &decoded, applied).await;
-    let acked_at = Instant::now();
+    let acked = Instant::now();
     if let Err(error) = outcome {
         return Err(BatchFailure { error, locks });
     }
     if let Some(locks) = locks {
         locks.release(context).await;
     }
+    let times = StageTimes { started, locked: locked.unwrap_or(started), applied: applied_at, acked };
+    record_batch(deliveries.len(), &published, started_ms, &times);
+    Ok(())
+}
+
+/// Takes the locks of the users of `valid` and applies it: the locks (kept alive), the
+/// results in order, and when the locks were taken. Nothing to lock for no valid request.
+async fn lock_and_apply(
+    context: &WorkerContext,
+    valid: &[Request],
+    stop: &CancellationToken,
+) -> Result<(Option<HeldLocks>, Vec<RequestResult>, Option<Instant>), BatchFailure> {
+    if valid.is_empty() {
+        return Ok((None, Vec::new(), None));
+    }
+    let mut users: Vec<UserId> = Vec::new();
+    for request in valid {
+        if !users.contains(&request.user_id) {
+            users.push(request.user_id.clone());
+        }
+    }
+    let held = HeldLocks::keep(context, acquire(context, &users, stop).await?);
+    let locked = Instant::now();
+    match context.committer.apply_batch(valid, &held.grant.fences).await {
+        Ok(results) => {
+            debug_assert_eq!(results.len(), valid.len(), "one result per valid request");
+            Ok((Some(held), results, Some(locked)))
+        }
+        Err(error) => {
+            let error = anyhow::Error::from(error).context("applying the batch in PostgreSQL");
+            Err(BatchFailure { error, locks: Some(held) })
+        }
+    }
+}
+
+/// The trace and metrics of a finished batch: its stages, size, duration, and each
+/// request's end-to-end latency from its (plausible) publish time.
+fn record_batch(
+    size: usize,
+    published: &[Result<Option<i64>, IgnoredPublishTime>],
+    started_ms: i64,
+    times: &StageTimes,
+) {
+    // How long the oldest request of the batch waited between its publish and the start (-1: unknown).
+    let queued_ms =
+        published.iter().filter_map(|p| p.ok().flatten()).min().map_or(-1, |ms| started_ms.saturating_sub(ms));
     tracing::trace!(
-        size = deliveries.len(),
+        size,
         queued_ms,
-        lock_us = (locked_at - started).as_micros() as u64,
-        apply_us = (applied_at - locked_at).as_micros() as u64,
-        publish_ack_us = (acked_at - applied_at).as_micros() as u64,
-        release_us = acked_at.elapsed().as_micros() as u64,
+        lock_us = (times.locked - times.started).as_micros() as u64,
+        apply_us = (times.applied - times.locked).as_micros() as u64,
+        publish_ack_us = (times.acked - times.applied).as_micros() as u64,
+        release_us = times.acked.elapsed().as_micros() as u64,
         "batch stages"
     );
-    metrics::histogram!("walletq_batch_size").record(deliveries.len() as f64);
-    metrics::histogram!("walletq_batch_duration_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("walletq_batch_size").record(size as f64);
+    metrics::histogram!("walletq_batch_duration_seconds").record(times.started.elapsed().as_secs_f64());
     let now_ms = chrono::Utc::now().timestamp_millis();
-    for published in &published {
+    for published in published {
         match published {
             Ok(Some(published_ms)) => {
                 // At most the skew plus age bounds: both values are plausible times.
@@ -143,7 +173,6 @@ pub(super) async fn process_batch(
             }
         }
     }
-    Ok(())
 }
 
 /// Decodes a delivery of partition `partition` and checks that it belongs there: its user is
@@ -237,38 +266,66 @@ async fn publish_and_ack(
             }
         };
         count_result(&result);
-        let properties = &delivery.properties;
-        let reply_to = match (properties.reply_to().as_ref(), decoded.is_ok()) {
-            (Some(reply_to), _) if context.names.is_own_input_queue(reply_to.as_str()) => {
-                // Never into walletq's own request or dead-letter queues: the result would be
-                // read as a request. It goes to the results queue instead.
-                tracing::warn!(reply_to = %reply_to, "reply_to names one of walletq's own queues; the result goes to the results queue");
-                metrics::counter!("walletq_reply_to_refused_total").increment(1);
-                default_reply_to.as_str()
-            }
-            (Some(reply_to), _) => reply_to.as_str(),
-            (None, true) => default_reply_to.as_str(),
-            // An invalid message without a reply_to only goes to the dead-letter queue.
-            (None, false) => continue,
+        // An invalid message without a reply_to only goes to the dead-letter queue.
+        let Some(reply_to) = reply_target(context, &delivery.properties, decoded.is_ok(), &default_reply_to) else {
+            continue;
         };
-        let correlation_id = properties
-            .correlation_id()
-            .clone()
-            .or_else(|| properties.message_id().clone())
-            .or_else(|| result.request_id.as_ref().map(|id| id.as_str().into()));
-        let mut reply = json_properties();
-        if let Some(request_id) = &result.request_id {
-            reply = reply.with_message_id(request_id.as_str().into());
-        }
-        if let Some(correlation_id) = correlation_id {
-            reply = reply.with_correlation_id(correlation_id);
-        }
+        let reply = reply_properties(&delivery.properties, &result);
         confirms.push(publisher.send("", reply_to, &result.to_json(), reply).await?);
     }
     for confirm in confirms {
         Publisher::confirmed(confirm).await?;
     }
+    settle(publisher, deliveries, decoded).await
+}
 
+/// Where a result goes: the request's `reply_to`, except one of walletq's own queues; else
+/// the results queue for a valid request, and nowhere for an invalid one.
+fn reply_target<'a>(
+    context: &WorkerContext,
+    properties: &'a lapin::BasicProperties,
+    valid: bool,
+    default_reply_to: &'a str,
+) -> Option<&'a str> {
+    match (properties.reply_to().as_ref(), valid) {
+        (Some(reply_to), _) if context.names.is_own_input_queue(reply_to.as_str()) => {
+            // Never into walletq's own request or dead-letter queues: the result would be
+            // read as a request. It goes to the results queue instead.
+            tracing::warn!(reply_to = %reply_to, "reply_to names one of walletq's own queues; the result goes to the results queue");
+            metrics::counter!("walletq_reply_to_refused_total").increment(1);
+            Some(default_reply_to)
+        }
+        (Some(reply_to), _) => Some(reply_to.as_str()),
+        (None, true) => Some(default_reply_to),
+        (None, false) => None,
+    }
+}
+
+/// The result's properties: message_id = request_id, and the request's correlation_id (else
+/// its message_id, else its request_id).
+fn reply_properties(properties: &lapin::BasicProperties, result: &RequestResult) -> lapin::BasicProperties {
+    let correlation_id = properties
+        .correlation_id()
+        .clone()
+        .or_else(|| properties.message_id().clone())
+        .or_else(|| result.request_id.as_ref().map(|id| id.as_str().into()));
+    let mut reply = json_properties();
+    if let Some(request_id) = &result.request_id {
+        reply = reply.with_message_id(request_id.as_str().into());
+    }
+    if let Some(correlation_id) = correlation_id {
+        reply = reply.with_correlation_id(correlation_id);
+    }
+    reply
+}
+
+/// Acks the valid deliveries and rejects (dead-letters) the invalid ones: one multiple ack
+/// when all are valid.
+async fn settle(
+    publisher: &Publisher,
+    deliveries: &[Delivery],
+    decoded: &[Result<Request, InvalidRequest>],
+) -> anyhow::Result<()> {
     let channel = publisher.channel();
     let all_valid = decoded.iter().all(Result::is_ok);
     let last = deliveries.last().context("empty batch")?;

@@ -62,45 +62,19 @@ pub async fn run_worker(
     settings: WorkerSettings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let names = Names::new(services.namespace.clone());
     if let Some(ca_file) = &services.ca_file {
         // A wrong path is a configuration error, not an outage to wait out.
         crate::tls::read_ca_pem(ca_file)?;
     }
-    let backoff_max_ms = settings.backoff_max_ms;
     if settings.metrics_addr.is_some() {
         // Before anything is counted, so start-up retries are exported too.
         crate::telemetry::prometheus()?;
     }
-    let Some(ledger) = retry_until_up("PostgreSQL", backoff_max_ms, &shutdown, || {
-        let schema = if settings.no_migrate { Schema::Check } else { Schema::Migrate };
-        Ledger::connect_with(&services.database_url, settings.db_connections, services.ca_file.as_deref(), schema)
-    })
-    .await
-    else {
+    let Some(connected) = connect_services(&services, &settings, &shutdown).await else {
         return Ok(());
     };
-    let Some(locks) = retry_until_up("Redis", backoff_max_ms, &shutdown, || {
-        UserLocks::connect(&services.redis_url, services.ca_file.as_deref(), names.namespace(), settings.lock_ttl_ms)
-    })
-    .await
-    else {
-        return Ok(());
-    };
-    let worker_id = format!("{}-{}", hostname(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let Some(membership) = retry_until_up("Redis", backoff_max_ms, &shutdown, || {
-        Membership::connect(
-            &services.redis_url,
-            services.ca_file.as_deref(),
-            names.namespace(),
-            &worker_id,
-            settings.member_ttl_ms,
-        )
-    })
-    .await
-    else {
-        return Ok(());
-    };
+    let Connected { ledger, locks, membership, worker_id } = connected;
+    let names = Names::new(services.namespace.clone());
     tracing::info!(%worker_id, namespace = names.namespace(), partitions = topology.partitions, "worker starting");
     let in_flight = settings.group_transactions.min(settings.db_connections) as usize;
     let committer = GroupCommitter::spawn(ledger.clone(), in_flight);
@@ -111,51 +85,9 @@ pub async fn run_worker(
     if let Some(address) = context.settings.metrics_addr {
         endpoints::spawn(address, context.clone(), readiness.clone(), shutdown.clone()).await?;
     }
-
-    // The router has connections of its own: a message the client cannot decode closes the
-    // router's connection, never the one the partitions' batches are in flight on.
     let stop_router = shutdown.child_token();
-    let router = tokio::spawn(router::supervise(
-        services.amqp_url.clone(),
-        services.ca_file.clone(),
-        format!("walletq worker {} router", context.worker_id),
-        context.names.clone(),
-        router::RouterSettings {
-            partitions: topology.partitions,
-            prefetch: context.settings.effective_prefetch(),
-            backoff_max_ms: context.settings.backoff_max_ms,
-            consumer_tag: format!("{}/router", context.worker_id),
-        },
-        stop_router.clone(),
-    ));
-
-    let started_at = Utc::now();
-    let mut failures: u32 = 0;
-    let outcome = loop {
-        let session = Session { context: &context, membership: &membership, readiness: &readiness, started_at };
-        match session.run(&services, &topology, &shutdown).await {
-            Ok(()) => break Ok(()),
-            Err(ConnectionFailure::Fatal(error)) => break Err(error),
-            Err(ConnectionFailure::Transient(error)) => {
-                readiness.broker_connected.store(false, Ordering::Relaxed);
-                if router::is_undecodable(&error) {
-                    // Only the router publishes into partition queues, and what it forwards
-                    // is always decodable: someone with write access published there directly.
-                    metrics::counter!("walletq_undecodable_deliveries_total", "queue" => "partition").increment(1);
-                    tracing::error!(error = %format!("{error:#}"),
-                        "a partition queue holds a message no client can decode (only the router may publish there): move it away by hand; see docs/ARCHITECTURE.md");
-                }
-                metrics::counter!("walletq_reconnects_total", "service" => "rabbitmq").increment(1);
-                failures = failures.saturating_add(1);
-                let delay = jittered_delay(failures, context.settings.backoff_max_ms).max(Duration::from_millis(100));
-                tracing::warn!(error = %format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "broker connection lost; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    };
+    let router = spawn_router(&services, &context, stop_router.clone());
+    let outcome = serve_sessions(&context, &membership, &readiness, &services, &topology, &shutdown).await;
     stop_router.cancel();
     if let Err(error) = router.await {
         tracing::warn!(%error, "the router task panicked");
@@ -165,6 +97,100 @@ pub async fn run_worker(
     }
     tracing::info!("worker stopped");
     outcome
+}
+
+/// The worker's connections to PostgreSQL and Redis, and its identity.
+struct Connected {
+    ledger: Ledger,
+    locks: UserLocks,
+    membership: Membership,
+    worker_id: String,
+}
+
+/// Connects PostgreSQL and Redis, waiting out outages; `None` when `shutdown` came first.
+async fn connect_services(
+    services: &ServiceSettings,
+    settings: &WorkerSettings,
+    shutdown: &CancellationToken,
+) -> Option<Connected> {
+    let backoff_max_ms = settings.backoff_max_ms;
+    let namespace = services.namespace.as_str();
+    let ca_file = services.ca_file.as_deref();
+    let ledger = retry_until_up("PostgreSQL", backoff_max_ms, shutdown, || {
+        let schema = if settings.no_migrate { Schema::Check } else { Schema::Migrate };
+        Ledger::connect_with(&services.database_url, settings.db_connections, ca_file, schema)
+    })
+    .await?;
+    let locks = retry_until_up("Redis", backoff_max_ms, shutdown, || {
+        UserLocks::connect(&services.redis_url, ca_file, namespace, settings.lock_ttl_ms)
+    })
+    .await?;
+    let worker_id = format!("{}-{}", hostname(), &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let membership = retry_until_up("Redis", backoff_max_ms, shutdown, || {
+        Membership::connect(&services.redis_url, ca_file, namespace, &worker_id, settings.member_ttl_ms)
+    })
+    .await?;
+    Some(Connected { ledger, locks, membership, worker_id })
+}
+
+/// Starts the router on connections of its own: a message the client cannot decode closes
+/// the router's connection, never the one the partitions' batches are in flight on.
+fn spawn_router(
+    services: &ServiceSettings,
+    context: &WorkerContext,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(router::supervise(
+        services.amqp_url.clone(),
+        services.ca_file.clone(),
+        format!("walletq worker {} router", context.worker_id),
+        context.names.clone(),
+        router::RouterSettings {
+            partitions: context.partitions,
+            prefetch: context.settings.effective_prefetch(),
+            backoff_max_ms: context.settings.backoff_max_ms,
+            consumer_tag: format!("{}/router", context.worker_id),
+        },
+        stop,
+    ))
+}
+
+/// Serves the owned partitions over one broker connection after another until `shutdown`
+/// (then `Ok`) or a failure no reconnect fixes.
+async fn serve_sessions(
+    context: &Arc<WorkerContext>,
+    membership: &Membership,
+    readiness: &Arc<Readiness>,
+    services: &ServiceSettings,
+    topology: &TopologySettings,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let started_at = Utc::now();
+    let mut failures: u32 = 0;
+    loop {
+        let session = Session { context, membership, readiness, started_at };
+        let error = match session.run(services, topology, shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(ConnectionFailure::Fatal(error)) => return Err(error),
+            Err(ConnectionFailure::Transient(error)) => error,
+        };
+        readiness.broker_connected.store(false, Ordering::Relaxed);
+        if router::is_undecodable(&error) {
+            // Only the router publishes into partition queues, and what it forwards is
+            // always decodable: someone with write access published there directly.
+            metrics::counter!("walletq_undecodable_deliveries_total", "queue" => "partition").increment(1);
+            tracing::error!(error = %format!("{error:#}"),
+                "a partition queue holds a message no client can decode (only the router may publish there): move it away by hand; see docs/ARCHITECTURE.md");
+        }
+        metrics::counter!("walletq_reconnects_total", "service" => "rabbitmq").increment(1);
+        failures = failures.saturating_add(1);
+        let delay = jittered_delay(failures, context.settings.backoff_max_ms).max(Duration::from_millis(100));
+        tracing::warn!(error = %format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "broker connection lost; reconnecting");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
 }
 
 /// Connects with capped, jittered backoff until it works or `shutdown` (then `None`): a
@@ -226,21 +252,7 @@ impl Session<'_> {
         shutdown: &CancellationToken,
     ) -> Result<(), ConnectionFailure> {
         let context = self.context;
-        let name = format!("walletq worker {}", context.worker_id);
-        let connection = broker::connect(&services.amqp_url, &name, services.ca_file.as_deref())
-            .await
-            .map_err(ConnectionFailure::Transient)?;
-        let connection = Arc::new(connection);
-        let channel =
-            connection.create_channel().await.context("opening a channel").map_err(ConnectionFailure::Transient)?;
-        if let Err(error) = declare_topology(&channel, &context.names, topology).await {
-            let refused = error
-                .chain()
-                .filter_map(|e| e.downcast_ref::<lapin::Error>())
-                .any(|e| broker::soft_error(e) == Some(AMQPSoftError::PRECONDITIONFAILED));
-            return Err(if refused { ConnectionFailure::Fatal(error) } else { ConnectionFailure::Transient(error) });
-        }
-        let _ = channel.close(200, "OK".into()).await;
+        let connection = self.open(services, topology).await?;
         self.readiness.broker_connected.store(true, Ordering::Relaxed);
 
         let mut running: HashMap<u16, RunningPartition> = HashMap::new();
@@ -255,20 +267,7 @@ impl Session<'_> {
             tokio::select! {
                 _ = shutdown.cancelled() => break None,
                 _ = tick.tick() => {
-                    let desired = match self.heartbeat(&running, topology.partitions).await {
-                        Ok(desired) => {
-                            last_heartbeat_ok = Instant::now();
-                            Some(desired)
-                        }
-                        Err(error) if last_heartbeat_ok.elapsed() > member_ttl => {
-                            tracing::warn!(error = %format!("{error:#}"), "membership lost: releasing every partition");
-                            Some(BTreeSet::new())
-                        }
-                        Err(error) => {
-                            tracing::warn!(error = %format!("{error:#}"), "heartbeat failed; keeping the current partitions");
-                            None
-                        }
-                    };
+                    let desired = self.desired(&running, topology.partitions, &mut last_heartbeat_ok, member_ttl).await;
                     if let Some(desired) = desired {
                         self.reconcile(&desired, &mut running, &mut tasks, &mut generation, &connection);
                     }
@@ -288,19 +287,61 @@ impl Session<'_> {
             }
         };
 
-        for partition in running.values() {
-            partition.stop.cancel();
-        }
-        while let Some(joined) = tasks.join_next().await {
-            if let Ok((partition, _, Err(error))) = joined {
-                tracing::debug!(partition, error = %format!("{error:#}"), "partition stopped with an error");
-            }
-        }
-        metrics::gauge!("walletq_partitions_owned").set(0.0);
+        stop_partitions(&running, &mut tasks).await;
         let _ = connection.close(200, "OK".into()).await;
         match failure {
             None => Ok(()),
             Some(error) => Err(ConnectionFailure::Transient(error)),
+        }
+    }
+
+    /// Opens the session's connection and declares the topology on it. A declaration the
+    /// broker refuses (PRECONDITION_FAILED: other arguments) is fatal; anything else transient.
+    async fn open(
+        &self,
+        services: &ServiceSettings,
+        topology: &TopologySettings,
+    ) -> Result<Arc<lapin::Connection>, ConnectionFailure> {
+        let name = format!("walletq worker {}", self.context.worker_id);
+        let connection = broker::connect(&services.amqp_url, &name, services.ca_file.as_deref())
+            .await
+            .map_err(ConnectionFailure::Transient)?;
+        let channel =
+            connection.create_channel().await.context("opening a channel").map_err(ConnectionFailure::Transient)?;
+        if let Err(error) = declare_topology(&channel, &self.context.names, topology).await {
+            let refused = error
+                .chain()
+                .filter_map(|e| e.downcast_ref::<lapin::Error>())
+                .any(|e| broker::soft_error(e) == Some(AMQPSoftError::PRECONDITIONFAILED));
+            return Err(if refused { ConnectionFailure::Fatal(error) } else { ConnectionFailure::Transient(error) });
+        }
+        let _ = channel.close(200, "OK".into()).await;
+        Ok(Arc::new(connection))
+    }
+
+    /// The partitions to serve after this heartbeat: `None` keeps the current ones (one
+    /// failed heartbeat), an empty set once heartbeats failed for longer than `member_ttl`
+    /// (the others have taken this worker's partitions by then).
+    async fn desired(
+        &self,
+        running: &HashMap<u16, RunningPartition>,
+        partitions: u16,
+        last_heartbeat_ok: &mut Instant,
+        member_ttl: Duration,
+    ) -> Option<BTreeSet<u16>> {
+        match self.heartbeat(running, partitions).await {
+            Ok(desired) => {
+                *last_heartbeat_ok = Instant::now();
+                Some(desired)
+            }
+            Err(error) if last_heartbeat_ok.elapsed() > member_ttl => {
+                tracing::warn!(error = %format!("{error:#}"), "membership lost: releasing every partition");
+                Some(BTreeSet::new())
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "heartbeat failed; keeping the current partitions");
+                None
+            }
         }
     }
 
@@ -364,6 +405,22 @@ impl Session<'_> {
         }
         metrics::gauge!("walletq_partitions_owned").set(running.len() as f64);
     }
+}
+
+/// Stops every partition after its batch in flight and waits for them.
+async fn stop_partitions(
+    running: &HashMap<u16, RunningPartition>,
+    tasks: &mut JoinSet<(u16, u64, anyhow::Result<()>)>,
+) {
+    for partition in running.values() {
+        partition.stop.cancel();
+    }
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok((partition, _, Err(error))) = joined {
+            tracing::debug!(partition, error = %format!("{error:#}"), "partition stopped with an error");
+        }
+    }
+    metrics::gauge!("walletq_partitions_owned").set(0.0);
 }
 
 fn hostname() -> String {

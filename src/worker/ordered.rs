@@ -56,6 +56,11 @@ impl OrderedConsumer {
         Ok(OrderedConsumer { connection, channel, publisher, consumer, queue: queue.to_owned() })
     }
 
+    /// The queue consumed.
+    pub(super) fn queue(&self) -> &str {
+        &self.queue
+    }
+
     /// The channel's publisher (confirm mode), also for acks on the channel.
     pub(super) fn publisher(&self) -> &Publisher {
         &self.publisher

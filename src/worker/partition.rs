@@ -69,31 +69,19 @@ pub(super) async fn run(
                     poison.settled(&deliveries);
                     stats.settled(deliveries.len());
                 }
-                Err(BatchFailure { error, locks }) => {
+                Err(failure) => {
                     failures = failures.saturating_add(1);
                     stats.settled(0);
-                    let rejected = poison.refused(&context, publisher, &deliveries, &error).await;
-                    if rejected {
-                        // Acked (dead-lettered) on this channel: only now may the locks go.
-                        if let Some(locks) = locks {
-                            locks.release(&context).await;
+                    match poison.after_failure(&context, source, &deliveries, failure).await {
+                        Some(kept) => {
+                            stats.settled(1);
+                            source = kept;
                         }
-                        stats.settled(1);
-                        continue;
+                        None => {
+                            pause(&stop, failures, context.settings.backoff_max_ms).await;
+                            continue 'channel;
+                        }
                     }
-                    tracing::warn!(
-                        %queue,
-                        size = deliveries.len(),
-                        error = %format!("{error:#}"),
-                        "batch not applied; returning it to the queue in order"
-                    );
-                    source.give_back("batch returned to the queue").await;
-                    // Returned: the locks may go now, not before.
-                    if let Some(locks) = locks {
-                        locks.release(&context).await;
-                    }
-                    pause(&stop, failures, context.settings.backoff_max_ms).await;
-                    continue 'channel;
                 }
             }
         }
@@ -125,6 +113,37 @@ impl PoisonTracker {
         for delivery in deliveries {
             self.refusals.remove(&message_key(delivery));
         }
+    }
+
+    /// After a failed batch: the message the database keeps refusing is rejected on the
+    /// same channel (returned `Some`, to go on with), or else the batch goes back to its
+    /// queue (`None`: reopen after a pause). Either way the batch's locks are released only
+    /// after that, never while its messages are still unsettled.
+    async fn after_failure(
+        &mut self,
+        context: &WorkerContext,
+        source: OrderedConsumer,
+        deliveries: &[Delivery],
+        failure: BatchFailure,
+    ) -> Option<OrderedConsumer> {
+        let BatchFailure { error, locks } = failure;
+        let rejected = self.refused(context, source.publisher(), deliveries, &error).await;
+        let kept = if rejected {
+            Some(source)
+        } else {
+            tracing::warn!(
+                queue = %source.queue(),
+                size = deliveries.len(),
+                error = %format!("{error:#}"),
+                "batch not applied; returning it to the queue in order"
+            );
+            source.give_back("batch returned to the queue").await;
+            None
+        };
+        if let Some(locks) = locks {
+            locks.release(context).await;
+        }
+        kept
     }
 
     /// A batch failed with `error`. True when it was a lone message refused too often, and
