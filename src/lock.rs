@@ -123,7 +123,7 @@ impl LockGrant {
 
 /// The outcome of one attempt to lock a batch's users.
 #[derive(Debug)]
-pub enum Acquire {
+pub enum LockAttempt {
     Granted(LockGrant),
     /// Another holder has this user's lock; nothing was taken.
     Contended(UserId),
@@ -167,7 +167,7 @@ impl UserLocks {
     }
 
     /// Tries once to lock all `users` (distinct) in one round trip: all or nothing.
-    pub async fn try_acquire(&self, users: &[UserId]) -> anyhow::Result<Acquire> {
+    pub async fn try_acquire(&self, users: &[UserId]) -> anyhow::Result<LockAttempt> {
         let token = uuid::Uuid::new_v4().simple().to_string();
         let lock_keys: Vec<String> = users.iter().map(|u| self.lock_key(u)).collect();
         let mut invocation = self.acquire.prepare_invoke();
@@ -181,15 +181,16 @@ impl UserLocks {
         let reply: Vec<i64> =
             invocation.invoke_async(&mut self.redis.clone()).await.context("taking user locks in Redis")?;
         match reply.as_slice() {
-            [1, fences @ ..] if fences.len() == users.len() => Ok(Acquire::Granted(LockGrant {
+            [1, fences @ ..] if fences.len() == users.len() => Ok(LockAttempt::Granted(LockGrant {
                 token,
                 lock_keys,
                 fences: users.iter().cloned().zip(fences.iter().copied()).collect(),
             })),
             [0, position] => {
+                debug_assert!((1..=users.len() as i64).contains(position), "the lock script names a user it was given");
                 let index = usize::try_from(*position - 1).unwrap_or(0).min(users.len().saturating_sub(1));
                 let user = users.get(index).cloned().context("lock script named no user")?;
-                Ok(Acquire::Contended(user))
+                Ok(LockAttempt::Contended(user))
             }
             other => anyhow::bail!("unexpected reply from the lock script: {other:?}"),
         }

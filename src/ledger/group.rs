@@ -114,6 +114,7 @@ async fn apply_group(ledger: &Ledger, group: Vec<Job>) {
                 return;
             }
             Ok(results) => {
+                debug_assert_eq!(results.len(), requests.len(), "one result per request of a merged batch");
                 tracing::error!(
                     requests = requests.len(),
                     results = results.len(),

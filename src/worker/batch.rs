@@ -18,7 +18,7 @@ use super::router::ROUTING_KEY_HEADER;
 use crate::broker::{IgnoredPublishTime, Publisher, json_properties, published_at_ms};
 use crate::domain::partitioning::partition_of;
 use crate::domain::{InvalidRequest, Request, RequestResult, UserId, decode_request};
-use crate::lock::{Acquire, LockGrant};
+use crate::lock::{LockAttempt, LockGrant};
 
 /// User locks held for a batch: extended until the batch is acked or given back, so they
 /// never lapse while its results are published (up to the confirm timeout, longer than a
@@ -370,11 +370,11 @@ async fn acquire(context: &WorkerContext, users: &[UserId], stop: &CancellationT
             }
         };
         match outcome {
-            Acquire::Granted(grant) => {
+            LockAttempt::Granted(grant) => {
                 metrics::histogram!("walletq_lock_wait_seconds").record(started.elapsed().as_secs_f64());
                 return Ok(grant);
             }
-            Acquire::Contended(user) => {
+            LockAttempt::Contended(user) => {
                 metrics::counter!("walletq_lock_contention_total").increment(1);
                 tracing::debug!(%user, attempt, "user lock is held elsewhere; backing off");
                 if attempt == attempts || stop.is_cancelled() {

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::UserId;
 use crate::ledger::group::carried_or_next;
-use crate::lock::{Acquire, LockGrant, UserLocks};
+use crate::lock::{LockAttempt, LockGrant, UserLocks};
 
 /// Most users asked for in one merged lock request; more wait for the next round.
 pub const LOCK_GROUP_MAX_USERS: usize = 4_096;
@@ -24,7 +24,7 @@ pub const LOCK_GROUP_MAX_USERS: usize = 4_096;
 const QUEUED_JOBS_MAX: usize = 1_024;
 
 enum Job {
-    Acquire { users: Vec<UserId>, reply: oneshot::Sender<anyhow::Result<Acquire>> },
+    LockAttempt { users: Vec<UserId>, reply: oneshot::Sender<anyhow::Result<LockAttempt>> },
     Release(LockGrant),
 }
 
@@ -44,10 +44,10 @@ impl GroupLocker {
 
     /// Tries once to lock all `users` (distinct), as [`UserLocks::try_acquire`] does, possibly
     /// in one round trip with other partitions' requests.
-    pub async fn try_acquire(&self, users: &[UserId]) -> anyhow::Result<Acquire> {
+    pub async fn try_acquire(&self, users: &[UserId]) -> anyhow::Result<LockAttempt> {
         let (reply, outcome) = oneshot::channel();
         self.jobs
-            .send(Job::Acquire { users: users.to_vec(), reply })
+            .send(Job::LockAttempt { users: users.to_vec(), reply })
             .await
             .map_err(|_| anyhow::anyhow!("the locker has stopped"))?;
         outcome.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the locker has stopped")))
@@ -62,9 +62,11 @@ impl GroupLocker {
     }
 }
 
-struct Request {
+/// A partition's request for its batch's user locks, waiting to be merged with others.
+struct LockRequest {
+    /// The batch's users, each once.
     users: Vec<UserId>,
-    reply: oneshot::Sender<anyhow::Result<Acquire>>,
+    reply: oneshot::Sender<anyhow::Result<LockAttempt>>,
 }
 
 async fn run(locks: UserLocks, mut jobs: mpsc::Receiver<Job>) {
@@ -80,13 +82,13 @@ async fn run(locks: UserLocks, mut jobs: mpsc::Receiver<Job>) {
         while let Some(job) = next.take() {
             match job {
                 Job::Release(grant) => releases.push(grant),
-                Job::Acquire { users: asked, reply } => {
+                Job::LockAttempt { users: asked, reply } => {
                     if !requests.is_empty() && users + asked.len() > LOCK_GROUP_MAX_USERS {
-                        carried = Some(Job::Acquire { users: asked, reply });
+                        carried = Some(Job::LockAttempt { users: asked, reply });
                         break;
                     }
                     users += asked.len();
-                    requests.push(Request { users: asked, reply });
+                    requests.push(LockRequest { users: asked, reply });
                 }
             }
             next = jobs.try_recv().ok();
@@ -103,12 +105,12 @@ async fn run(locks: UserLocks, mut jobs: mpsc::Receiver<Job>) {
     }
 }
 
-async fn acquire_group(locks: &UserLocks, requests: Vec<Request>) {
+async fn acquire_group(locks: &UserLocks, requests: Vec<LockRequest>) {
     let requests = if requests.len() > 1 && users_disjoint(&requests) {
         match acquire_merged(locks, &requests).await {
             Some(grants) => {
                 for (request, grant) in requests.into_iter().zip(grants) {
-                    let _ = request.reply.send(Ok(Acquire::Granted(grant)));
+                    let _ = request.reply.send(Ok(LockAttempt::Granted(grant)));
                 }
                 return;
             }
@@ -125,21 +127,22 @@ async fn acquire_group(locks: &UserLocks, requests: Vec<Request>) {
 }
 
 /// One lock script for every request; `None` when it did not grant them all.
-async fn acquire_merged(locks: &UserLocks, requests: &[Request]) -> Option<Vec<LockGrant>> {
+async fn acquire_merged(locks: &UserLocks, requests: &[LockRequest]) -> Option<Vec<LockGrant>> {
     let all: Vec<UserId> = requests.iter().flat_map(|request| request.users.iter().cloned()).collect();
     match locks.try_acquire(&all).await {
-        Ok(Acquire::Granted(grant)) => {
+        Ok(LockAttempt::Granted(grant)) => {
             let sizes: Vec<usize> = requests.iter().map(|request| request.users.len()).collect();
+            debug_assert_eq!(grant.fences.len(), all.len(), "the lock script grants every key asked for");
             match grant.split(&sizes) {
                 Ok(grants) => Some(grants),
                 Err(grant) => {
-                    // Cannot happen (the script grants every key asked for); give them back.
+                    // Cannot happen (asserted above); give the locks back and ask one by one.
                     let _ = locks.release(&grant).await;
                     None
                 }
             }
         }
-        Ok(Acquire::Contended(user)) => {
+        Ok(LockAttempt::Contended(user)) => {
             tracing::debug!(%user, "a merged lock request met a held lock; asking batch by batch");
             None
         }
@@ -150,7 +153,7 @@ async fn acquire_merged(locks: &UserLocks, requests: &[Request]) -> Option<Vec<L
     }
 }
 
-fn users_disjoint(requests: &[Request]) -> bool {
+fn users_disjoint(requests: &[LockRequest]) -> bool {
     let mut seen = HashSet::new();
     requests.iter().all(|request| request.users.iter().all(|user| seen.insert(user)))
 }

@@ -4,7 +4,7 @@
 
 use futures_util::future::join_all;
 use walletq::domain::UserId;
-use walletq::lock::{Acquire, LockGrant, UserLocks};
+use walletq::lock::{LockAttempt, LockGrant, UserLocks};
 use walletq::worker::locking::GroupLocker;
 
 use crate::helpers::isolated_services;
@@ -49,10 +49,10 @@ fn users(names: &[String]) -> Vec<UserId> {
     names.iter().map(|n| UserId::parse(n).expect("user id")).collect()
 }
 
-fn granted(outcome: anyhow::Result<Acquire>) -> LockGrant {
+fn granted(outcome: anyhow::Result<LockAttempt>) -> LockGrant {
     match outcome.expect("Redis answers") {
-        Acquire::Granted(grant) => grant,
-        Acquire::Contended(user) => panic!("{user} is held"),
+        LockAttempt::Granted(grant) => grant,
+        LockAttempt::Contended(user) => panic!("{user} is held"),
     }
 }
 
@@ -104,8 +104,8 @@ async fn a_held_lock_fails_only_the_batch_that_asks_for_it() {
     let (blocked_outcome, free_outcome) = tokio::join!(locker.try_acquire(&blocked), locker.try_acquire(&free));
 
     match blocked_outcome.expect("Redis answers") {
-        Acquire::Contended(user) => assert_eq!(user.as_str(), "held"),
-        Acquire::Granted(grant) => panic!("granted a held lock: {grant:?}"),
+        LockAttempt::Contended(user) => assert_eq!(user.as_str(), "held"),
+        LockAttempt::Granted(grant) => panic!("granted a held lock: {grant:?}"),
     }
     let grant = granted(free_outcome);
     assert_eq!(grant.fences.len(), 1);

@@ -14,7 +14,7 @@ use walletq::configuration::{QueueType, TopologySettings};
 use walletq::domain::{Money, Op, Status, UserId};
 use walletq::ledger::audit::audit;
 use walletq::ledger::{Ledger, Schema};
-use walletq::lock::{Acquire, UserLocks};
+use walletq::lock::{LockAttempt, UserLocks};
 use walletq::membership::{Membership, WorkerReport};
 
 use crate::helpers::{drop_database, env_or, isolated_services, request, spawn_app_with};
@@ -239,8 +239,8 @@ async fn the_redis_acl_user_is_enough_for_locks_and_membership_and_nothing_else(
     let locks = UserLocks::connect(&url, None, &namespace, 2_000).await.expect("locks connect as the ACL user");
     let alice = UserId::parse("alice").expect("user");
     let grant = match locks.try_acquire(std::slice::from_ref(&alice)).await.expect("acquire") {
-        Acquire::Granted(grant) => grant,
-        Acquire::Contended(user) => panic!("{user} is locked in a fresh namespace"),
+        LockAttempt::Granted(grant) => grant,
+        LockAttempt::Contended(user) => panic!("{user} is locked in a fresh namespace"),
     };
     assert!(locks.extend(&grant).await.expect("extend"));
     locks.release(&grant).await.expect("release");
