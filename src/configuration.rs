@@ -127,11 +127,7 @@ pub const JWT_MAX_TTL_CEILING: Duration = Duration::from_secs(366 * 24 * 60 * 60
 
 impl Default for GatewaySettings {
     fn default() -> Self {
-        GatewaySettings {
-            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
-            db_connections: 8,
-            jwt_max_ttl: crate::gateway::auth::DEFAULT_MAX_TTL,
-        }
+        flag_defaults()
     }
 }
 
@@ -157,47 +153,48 @@ fn parse_namespace(text: &str) -> Result<String, String> {
     if ok { Ok(text.to_owned()) } else { Err("1-48 characters of [a-z0-9_-]".into()) }
 }
 
+/// Settings as their flags' defaults say, whatever the environment holds: each default is
+/// written once, in its `#[arg]` attribute, and `Default` reads it from there.
+fn flag_defaults<T: Args + clap::FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults")).mut_args(|arg| arg.env(None));
+    let matches = command.try_get_matches_from(["defaults"]);
+    // Every setting has a default or is optional (checked by `defaults_come_from_the_flags`).
+    matches.and_then(|m| T::from_arg_matches(&m)).unwrap_or_else(|error| panic!("flag defaults: {error}"))
+}
+
 impl Default for ServiceSettings {
     fn default() -> Self {
-        ServiceSettings {
-            database_url: "postgres://postgres@127.0.0.1:5432/walletq".into(),
-            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            redis_url: "redis://127.0.0.1:6379".into(),
-            ca_file: None,
-            namespace: "walletq".into(),
-        }
+        flag_defaults()
     }
 }
 
 impl Default for TopologySettings {
     fn default() -> Self {
-        TopologySettings { partitions: 16, queue_type: QueueType::Quorum }
+        flag_defaults()
     }
 }
 
 impl Default for WorkerSettings {
     fn default() -> Self {
-        WorkerSettings {
-            batch_max: 256,
-            prefetch: 0,
-            lock_ttl_ms: 5_000,
-            lock_attempts: 8,
-            backoff_max_ms: 2_000,
-            db_connections: 8,
-            group_transactions: 1,
-            drain_timeout_ms: 30_000,
-            max_attempts: 5,
-            heartbeat_ms: 1_000,
-            member_ttl_ms: 3_000,
-            no_migrate: false,
-            metrics_addr: None,
-        }
+        flag_defaults()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_come_from_the_flags() {
+        let worker = WorkerSettings::default();
+        assert_eq!((worker.batch_max, worker.lock_ttl_ms, worker.member_ttl_ms), (256, 5_000, 3_000));
+        assert_eq!(worker.effective_prefetch(), 512);
+        assert_eq!(ServiceSettings::default().namespace, "walletq");
+        assert_eq!(ServiceSettings::default().amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(TopologySettings::default().partitions, 16);
+        assert_eq!(TopologySettings::default().queue_type, QueueType::Quorum);
+        assert_eq!(GatewaySettings::default().listen, std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
+    }
 
     #[test]
     fn namespace_is_restricted() {
