@@ -28,7 +28,7 @@ use crate::domain::{Money, Op, Request, RequestId, RequestResult, UserId};
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<RequestResult>>>>;
 
 /// Most results a client waits for at once.
-pub const MAX_WAITING: usize = 100_000;
+pub const WAITING_MAX: usize = 100_000;
 
 /// A producer of wallet requests.
 pub struct Client {
@@ -140,7 +140,7 @@ impl Client {
         let key = request.request_id.as_str().to_owned();
         {
             let mut waiters = self.waiters.lock().map_err(|_| anyhow::anyhow!("reply router poisoned"))?;
-            anyhow::ensure!(waiters.len() < MAX_WAITING, "more than {MAX_WAITING} requests are waiting for results");
+            anyhow::ensure!(waiters.len() < WAITING_MAX, "more than {WAITING_MAX} requests are waiting for results");
             waiters.insert(key.clone(), sender);
         }
         let outcome = match self.submit(request, Some(&self.reply_queue)).await {

@@ -12,9 +12,9 @@ use serde_json::value::RawValue;
 use walletq::domain::{Money, Op, Request, RequestId, UserId, decode_request};
 
 /// 1,000,000,000.00 in cents.
-const MAX_CENTS: u128 = 100_000_000_000;
+const CENTS_MAX: u128 = 100_000_000_000;
 /// A refusal's reason is published and logged: it stays short whatever the input.
-const MAX_DETAIL_BYTES: usize = 1024;
+const DETAIL_MAX_BYTES: usize = 1024;
 
 fuzz_target!(|body: &[u8]| {
     match decode_request(body) {
@@ -33,7 +33,7 @@ fuzz_target!(|body: &[u8]| {
         Err(invalid) => {
             assert!(!invalid.detail.is_empty(), "a refusal without a reason");
             assert!(
-                invalid.detail.len() <= MAX_DETAIL_BYTES,
+                invalid.detail.len() <= DETAIL_MAX_BYTES,
                 "a {}-byte reason for a {}-byte body",
                 invalid.detail.len(),
                 body.len()
@@ -56,7 +56,7 @@ fn assert_keeps_contract(request: &Request) {
     }
     assert!(matches!(request.op, Op::Withdraw | Op::Deposit));
     let cents = request.amount.cents();
-    assert!(cents > 0 && cents as u128 <= MAX_CENTS, "amount {} out of range", request.amount);
+    assert!(cents > 0 && cents as u128 <= CENTS_MAX, "amount {} out of range", request.amount);
     let decimal = request.amount.as_decimal();
     assert_eq!(decimal.scale(), 2, "amount {} is not carried with 2 decimals", request.amount);
     assert_eq!(decimal.mantissa(), i128::from(cents));
@@ -135,5 +135,5 @@ fn cents_of(text: &str) -> Option<u128> {
         fraction_cents += u128::from(b - b'0') * if i == 0 { 10 } else { 1 };
     }
     let cents = cents * 100 + fraction_cents;
-    (cents > 0 && cents <= MAX_CENTS).then_some(cents)
+    (cents > 0 && cents <= CENTS_MAX).then_some(cents)
 }

@@ -22,7 +22,7 @@ use crate::telemetry::redact_url;
 
 /// AMQP heartbeat used when the URL sets none: a lost machine's connection (and so its
 /// single-active-consumer slots) is noticed within about twice this.
-pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+pub const HEARTBEAT_DEFAULT_S: u16 = 10;
 
 /// Longest wait for a connection to open: TCP, TLS and the AMQP handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,7 +34,7 @@ pub async fn connect(amqp_url: &str, connection_name: &str, ca_file: Option<&Pat
     let mut uri: lapin::uri::AMQPUri =
         amqp_url.parse().map_err(|e: String| anyhow::anyhow!("parsing the AMQP URL {shown}: {e}"))?;
     if uri.query.heartbeat.is_none() {
-        uri.query.heartbeat = Some(DEFAULT_HEARTBEAT_SECS);
+        uri.query.heartbeat = Some(HEARTBEAT_DEFAULT_S);
     }
     let tls = OwnedTLSConfig { identity: None, cert_chain: ca_file.map(crate::tls::read_ca_pem).transpose()? };
     let properties = ConnectionProperties::default().with_connection_name(connection_name.into());

@@ -11,11 +11,11 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Decimal places every amount and balance carries.
 pub const MONEY_SCALE: u32 = 2;
 /// Largest amount one request may move: 1,000,000,000.00, in cents.
-pub const MAX_AMOUNT_CENTS: i64 = 100_000_000_000;
+pub const AMOUNT_MAX_CENTS: i64 = 100_000_000_000;
 /// Longest integer part accepted anywhere (balances included), in digits.
-const MAX_INTEGER_DIGITS: usize = 16;
+const INTEGER_DIGITS_MAX: usize = 16;
 /// Largest balance a wallet may hold: 9999999999999999.99 (16 integer digits), in cents.
-pub const MAX_BALANCE_CENTS: i64 = 999_999_999_999_999_999;
+pub const BALANCE_MAX_CENTS: i64 = 999_999_999_999_999_999;
 
 /// A non-negative quantity of money with exactly two decimals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -63,7 +63,7 @@ impl Money {
             return Err(MoneyError::TooManyDecimals);
         }
         let integer = integer.trim_start_matches('0');
-        if integer.len() > MAX_INTEGER_DIGITS {
+        if integer.len() > INTEGER_DIGITS_MAX {
             return Err(MoneyError::OverMaximum);
         }
         // Both parts are now short runs of ASCII digits: the arithmetic below cannot overflow.
@@ -84,7 +84,7 @@ impl Money {
         if money == Money::ZERO {
             return Err(MoneyError::NotPositive);
         }
-        if money.cents() > MAX_AMOUNT_CENTS {
+        if money.cents() > AMOUNT_MAX_CENTS {
             return Err(MoneyError::OverMaximum);
         }
         Ok(money)
@@ -110,14 +110,14 @@ impl Money {
 
     /// The value in cents.
     pub fn cents(self) -> i64 {
-        // Scale is always 2 and the magnitude is bounded by MAX_INTEGER_DIGITS, so the
+        // Scale is always 2 and the magnitude is bounded by INTEGER_DIGITS_MAX, so the
         // mantissa fits an i64.
         i64::try_from(self.0.mantissa()).unwrap_or(i64::MAX)
     }
 
-    /// `self + other`, `None` past [`MAX_BALANCE_CENTS`].
+    /// `self + other`, `None` past [`BALANCE_MAX_CENTS`].
     pub fn checked_add(self, other: Money) -> Option<Money> {
-        self.cents().checked_add(other.cents()).filter(|&c| c <= MAX_BALANCE_CENTS).and_then(Money::from_cents)
+        self.cents().checked_add(other.cents()).filter(|&c| c <= BALANCE_MAX_CENTS).and_then(Money::from_cents)
     }
 
     /// `self - other`, `None` when the result would be negative.
@@ -167,7 +167,7 @@ mod tests {
         assert_eq!(cents("1"), Ok(100));
         assert_eq!(cents("1.000"), Ok(100));
         assert_eq!(cents("007.50"), Ok(750));
-        assert_eq!(cents("1000000000.00"), Ok(MAX_AMOUNT_CENTS));
+        assert_eq!(cents("1000000000.00"), Ok(AMOUNT_MAX_CENTS));
     }
 
     #[test]

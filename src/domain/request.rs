@@ -9,18 +9,18 @@ use serde_json::value::RawValue;
 use super::money::{Money, MoneyError};
 
 /// Largest message body accepted, in bytes.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+pub const MESSAGE_MAX_BYTES: usize = 64 * 1024;
 /// Longest request or user id, in characters.
-pub const MAX_ID_CHARS: usize = 64;
+pub const ID_MAX_CHARS: usize = 64;
 /// Longest rejection reason, in bytes: it is published and logged, whatever the input.
-pub const MAX_DETAIL_BYTES: usize = 1024;
+pub const DETAIL_MAX_BYTES: usize = 1024;
 /// Problems named in a rejection reason; the rest are only counted.
-const MAX_LISTED_PROBLEMS: usize = 8;
+const LISTED_PROBLEMS_MAX: usize = 8;
 /// Characters of input echoed in one problem.
-const MAX_ECHOED_CHARS: usize = 40;
+const ECHOED_MAX_CHARS: usize = 40;
 
 fn is_valid_id(text: &str) -> bool {
-    (1..=MAX_ID_CHARS).contains(&text.len())
+    (1..=ID_MAX_CHARS).contains(&text.len())
         && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
@@ -165,9 +165,9 @@ const FIELD_NAMES: [&str; 4] = ["request_id", "user_id", "op", "amount"];
 
 /// Decodes and validates a message body. Never panics, whatever the bytes.
 pub fn decode_request(body: &[u8]) -> Result<Request, InvalidRequest> {
-    if body.len() > MAX_MESSAGE_BYTES {
+    if body.len() > MESSAGE_MAX_BYTES {
         return Err(InvalidRequest::bare(format!(
-            "message is {} bytes, over the {MAX_MESSAGE_BYTES}-byte limit",
+            "message is {} bytes, over the {MESSAGE_MAX_BYTES}-byte limit",
             body.len()
         )));
     }
@@ -256,7 +256,7 @@ fn id_field<T>(
     };
     let parsed = as_json_string(raw).and_then(|text| parse(&text));
     if parsed.is_none() {
-        problems.push(format!("`{name}` must be a string of 1-{MAX_ID_CHARS} characters of [A-Za-z0-9._:-]"));
+        problems.push(format!("`{name}` must be a string of 1-{ID_MAX_CHARS} characters of [A-Za-z0-9._:-]"));
     }
     parsed
 }
@@ -268,25 +268,25 @@ fn as_json_string(raw: &RawValue) -> Option<String> {
 
 /// Keeps echoed input short in error details.
 pub(crate) fn truncate(text: &str) -> String {
-    match text.char_indices().nth(MAX_ECHOED_CHARS) {
+    match text.char_indices().nth(ECHOED_MAX_CHARS) {
         Some((cut, _)) => format!("{}…", &text[..cut]),
         None => text.to_owned(),
     }
 }
 
-/// The first problems, joined, with a count of the others; at most [`MAX_DETAIL_BYTES`].
+/// The first problems, joined, with a count of the others; at most [`DETAIL_MAX_BYTES`].
 fn describe(problems: &[String]) -> String {
-    let mut detail = problems.iter().take(MAX_LISTED_PROBLEMS).map(String::as_str).collect::<Vec<_>>().join("; ");
-    if let Some(more) = problems.len().checked_sub(MAX_LISTED_PROBLEMS).filter(|&n| n > 0) {
+    let mut detail = problems.iter().take(LISTED_PROBLEMS_MAX).map(String::as_str).collect::<Vec<_>>().join("; ");
+    if let Some(more) = problems.len().checked_sub(LISTED_PROBLEMS_MAX).filter(|&n| n > 0) {
         let _ = write!(detail, "; and {more} more problem(s)");
     }
     bounded(detail)
 }
 
-/// Cuts `text` to at most [`MAX_DETAIL_BYTES`], on a character boundary.
+/// Cuts `text` to at most [`DETAIL_MAX_BYTES`], on a character boundary.
 fn bounded(mut text: String) -> String {
-    if text.len() > MAX_DETAIL_BYTES {
-        let mut cut = MAX_DETAIL_BYTES - '…'.len_utf8();
+    if text.len() > DETAIL_MAX_BYTES {
+        let mut cut = DETAIL_MAX_BYTES - '…'.len_utf8();
         while !text.is_char_boundary(cut) {
             cut -= 1;
         }
@@ -357,24 +357,24 @@ mod tests {
         let body = format!(r#"{{"request_id":"{long_id}","user_id":"u","op":"withdraw","amount":"1"}}"#);
         assert!(decode(&body).unwrap_err().detail.contains("request_id"));
         assert!(decode_request(&[0xff, 0xfe]).unwrap_err().detail.contains("UTF-8"));
-        let huge = vec![b' '; MAX_MESSAGE_BYTES + 1];
+        let huge = vec![b' '; MESSAGE_MAX_BYTES + 1];
         assert!(decode_request(&huge).unwrap_err().detail.contains("limit"));
     }
 
     #[test]
     fn rejection_reasons_stay_short_whatever_the_input() {
         // Found by the fuzzer: serde's error quoted a whole JSON string body in the reason.
-        let quoted = format!("\"{}\"", "x".repeat(MAX_MESSAGE_BYTES - 2));
+        let quoted = format!("\"{}\"", "x".repeat(MESSAGE_MAX_BYTES - 2));
         let err = decode(&quoted).unwrap_err();
-        assert!(err.detail.len() <= MAX_DETAIL_BYTES, "{} bytes", err.detail.len());
+        assert!(err.detail.len() <= DETAIL_MAX_BYTES, "{} bytes", err.detail.len());
         assert!(err.detail.starts_with("body is not a JSON object"), "{}", err.detail);
         // Thousands of unknown fields: the first few are named, the others counted.
         let fields: Vec<String> = (0..1_500).map(|i| format!("\"field-{i}-{}\":1", "é".repeat(10))).collect();
         let err = decode(&format!("{{{}}}", fields.join(","))).unwrap_err();
-        assert!(err.detail.len() <= MAX_DETAIL_BYTES, "{} bytes", err.detail.len());
+        assert!(err.detail.len() <= DETAIL_MAX_BYTES, "{} bytes", err.detail.len());
         assert!(err.detail.contains("more problem(s)"), "{}", err.detail);
-        let long = bounded("ü".repeat(MAX_DETAIL_BYTES));
-        assert!(long.len() <= MAX_DETAIL_BYTES && long.ends_with('…'));
+        let long = bounded("ü".repeat(DETAIL_MAX_BYTES));
+        assert!(long.len() <= DETAIL_MAX_BYTES && long.ends_with('…'));
     }
 
     #[test]

@@ -17,24 +17,24 @@ use crate::domain::UserId;
 /// Environment variable that holds the signing secret.
 pub const JWT_SECRET_ENV: &str = "WALLETQ_JWT_SECRET";
 /// Shortest secret accepted: RFC 7518 §3.2 asks HS256 keys to be at least 256 bits.
-pub const MIN_SECRET_BYTES: usize = 32;
+pub const SECRET_MIN_BYTES: usize = 32;
 /// Clock skew tolerated between the token's issuer and the gateway, in seconds: on `exp`,
 /// `nbf` and `iat` (jsonwebtoken's `Validation::leeway`, whose own default is 60 s).
 pub const CLOCK_LEEWAY_S: u64 = 30;
 /// Default of `--jwt-max-ttl`: the longest lifetime a token may declare.
-pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+pub const TOKEN_TTL_MAX_DEFAULT: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The HS256 signing secret. Its `Debug` never shows the bytes.
 #[derive(Clone)]
 pub struct JwtSecret(Vec<u8>);
 
 impl JwtSecret {
-    /// A secret of at least [`MIN_SECRET_BYTES`] bytes.
+    /// A secret of at least [`SECRET_MIN_BYTES`] bytes.
     pub fn new(bytes: impl Into<Vec<u8>>) -> anyhow::Result<Self> {
         let bytes = bytes.into();
         anyhow::ensure!(
-            bytes.len() >= MIN_SECRET_BYTES,
-            "{JWT_SECRET_ENV} must be at least {MIN_SECRET_BYTES} bytes (HS256 needs a 256-bit key)"
+            bytes.len() >= SECRET_MIN_BYTES,
+            "{JWT_SECRET_ENV} must be at least {SECRET_MIN_BYTES} bytes (HS256 needs a 256-bit key)"
         );
         Ok(JwtSecret(bytes))
     }
@@ -211,7 +211,7 @@ mod tests {
     use super::*;
 
     fn secret(fill: u8) -> JwtSecret {
-        JwtSecret::new(vec![fill; MIN_SECRET_BYTES]).unwrap()
+        JwtSecret::new(vec![fill; SECRET_MIN_BYTES]).unwrap()
     }
 
     fn sign(claims: &serde_json::Value, algorithm: Algorithm) -> String {
@@ -220,7 +220,7 @@ mod tests {
     }
 
     fn verifier() -> Verifier {
-        Verifier::new(&secret(1), DEFAULT_MAX_TTL)
+        Verifier::new(&secret(1), TOKEN_TTL_MAX_DEFAULT)
     }
 
     #[test]
@@ -228,7 +228,7 @@ mod tests {
         let alice = UserId::parse("alice").unwrap();
         let token = mint_token(&secret(1), &alice, Duration::from_secs(60)).unwrap();
         assert_eq!(verifier().user(&token), Ok(alice.clone()));
-        assert_eq!(Verifier::new(&secret(2), DEFAULT_MAX_TTL).user(&token), Err(TokenRefused::BadSignature));
+        assert_eq!(Verifier::new(&secret(2), TOKEN_TTL_MAX_DEFAULT).user(&token), Err(TokenRefused::BadSignature));
         assert_eq!(verifier().user("not.a.jwt"), Err(TokenRefused::Malformed));
         assert_eq!(verifier().user(""), Err(TokenRefused::Malformed));
 
@@ -246,7 +246,7 @@ mod tests {
     fn not_before_issued_at_and_lifetime_are_enforced() {
         let now = jsonwebtoken::get_current_timestamp();
         let leeway = CLOCK_LEEWAY_S;
-        let max = DEFAULT_MAX_TTL.as_secs();
+        let max = TOKEN_TTL_MAX_DEFAULT.as_secs();
         let check = |claims: serde_json::Value| verifier().user(&sign(&claims, Algorithm::HS256)).map(|_| ());
         let token = |extra: serde_json::Value| {
             let mut claims = serde_json::json!({ "sub": "alice", "exp": now + 600 });

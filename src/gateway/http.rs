@@ -4,7 +4,7 @@
 //!
 //! hyper answers a request head over its own limits by itself, before any of this code runs,
 //! with a bodiless `431`. So hyper's limits are set well above the gateway's
-//! ([`MAX_HEADER_BYTES`], [`MAX_HEADER_COUNT`]), which [`limit_headers`] enforces with a
+//! ([`HEADER_MAX_BYTES`], [`HEADERS_MAX`]), which [`limit_headers`] enforces with a
 //! `431` problem document; only a head over hyper's ceiling ([`HEAD_CEILING_BYTES`],
 //! [`HEADERS_CEILING`]) still gets hyper's bare answer.
 
@@ -25,26 +25,26 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
 use super::problem::{PROBLEM_JSON, Problem, ProblemKind};
-use super::routes::MAX_BODY_BYTES;
+use super::routes::BODY_MAX_BYTES;
 
 /// Largest request head the gateway reads, in bytes: the sum over the header fields of
 /// name + value + 4 (`": "` and CRLF). Bearer tokens, `Idempotency-Key` and `Prefer` fit
 /// many times over; more is refused with a `431` problem document.
-pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+pub const HEADER_MAX_BYTES: usize = 16 * 1024;
 /// Most header fields in one request; more are refused with a `431` problem document.
-pub const MAX_HEADER_COUNT: usize = 100;
+pub const HEADERS_MAX: usize = 100;
 /// hyper's own limit on a request head (start line included), in bytes: above it hyper
-/// answers a bodiless `431` and closes the connection. Far above [`MAX_HEADER_BYTES`] so that
+/// answers a bodiless `431` and closes the connection. Far above [`HEADER_MAX_BYTES`] so that
 /// oversized heads normally reach [`limit_headers`]; it bounds a connection's read buffer.
 pub const HEAD_CEILING_BYTES: usize = 256 * 1024;
 /// hyper's own limit on the number of header fields (bodiless `431` above it); above
-/// [`MAX_HEADER_COUNT`] for the same reason.
+/// [`HEADERS_MAX`] for the same reason.
 pub const HEADERS_CEILING: usize = 256;
 /// Longest wait for a request head, from the start of the connection or the end of the
 /// previous request: a client that sends nothing (or too slowly) is disconnected without an
 /// answer, so idle and slow-loris connections cannot pile up.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest wait for a request body (at most [`MAX_BODY_BYTES`]) once the head is read; then
+/// Longest wait for a request body (at most [`BODY_MAX_BYTES`]) once the head is read; then
 /// the answer is `408`.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept` (e.g. out of file descriptors) before the next one.
@@ -91,15 +91,15 @@ pub async fn serve(
     Ok(())
 }
 
-/// Refuses requests whose header fields are over [`MAX_HEADER_BYTES`] or [`MAX_HEADER_COUNT`]
+/// Refuses requests whose header fields are over [`HEADER_MAX_BYTES`] or [`HEADERS_MAX`]
 /// with a `431` problem document (before anything reads them).
 pub(super) async fn limit_headers(request: Request, next: Next) -> Response {
     let headers = request.headers();
     let bytes: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
-    if headers.len() > MAX_HEADER_COUNT || bytes > MAX_HEADER_BYTES {
+    if headers.len() > HEADERS_MAX || bytes > HEADER_MAX_BYTES {
         let detail = format!(
-            "the request has {} header fields of {bytes} bytes; at most {MAX_HEADER_COUNT} fields \
-             of {MAX_HEADER_BYTES} bytes in all are accepted",
+            "the request has {} header fields of {bytes} bytes; at most {HEADERS_MAX} fields \
+             of {HEADER_MAX_BYTES} bytes in all are accepted",
             headers.len()
         );
         return Problem::new(ProblemKind::HeadersTooLarge, detail).into_response();
@@ -118,16 +118,16 @@ enum BodyFailure {
     Broken,
 }
 
-/// Reads the request body within [`BODY_READ_TIMEOUT`] and at most [`MAX_BODY_BYTES`], so
+/// Reads the request body within [`BODY_READ_TIMEOUT`] and at most [`BODY_MAX_BYTES`], so
 /// that a slow or oversized body is a problem document (`408`, `413`) and never holds a
 /// handler; the handler gets the buffered body.
 pub(super) async fn read_body(request: Request, next: Next) -> Response {
     let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+    if declared.is_some_and(|length| length > BODY_MAX_BYTES as u64) {
         return body_problem(BodyFailure::TooLarge);
     }
     let (parts, body) = request.into_parts();
-    match buffer(body, MAX_BODY_BYTES, BODY_READ_TIMEOUT).await {
+    match buffer(body, BODY_MAX_BYTES, BODY_READ_TIMEOUT).await {
         Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
         Err(failure) => body_problem(failure),
     }
@@ -157,7 +157,7 @@ fn body_problem(failure: BodyFailure) -> Response {
             format!("the body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()),
         ),
         BodyFailure::TooLarge => {
-            Problem::new(ProblemKind::BodyTooLarge, format!("the body is over the {MAX_BODY_BYTES}-byte limit"))
+            Problem::new(ProblemKind::BodyTooLarge, format!("the body is over the {BODY_MAX_BYTES}-byte limit"))
         }
         BodyFailure::Broken => Problem::new(ProblemKind::InvalidBody, "the body could not be read"),
     };
@@ -177,7 +177,7 @@ pub(super) async fn problem_errors(response: Response) -> Response {
     tracing::debug!(%status, "an error response of the HTTP layer became a problem document");
     let (mut parts, _) = response.into_parts();
     let detail = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => format!("the body is over the {MAX_BODY_BYTES}-byte limit"),
+        StatusCode::PAYLOAD_TOO_LARGE => format!("the body is over the {BODY_MAX_BYTES}-byte limit"),
         _ => format!("the HTTP layer answered {status}"),
     };
     let problem = Problem::new(ProblemKind::Http(status), detail).into_response();

@@ -21,7 +21,7 @@ use crate::domain::{RequestId, UserId};
 type HmacSha256 = Hmac<Sha256>;
 
 /// Longest `Idempotency-Key`, in characters.
-pub const MAX_KEY_CHARS: usize = 64;
+pub const KEY_MAX_CHARS: usize = 64;
 const PREFIX: &str = "g";
 const DIGEST_HEX: usize = 32;
 const TAG_HEX: usize = 16;
@@ -35,7 +35,7 @@ pub struct IdempotencyKey(String);
 impl IdempotencyKey {
     /// Validates a header value.
     pub fn parse(text: &str) -> Option<Self> {
-        let ok = (1..=MAX_KEY_CHARS).contains(&text.len())
+        let ok = (1..=KEY_MAX_CHARS).contains(&text.len())
             && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
         ok.then(|| IdempotencyKey(text.to_owned()))
     }

@@ -36,7 +36,7 @@ pub use http::serve;
 use ids::RequestIds;
 use link::BrokerLink;
 use problem::{Problem, ProblemKind};
-pub use routes::{MAX_BODY_BYTES, MAX_WAIT_S, RequestStatus, RequestView, WalletView};
+pub use routes::{BODY_MAX_BYTES, RequestStatus, RequestView, WAIT_MAX_S, WalletView};
 
 /// What every handler shares.
 pub struct Shared {
@@ -143,7 +143,7 @@ fn router(shared: Arc<Shared>) -> Router {
         // Innermost first: the body limit of the extractors, then bounded body reads, the
         // header limit, the problem-document net, and the request counter outermost (it
         // sees every answer as sent).
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(BODY_MAX_BYTES))
         .layer(middleware::from_fn(http::read_body))
         .layer(middleware::from_fn(http::limit_headers))
         .layer(middleware::map_response(http::problem_errors))

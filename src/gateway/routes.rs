@@ -22,9 +22,9 @@ use crate::domain::request::truncate;
 use crate::domain::{Coupon, Op, Request, RequestId, RequestResult, Status, UserId, parse_json_amount};
 
 /// Largest request body accepted, in bytes.
-pub const MAX_BODY_BYTES: usize = 16 * 1024;
+pub const BODY_MAX_BYTES: usize = 16 * 1024;
 /// Longest `Prefer: wait=N` honoured, in seconds; larger values are capped.
-pub const MAX_WAIT_S: u64 = 30;
+pub const WAIT_MAX_S: u64 = 30;
 /// The `Idempotency-Key` request header.
 pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The `Prefer` request header (RFC 7240).
@@ -282,7 +282,7 @@ fn wait_header(wait: Duration) -> HeaderValue {
     HeaderValue::from_str(&format!("wait={}", wait.as_secs())).unwrap_or(HeaderValue::from_static("wait"))
 }
 
-/// `Prefer: wait=N` (RFC 7240), capped at [`MAX_WAIT_S`]; other preferences are ignored.
+/// `Prefer: wait=N` (RFC 7240), capped at [`WAIT_MAX_S`]; other preferences are ignored.
 fn preferred_wait(headers: &HeaderMap) -> Option<Duration> {
     headers
         .get_all(&PREFER)
@@ -295,7 +295,7 @@ fn preferred_wait(headers: &HeaderMap) -> Option<Duration> {
         })
         .next()
         .filter(|seconds| *seconds > 0)
-        .map(|seconds| Duration::from_secs(seconds.min(MAX_WAIT_S)))
+        .map(|seconds| Duration::from_secs(seconds.min(WAIT_MAX_S)))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<IdempotencyKey, Problem> {
@@ -331,7 +331,7 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
 
 fn body_problem(rejection: BytesRejection) -> Problem {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        Problem::new(ProblemKind::BodyTooLarge, format!("the body is over the {MAX_BODY_BYTES}-byte limit"))
+        Problem::new(ProblemKind::BodyTooLarge, format!("the body is over the {BODY_MAX_BYTES}-byte limit"))
     } else {
         Problem::new(ProblemKind::InvalidBody, format!("the body could not be read: {}", rejection.body_text()))
     }
@@ -444,7 +444,7 @@ mod tests {
         assert_eq!(wait("wait=5"), Some(5));
         assert_eq!(wait("respond-async, wait=10"), Some(10));
         assert_eq!(wait("Wait = 7"), Some(7));
-        assert_eq!(wait("wait=3600"), Some(MAX_WAIT_S));
+        assert_eq!(wait("wait=3600"), Some(WAIT_MAX_S));
         assert_eq!(wait("wait=0"), None);
         assert_eq!(wait("wait=soon"), None);
         assert_eq!(wait("return=minimal"), None);

@@ -22,7 +22,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const METRICS_UPKEEP_PERIOD: Duration = Duration::from_secs(5);
 /// Readiness probes running at once; more are answered 503 at once, so a flood of probes
 /// can't take the database pool from the batches.
-const MAX_CONCURRENT_PROBES: usize = 2;
+const CONCURRENT_PROBES_MAX: usize = 2;
 
 #[derive(Clone)]
 struct AppState {
@@ -52,7 +52,7 @@ pub(super) async fn spawn(
             }
         }
     });
-    let probes = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PROBES));
+    let probes = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_PROBES_MAX));
     let state = AppState { context, readiness, prometheus, probes };
     let router = Router::new()
         .route("/metrics", get(|State(s): State<AppState>| async move { s.prometheus.render() }))

@@ -18,7 +18,7 @@ use crate::backoff::pause;
 use crate::ledger::LedgerError;
 
 /// Most messages whose failed attempts a partition remembers at once.
-const MAX_TRACKED_MESSAGES: usize = 10_000;
+const TRACKED_MESSAGES_MAX: usize = 10_000;
 
 /// Serves partition `index` until `stop` is cancelled; returns an error when the
 /// connection is unusable (the caller reconnects).
@@ -97,7 +97,7 @@ pub(super) async fn run(
 struct PoisonTracker {
     /// Deliveries still to be taken one at a time.
     isolate_remaining: usize,
-    /// Failed attempts per message (by [`message_key`]), at most [`MAX_TRACKED_MESSAGES`].
+    /// Failed attempts per message (by [`message_key`]), at most [`TRACKED_MESSAGES_MAX`].
     refusals: HashMap<u64, u32>,
 }
 
@@ -162,7 +162,7 @@ impl PoisonTracker {
             self.isolate_remaining = deliveries.len();
             return false;
         };
-        if self.refusals.len() >= MAX_TRACKED_MESSAGES {
+        if self.refusals.len() >= TRACKED_MESSAGES_MAX {
             self.refusals.clear();
         }
         let attempts = self.refusals.entry(message_key(delivery)).or_insert(0);

@@ -19,7 +19,7 @@
 //!   `restore` gets the same address back).
 //! - **delay** adds latency per chunk and per direction, from the moment it is set.
 //!
-//! Plain tokio, bounded: at most [`MAX_CONNECTIONS`] relayed connections (more are reset at
+//! Plain tokio, bounded: at most [`CONNECTIONS_MAX`] relayed connections (more are reset at
 //! once), one 16 KiB buffer per direction. Dropping the relay stops it and closes everything.
 
 use std::net::SocketAddr;
@@ -35,7 +35,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// Most connections relayed at once; a client past it is reset at once. Tests open a few
 /// pools' worth, never thousands.
-pub const MAX_CONNECTIONS: usize = 64;
+pub const CONNECTIONS_MAX: usize = 64;
 /// Bytes read per chunk and per direction.
 const CHUNK_BYTES: usize = 16 * 1024;
 /// Longest wait for the target to accept a relayed connection.
@@ -55,7 +55,7 @@ struct Shared {
     mode: watch::Sender<Mode>,
     /// Latency added to each chunk before it is forwarded, in ms.
     delay_ms: AtomicU64,
-    /// One permit per relayed connection ([`MAX_CONNECTIONS`]).
+    /// One permit per relayed connection ([`CONNECTIONS_MAX`]).
     slots: Arc<Semaphore>,
 }
 
@@ -80,7 +80,7 @@ impl Relay {
         let address = listener.local_addr().expect("the relay's address");
         let (mode, _) = watch::channel(Mode::Forward);
         let shared =
-            Arc::new(Shared { mode, delay_ms: AtomicU64::new(0), slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)) });
+            Arc::new(Shared { mode, delay_ms: AtomicU64::new(0), slots: Arc::new(Semaphore::new(CONNECTIONS_MAX)) });
         let accept = tokio::spawn(accept_loop(listener, target, shared.clone()));
         Relay { address, shared, accept }
     }
@@ -120,7 +120,7 @@ impl Relay {
 
     /// Connections relayed right now.
     pub fn connections(&self) -> usize {
-        MAX_CONNECTIONS - self.shared.slots.available_permits()
+        CONNECTIONS_MAX - self.shared.slots.available_permits()
     }
 }
 

@@ -34,7 +34,7 @@ use crate::helpers::{drop_database, isolated_services};
 /// Users per case.
 const USERS: usize = 3;
 /// Default number of cases (each a fresh set of users); well under a second each.
-const DEFAULT_CASES: u32 = 64;
+const CASES_DEFAULT: u32 = 64;
 /// Most sequences run at once through the group committer, in one case of the second test.
 const CONCURRENT_SEQUENCES_MAX: usize = 4;
 
@@ -481,7 +481,7 @@ fn group_committer_matches_the_model_for_concurrent_sequences_on_disjoint_users(
 
 /// The runner both tests use: `PROPTEST_CASES` cases, a fixed seed, no persistence.
 fn runner() -> TestRunner {
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(DEFAULT_CASES);
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(CASES_DEFAULT);
     let config = Config { cases, failure_persistence: None, max_shrink_iters: 256, ..Config::default() };
     let rng = TestRng::deterministic_rng(config.rng_algorithm);
     TestRunner::new_with_rng(config, rng)
