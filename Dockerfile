@@ -5,12 +5,13 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 # The whole source tree (see .dockerignore): src/, migrations/ (embedded at
-# compile time), Cargo.toml and Cargo.lock.
+# compile time), Cargo.toml and Cargo.lock, and bench/ (a workspace member: cargo reads its
+# manifest, but `-p walletq` never compiles it or its dependencies).
 COPY . .
 # Cache mounts keep the crate registry and build artifacts between builds.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin walletq \
+    cargo build --release --locked -p walletq --bin walletq \
     && install -m 0755 target/release/walletq /usr/local/bin/walletq
 
 # --- runtime -----------------------------------------------------------------

@@ -1,15 +1,15 @@
 //! The `walletq` command line: a thin edge over the library.
 
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::Client;
-use crate::bench::report::{compare_table, run_table};
-use crate::bench::{BenchArgs, plot};
 use crate::configuration::{GatewaySettings, ServiceSettings, TopologySettings, WorkerSettings};
 use crate::domain::{Money, Op, Status, UserId};
 use crate::gateway::auth::{JwtSecret, mint_token};
@@ -20,8 +20,8 @@ use crate::telemetry::{self, LogFormat};
 const EXIT_REJECTED: u8 = 3;
 /// Exit code when no result came within `--wait`.
 const EXIT_NO_RESULT: u8 = 4;
-/// Exit code when a bench run of an approach that promises correctness ended with wrong balances.
-const EXIT_INCORRECT: u8 = 5;
+/// The benchmark's program, a crate of its own (bench/) that `walletq bench` runs.
+const BENCH_PROGRAM: &str = "walletq-bench";
 
 #[derive(Parser, Debug)]
 #[command(name = "walletq", version, about = "Wallet withdrawals that are safe under any concurrency")]
@@ -92,7 +92,14 @@ enum Command {
         ttl: Duration,
     },
     /// Measure walletq (and, with --compare, the approaches it replaces) under concurrent load.
-    Bench(Box<BenchArgs>),
+    /// Runs `walletq-bench` (beside this executable, else on PATH) with every argument after
+    /// `bench`; `walletq bench --help` shows its options.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// The arguments of `walletq-bench`, passed through unchanged.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<OsString>,
+    },
     /// Print a user's balance and coupons.
     Balance {
         #[command(flatten)]
@@ -123,6 +130,9 @@ struct SubmitArgs {
 /// Parses the command line, runs the command, maps the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Bench { args } = cli.command {
+        return run_bench(cli.log_format, &args);
+    }
     telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -166,7 +176,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Bench(args) => bench(&args).await,
+        Command::Bench { .. } => unreachable!("`bench` runs walletq-bench before the runtime starts"),
         Command::Audit { services, json } => {
             let ledger = read_only_ledger(&services).await?;
             let report = crate::ledger::audit::audit(ledger.pool()).await?;
@@ -269,34 +279,39 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
-async fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    let style = args.table_style;
-    let report = crate::bench::run(args, |run| println!("{}\n", run_table(run, style))).await?;
-    if report.runs.len() > 1 {
-        println!("{}", compare_table(&report.runs, style));
-    }
-    if let Some(path) = &args.json {
-        let json = serde_json::to_vec_pretty(&report).context("encoding the report")?;
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &args.plot {
-        let title = format!(
-            "walletq bench: {} scenario, {} requests, {} clients{}, {} queues x {}",
-            args.scenario.as_str(),
-            args.requests,
-            args.clients,
-            args.rate.map(|r| format!(" at {r} req/s")).unwrap_or_default(),
-            args.topology.queue_type.as_str(),
-            args.topology.partitions,
+/// `walletq bench …`: replaces this process with `walletq-bench …` (so its output, signals
+/// and exit code are the bench's own), or explains how to build it when it is missing.
+fn run_bench(log_format: LogFormat, args: &[OsString]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+
+    let beside = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf));
+    let Some(program) = locate_bench(beside.as_deref(), std::env::var_os("PATH").as_deref()) else {
+        eprintln!(
+            "walletq: {BENCH_PROGRAM} is not installed (neither beside this executable nor on PATH); \
+             build it with `cargo build --release -p walletq-bench`"
         );
-        plot::write_svg(path, &title, &report.runs)?;
+        return ExitCode::FAILURE;
+    };
+    let mut command = std::process::Command::new(&program);
+    command.args(args);
+    // `walletq --log-format json bench …` keeps its meaning: the bench reads the same variable.
+    if let Some(format) = log_format.to_possible_value() {
+        command.env("WALLETQ_LOG_FORMAT", format.get_name());
     }
-    let broken: Vec<&str> = report.runs.iter().filter(|r| r.broke_its_promise()).map(|r| r.label.as_str()).collect();
-    if !broken.is_empty() {
-        eprintln!("walletq: final balances are wrong for {}", broken.join(", "));
-        return Ok(ExitCode::from(EXIT_INCORRECT));
-    }
-    Ok(ExitCode::SUCCESS)
+    let error = command.exec();
+    eprintln!("walletq: cannot run {}: {error}", program.display());
+    ExitCode::FAILURE
+}
+
+/// The `walletq-bench` executable: in `beside` (this executable's directory) first, then
+/// in the directories of `path` (a PATH value), in order.
+fn locate_bench(beside: Option<&Path>, path: Option<&OsStr>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+
+    let on_path = path.into_iter().flat_map(std::env::split_paths);
+    beside.map(Path::to_path_buf).into_iter().chain(on_path).map(|dir| dir.join(BENCH_PROGRAM)).find(|candidate| {
+        std::fs::metadata(candidate).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    })
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {
@@ -307,4 +322,35 @@ async fn shutdown_signal() -> anyhow::Result<()> {
         result = tokio::signal::ctrl_c() => result.context("waiting for ctrl-c")?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn install(dir: &Path, mode: u32) -> PathBuf {
+        std::fs::create_dir_all(dir).expect("a directory");
+        let program = dir.join(BENCH_PROGRAM);
+        std::fs::write(&program, "#!/bin/sh\n").expect("a program");
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(mode)).expect("its mode");
+        program
+    }
+
+    #[test]
+    fn the_bench_beside_this_executable_wins_over_path_then_path_is_searched_in_order() {
+        let root = std::env::temp_dir().join(format!("walletq-locate-{}", uuid::Uuid::new_v4().simple()));
+        let (beside, first, second, plain) = (root.join("beside"), root.join("a"), root.join("b"), root.join("c"));
+        std::fs::create_dir_all(&beside).expect("a directory");
+        install(&plain, 0o644);
+        let second_program = install(&second, 0o755);
+        let path = std::env::join_paths([&first, &plain, &second]).expect("a PATH");
+        assert_eq!(locate_bench(Some(&beside), Some(&path)), Some(second_program), "not executable: skipped");
+        let beside_program = install(&beside, 0o755);
+        assert_eq!(locate_bench(Some(&beside), Some(&path)), Some(beside_program));
+        assert_eq!(locate_bench(None, None), None);
+        assert_eq!(locate_bench(Some(&first), Some(&std::env::join_paths([&plain]).expect("a PATH"))), None);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

@@ -6,7 +6,6 @@
 //! negative), and its results are published to the reply queues before the ack.
 
 pub mod backoff;
-pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;

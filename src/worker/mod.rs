@@ -5,10 +5,10 @@
 
 mod batch;
 mod endpoints;
-pub mod locking;
+mod locking;
 mod ordered;
 mod partition;
-pub mod router;
+mod router;
 mod stats;
 
 use std::collections::{BTreeSet, HashMap};
@@ -29,8 +29,15 @@ use crate::ledger::group::GroupCommitter;
 use crate::ledger::{Ledger, Schema};
 use crate::lock::UserLocks;
 use crate::membership::{Membership, WorkerReport};
-use locking::GroupLocker;
 pub use stats::PartitionStats;
+
+/// The per-user lock batching the worker runs, public so integration tests can drive it
+/// against a real Redis (merging, the group cap, releases) without a whole worker.
+pub use locking::GroupLocker;
+/// The ingress router on a connection of the caller's: public so the topology tests can
+/// check its spread and the benchmark's broker-echo approach can run walletq's own hops
+/// without the ledger. [`run_worker`] runs it supervised.
+pub use router::{RouterSettings, run_router};
 
 /// What every partition pipeline shares.
 pub(crate) struct WorkerContext {

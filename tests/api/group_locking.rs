@@ -5,7 +5,7 @@
 use futures_util::future::join_all;
 use walletq::domain::UserId;
 use walletq::lock::{LockAttempt, LockGrant, UserLocks};
-use walletq::worker::locking::GroupLocker;
+use walletq::worker::GroupLocker;
 
 use crate::helpers::isolated_services;
 

@@ -2,7 +2,6 @@
 //! Each test has its own namespace (queues, exchanges, Redis keys) and its own database.
 
 mod audit_checks;
-mod bench;
 mod crash;
 mod fault;
 mod fenced_write;

@@ -5,7 +5,7 @@ use lapin::types::FieldTable;
 use walletq::broker::{Publisher, request_properties};
 use walletq::configuration::{QueueType, TopologySettings};
 use walletq::domain::partitioning::partition_of;
-use walletq::worker::router::{RouterSettings, run_router};
+use walletq::worker::{RouterSettings, run_router};
 
 use crate::helpers::{eventually, spawn_app_with};
 

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::domain::{Op, Request, UserId};
+use walletq::domain::{Op, Request, UserId};
 
 /// What the clients were told about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,7 +109,7 @@ fn fewest_covering(amounts: &[i64], target: i64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Money, RequestId};
+    use walletq::domain::{Money, RequestId};
 
     fn withdraw(i: usize, user: &str, cents: i64) -> Request {
         Request {

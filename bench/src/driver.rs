@@ -19,8 +19,8 @@ use tokio::task::JoinSet;
 use super::approaches::Direct;
 use super::stats::{Outcome, Recorder};
 use super::workload::request_index;
-use crate::broker::{self, Names, Publisher};
-use crate::domain::{Request, Status};
+use walletq::broker::{self, Names, Publisher};
+use walletq::domain::{Request, Status};
 
 /// A direct request that takes longer than this counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);

@@ -11,8 +11,8 @@ use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
 use super::{Direct, accounts};
-use crate::bench::stats::Outcome;
-use crate::domain::Request;
+use crate::stats::Outcome;
+use walletq::domain::Request;
 
 /// The lock's expiry, in seconds (the seed's value).
 const LOCK_TTL_S: i64 = 10;

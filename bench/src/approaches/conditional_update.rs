@@ -5,8 +5,8 @@ use anyhow::Context;
 use sqlx::PgPool;
 
 use super::Direct;
-use crate::bench::stats::Outcome;
-use crate::domain::{Op, Request};
+use crate::stats::Outcome;
+use walletq::domain::{Op, Request};
 
 /// `UPDATE accounts SET balance = balance ± amount WHERE … [AND balance >= amount]`.
 pub struct ConditionalUpdate {

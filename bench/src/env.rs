@@ -11,9 +11,9 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres};
 
-use crate::broker::{self, Names};
-use crate::configuration::{ServiceSettings, TopologySettings};
-use crate::telemetry::redact_url;
+use walletq::broker::{self, Names};
+use walletq::configuration::{ServiceSettings, TopologySettings};
+use walletq::telemetry::redact_url;
 
 /// How long a run waits for the consumers of its partition queues to attach.
 const CONSUMERS_TIMEOUT: Duration = Duration::from_secs(30);

@@ -5,8 +5,8 @@ use anyhow::Context;
 use sqlx::PgPool;
 
 use super::{Direct, accounts};
-use crate::bench::stats::Outcome;
-use crate::domain::Request;
+use crate::stats::Outcome;
+use walletq::domain::Request;
 
 /// One transaction per request holding the wallet's row lock.
 pub struct SelectForUpdate {
@@ -29,7 +29,7 @@ impl Direct for SelectForUpdate {
                 .await
                 .context("locking the account row")?;
         let balance = balance
-            .map(|b| crate::domain::Money::from_decimal(b).context("a stored balance is not valid money"))
+            .map(|b| walletq::domain::Money::from_decimal(b).context("a stored balance is not valid money"))
             .transpose()?;
         let (outcome, after) = accounts::decide(balance, request);
         if let Some(after) = after {

@@ -1,17 +1,18 @@
-//! `walletq bench --compare`, small: every approach runs against the real services and the
-//! correctness flags of the report say what each approach did to the money. Not timed.
+//! `walletq-bench --compare` (what `walletq bench --compare` runs), small: every approach
+//! runs against the real services and the correctness flags of the report say what each
+//! approach did to the money. Not timed.
 
 use std::process::Command;
 
-use crate::helpers::env_or;
+use crate::env_or;
 
 #[test]
 fn compare_reports_every_approach_and_only_the_naive_one_can_be_wrong() {
     let dir = std::env::temp_dir().join(format!("walletq-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("a temporary directory");
     let (json, plot) = (dir.join("report.json"), dir.join("plot.svg"));
-    let output = Command::new(env!("CARGO_BIN_EXE_walletq"))
-        .args(["bench", "--compare", "--scenario", "hot", "--requests", "200", "--clients", "20"])
+    let output = Command::new(env!("CARGO_BIN_EXE_walletq-bench"))
+        .args(["--compare", "--scenario", "hot", "--requests", "200", "--clients", "20"])
         .args(["--partitions", "2", "--queue-type", "classic", "--quiet", "--table-style", "markdown"])
         .arg("--json")
         .arg(&json)
@@ -22,7 +23,7 @@ fn compare_reports_every_approach_and_only_the_naive_one_can_be_wrong() {
         .env("REDIS_URL", env_or("REDIS_URL", "redis://127.0.0.1:6379"))
         .env("RUST_LOG", "warn")
         .output()
-        .expect("run walletq bench");
+        .expect("run walletq-bench");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "bench failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("| approach") && stdout.contains("final balance correct"), "{stdout}");

@@ -14,11 +14,11 @@ use lapin::types::FieldTable;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::env::Environment;
-use crate::broker::{self, Publisher, declare_topology, json_properties};
-use crate::configuration::WorkerSettings;
-use crate::domain::{Money, RequestResult, decode_request};
-use crate::worker::router::{RouterSettings, run_router};
+use crate::env::Environment;
+use walletq::broker::{self, Publisher, declare_topology, json_properties};
+use walletq::configuration::WorkerSettings;
+use walletq::domain::{Money, RequestResult, decode_request};
+use walletq::worker::{RouterSettings, run_router};
 
 /// The running echo consumers.
 pub struct BrokerEcho {

@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use sqlx::PgPool;
 
 use super::{Direct, accounts};
-use crate::bench::stats::Outcome;
-use crate::domain::Request;
+use crate::stats::Outcome;
+use walletq::domain::Request;
 
 /// A lock older than this is stale and may be deleted by anyone.
 const LOCK_TTL_S: f64 = 10.0;

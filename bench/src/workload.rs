@@ -6,7 +6,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
-use crate::domain::{Money, Op, Request, RequestId, UserId};
+use walletq::domain::{Money, Op, Request, RequestId, UserId};
 
 /// The shape of the load.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -5,8 +5,8 @@
 use sqlx::PgPool;
 
 use super::{Direct, accounts};
-use crate::bench::stats::Outcome;
-use crate::domain::Request;
+use crate::stats::Outcome;
+use walletq::domain::Request;
 
 /// Read-check-write with no lock.
 pub struct Naive {

@@ -1,7 +1,10 @@
-//! `walletq bench`: the same workload through walletq and through the approaches it
-//! replaces, with the same number of concurrent clients, measured end to end and checked
-//! for correctness. Each approach runs in a fresh namespace and database of its own,
-//! removed afterwards.
+//! walletq's benchmark (`walletq-bench`, also run as `walletq bench`): the same workload
+//! through walletq and through the approaches it replaces, with the same number of
+//! concurrent clients, measured end to end and checked for correctness. Each approach runs
+//! in a fresh namespace and database of its own, removed afterwards.
+//!
+//! A crate of its own so the product never carries the bench's dependencies (plots,
+//! tables, progress bars, histograms); it uses walletq only through its public API.
 
 pub mod approaches;
 pub mod cpu;
@@ -31,9 +34,9 @@ use env::Environment;
 use report::{BenchReport, Machine, RunReport, TableStyle};
 use workload::{Scenario, Workload};
 
-use crate::configuration::{ServiceSettings, TopologySettings, WorkerSettings};
+use walletq::configuration::{ServiceSettings, TopologySettings, WorkerSettings};
 
-/// `walletq bench` options.
+/// `walletq-bench` options (the same as `walletq bench`'s).
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     #[command(flatten)]

@@ -6,8 +6,8 @@ use anyhow::Context;
 use rust_decimal::Decimal;
 use sqlx::{PgExecutor, PgPool, Row};
 
-use crate::bench::stats::Outcome;
-use crate::domain::{Money, Op, Request, UserId};
+use crate::stats::Outcome;
+use walletq::domain::{Money, Op, Request, UserId};
 
 /// One balance per user; like walletq's `wallets`, it can never go negative.
 const SCHEMA: &str = "CREATE TABLE accounts (
@@ -90,7 +90,7 @@ pub async fn read_check_write(pool: &PgPool, request: &Request) -> anyhow::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::RequestId;
+    use walletq::domain::RequestId;
 
     fn request(op: Op, cents: i64) -> Request {
         Request {

@@ -7,11 +7,11 @@ use rust_decimal::Decimal;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::env::Environment;
-use crate::broker::{self, declare_topology};
-use crate::configuration::WorkerSettings;
-use crate::domain::{Money, UserId};
-use crate::ledger::{self, Ledger};
+use crate::env::Environment;
+use walletq::broker::{self, declare_topology};
+use walletq::configuration::WorkerSettings;
+use walletq::domain::{Money, UserId};
+use walletq::ledger::{self, Ledger};
 
 /// How requests were grouped into batches.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -57,7 +57,7 @@ impl Walletq {
         let shutdown = CancellationToken::new();
         let workers = (0..workers.max(1))
             .map(|_| {
-                tokio::spawn(crate::worker::run_worker(
+                tokio::spawn(walletq::worker::run_worker(
                     env.services.clone(),
                     env.topology.clone(),
                     settings.clone(),

@@ -21,7 +21,7 @@ use clap::ValueEnum;
 use serde::Serialize;
 
 use super::stats::Outcome;
-use crate::domain::Request;
+use ::walletq::domain::Request;
 
 /// An approach to concurrent withdrawals.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
