@@ -4,6 +4,7 @@
 mod audit_checks;
 mod bench;
 mod crash;
+mod crash_table;
 mod fault;
 mod fenced_write;
 mod gateway;
