@@ -41,6 +41,8 @@ impl HeldLocks {
     /// Stops extending and releases the locks: only once the batch is acked or returned.
     pub(super) async fn release(self, context: &WorkerContext) {
         self.keeper.abort();
+        // Tests wait for this line to crash a worker between the ack and the release.
+        tracing::debug!("batch acked or returned; releasing its user locks");
         if self.lost.load(Ordering::Relaxed) {
             tracing::warn!("a user lock expired while its batch ran; fencing kept the write safe");
         }

@@ -166,6 +166,11 @@ impl TestApp {
         out
     }
 
+    /// A result that has already arrived on the reply queue, without waiting.
+    pub fn try_next_result(&mut self) -> Option<RequestResult> {
+        self.results.try_recv().ok().map(|(_, result)| result)
+    }
+
     /// Results of `n` requests, keyed by request id.
     pub async fn results_by_id(&mut self, n: usize) -> HashMap<String, RequestResult> {
         self.next_results(n)
@@ -369,8 +374,15 @@ pub fn spawn_worker_process(app: &TestApp) -> WorkerProcess {
     spawn_worker_process_with(app, &[])
 }
 
-/// Same, with extra environment (for instance `WALLETQ_METRICS_ADDR`).
+/// Same, with extra environment (for instance `WALLETQ_METRICS_ADDR`, or a service URL
+/// through a fault relay); stderr goes to the test's.
 pub fn spawn_worker_process_with(app: &TestApp, extra_env: &[(&str, &str)]) -> WorkerProcess {
+    spawn_worker_process_logging(app, extra_env, Stdio::inherit())
+}
+
+/// Same, with the worker's stderr (its log) sent to `stderr`, for instance a file the test
+/// reads to observe what the worker did.
+pub fn spawn_worker_process_logging(app: &TestApp, extra_env: &[(&str, &str)], stderr: Stdio) -> WorkerProcess {
     let mut command = Command::new(env!("CARGO_BIN_EXE_walletq"));
     command
         .arg("worker")
@@ -384,7 +396,8 @@ pub fn spawn_worker_process_with(app: &TestApp, extra_env: &[(&str, &str)]) -> W
         .env("WALLETQ_BACKOFF_MAX_MS", "200")
         .env("WALLETQ_BATCH_MAX", "64")
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null());
+        .stdout(Stdio::null())
+        .stderr(stderr);
     for (key, value) in extra_env {
         command.env(key, value);
     }

@@ -3,6 +3,7 @@
 
 mod audit_checks;
 mod crash;
+mod crash_table;
 mod fault;
 mod fenced_write;
 mod gateway;
