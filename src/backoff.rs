@@ -3,16 +3,16 @@
 use std::time::Duration;
 
 /// Base delay of the first retry.
-pub const BACKOFF_BASE_MS: u64 = 25;
+pub(crate) const BACKOFF_BASE_MS: u64 = 25;
 
 /// A random delay in `[0, min(max_ms, base * 2^attempt)]` ("full jitter").
-pub fn jittered_delay(attempt: u32, max_ms: u64) -> Duration {
+pub(crate) fn jittered_delay(attempt: u32, max_ms: u64) -> Duration {
     let ceiling = backoff_ceiling_ms(attempt, max_ms);
     Duration::from_millis(rand::random_range(0..=ceiling))
 }
 
 /// Sleeps [`jittered_delay`] unless `stop` is cancelled first.
-pub async fn pause(stop: &tokio_util::sync::CancellationToken, attempt: u32, max_ms: u64) {
+pub(crate) async fn pause(stop: &tokio_util::sync::CancellationToken, attempt: u32, max_ms: u64) {
     tokio::select! {
         _ = stop.cancelled() => {}
         _ = tokio::time::sleep(jittered_delay(attempt, max_ms)) => {}
@@ -20,7 +20,7 @@ pub async fn pause(stop: &tokio_util::sync::CancellationToken, attempt: u32, max
 }
 
 /// The upper bound of the delay before retry number `attempt` (0-based).
-pub fn backoff_ceiling_ms(attempt: u32, max_ms: u64) -> u64 {
+pub(crate) fn backoff_ceiling_ms(attempt: u32, max_ms: u64) -> u64 {
     BACKOFF_BASE_MS.saturating_mul(1u64.checked_shl(attempt.min(32)).unwrap_or(u64::MAX)).min(max_ms)
 }
 

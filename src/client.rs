@@ -28,7 +28,7 @@ use crate::domain::{Money, Op, Request, RequestId, RequestResult, UserId};
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<RequestResult>>>>;
 
 /// Most results a client waits for at once.
-pub const WAITING_MAX: usize = 100_000;
+pub(crate) const WAITING_MAX: usize = 100_000;
 
 /// A producer of wallet requests.
 pub struct Client {

@@ -34,7 +34,9 @@ pub struct ServiceSettings {
 /// RabbitMQ queue type of the partition queues.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueType {
+    /// Replicated (Raft) queues: survive a node's loss; the default.
     Quorum,
+    /// Classic queues: lighter on one node, a single point of failure on a cluster.
     Classic,
 }
 

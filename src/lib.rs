@@ -5,10 +5,10 @@
 //! backstop, is applied in one PostgreSQL transaction (idempotent by request id, never
 //! negative), and its results are published to the reply queues before the ack.
 
-pub mod backoff;
+mod backoff;
 pub mod broker;
 pub mod cli;
-pub mod client;
+mod client;
 pub mod configuration;
 pub mod domain;
 pub mod gateway;
@@ -17,7 +17,7 @@ pub mod lock;
 pub mod membership;
 pub mod status;
 pub mod telemetry;
-pub mod tls;
+mod tls;
 pub mod worker;
 
 pub use client::Client;

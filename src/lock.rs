@@ -68,6 +68,7 @@ return released
 pub const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reconnect attempts of a Redis connection before a command fails, and the cap of the delay between them.
 pub const REDIS_RECONNECT_RETRIES: usize = 3;
+/// Longest pause between two of those reconnect attempts.
 pub const REDIS_RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 
 /// A Redis connection that reconnects by itself; every command times out after
@@ -124,6 +125,7 @@ impl LockGrant {
 /// The outcome of one attempt to lock a batch's users.
 #[derive(Debug)]
 pub enum LockAttempt {
+    /// Every lock was taken: the grant with its fencing tokens.
     Granted(LockGrant),
     /// Another holder has this user's lock; nothing was taken.
     Contended(UserId),

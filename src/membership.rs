@@ -31,21 +31,28 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 /// What a worker says about itself at each heartbeat.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct WorkerReport {
+    /// Who reports.
     pub worker_id: String,
+    /// When this worker started.
     pub started_at: DateTime<Utc>,
+    /// When it sent this report (its clock).
     pub heartbeat_at: DateTime<Utc>,
+    /// The partitions it serves now.
     pub partitions: Vec<u16>,
 }
 
 /// What the owner of a partition says about it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PartitionReport {
+    /// The worker serving the partition.
     pub worker_id: String,
     /// Deliveries received but not yet acked or rejected.
     pub unacked: u64,
     /// Requests processed by this owner since it took the partition.
     pub processed: u64,
+    /// When it last applied a batch there, if ever.
     pub last_processed_at: Option<DateTime<Utc>>,
+    /// When this report was written.
     pub reported_at: DateTime<Utc>,
 }
 
@@ -114,7 +121,9 @@ impl Membership {
 /// Everything `walletq status` reads from Redis.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MembershipSnapshot {
+    /// The live workers' reports.
     pub workers: Vec<WorkerReport>,
+    /// The latest report of each partition.
     pub partitions: Vec<(u16, PartitionReport)>,
 }
 

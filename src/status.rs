@@ -15,7 +15,9 @@ use crate::membership::{self, WorkerReport};
 /// One partition queue as seen now.
 #[derive(Debug, Clone, Serialize)]
 pub struct PartitionStatus {
+    /// The partition's index.
     pub partition: u16,
+    /// Its queue's name.
     pub queue: String,
     /// The live worker that reports owning it, if any.
     pub active_worker: Option<String>,
@@ -23,18 +25,24 @@ pub struct PartitionStatus {
     pub depth: u32,
     /// Deliveries the owner holds unacked.
     pub unacked: u64,
+    /// Consumers registered on the queue (one active, the others standing by).
     pub consumers: u32,
+    /// When the partition last applied a batch, if ever.
     pub last_processed_at: Option<DateTime<Utc>>,
 }
 
 /// The whole picture.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
+    /// The namespace shown.
     pub namespace: String,
+    /// One row per partition.
     pub partitions: Vec<PartitionStatus>,
+    /// The live workers.
     pub workers: Vec<WorkerReport>,
     /// Messages waiting in the ingress queue for the router.
     pub ingress_depth: u32,
+    /// Messages waiting in `<ns>.dead`.
     pub dead_lettered: u32,
 }
 

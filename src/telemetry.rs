@@ -5,8 +5,10 @@ use tracing_subscriber::EnvFilter;
 /// Log output format.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
+    /// Human-readable lines, coloured on a terminal.
     #[default]
     Text,
+    /// One JSON object per line, for log collectors.
     Json,
 }
 

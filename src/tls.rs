@@ -9,7 +9,7 @@ use anyhow::Context;
 const PEM_CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----";
 
 /// Reads a PEM bundle of one or more CA certificates.
-pub fn read_ca_pem(path: &Path) -> anyhow::Result<String> {
+pub(crate) fn read_ca_pem(path: &Path) -> anyhow::Result<String> {
     let pem = std::fs::read_to_string(path).with_context(|| format!("reading the CA file {}", path.display()))?;
     anyhow::ensure!(pem.contains(PEM_CERTIFICATE), "the CA file {} holds no PEM certificate", path.display());
     Ok(pem)

@@ -9,13 +9,19 @@ use serde::Serialize;
 /// Cores used on average by each group over an interval (2.0 = two cores busy).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct CpuShare {
+    /// Cores used by the bench process itself (load generator and in-process workers).
     pub this_process: f64,
+    /// Cores used by PostgreSQL.
     pub postgres: f64,
+    /// Cores used by RabbitMQ.
     pub rabbitmq: f64,
+    /// Cores used by Redis.
     pub redis: f64,
     /// Interrupt and softirq handling (loopback networking lands here).
     pub interrupts: f64,
+    /// Cores used by every other process.
     pub other: f64,
+    /// Cores left idle.
     pub idle: f64,
 }
 

@@ -42,7 +42,9 @@ pub struct Load {
 
 /// What a run measured, and the first error it met (errors are counted, not fatal).
 pub struct Measured {
+    /// Latencies and verdict counts.
     pub recorder: Recorder,
+    /// The first error met, to show beside the counts.
     pub first_error: Option<String>,
 }
 

@@ -25,7 +25,9 @@ const DB_CONNECTIONS_SPARE: i64 = 12;
 pub struct Environment {
     /// The services, with this run's namespace and database URL.
     pub services: ServiceSettings,
+    /// The run's queue and exchange names.
     pub names: Names,
+    /// The run's partitions and queue type.
     pub topology: TopologySettings,
 }
 

@@ -39,6 +39,7 @@ use walletq::configuration::{ServiceSettings, TopologySettings, WorkerSettings};
 /// `walletq-bench` options (the same as `walletq bench`'s).
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
+    /// Where the services are.
     #[command(flatten)]
     pub services: ServiceSettings,
     /// The shape of the load.
@@ -71,11 +72,13 @@ pub struct BenchArgs {
     /// Look of the printed tables.
     #[arg(long, value_enum, default_value_t)]
     pub table_style: TableStyle,
+    /// The walletq topology of the queued approaches.
     #[command(flatten)]
     pub topology: TopologySettings,
     /// walletq worker instances run in-process.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub workers: u16,
+    /// The walletq worker's tuning.
     #[command(flatten)]
     pub worker: WorkerSettings,
     /// PostgreSQL pool of the direct approaches; one connection per client (as many as the server can spare) when omitted.

@@ -14,7 +14,9 @@ use walletq::domain::{Op, Request, UserId};
 /// What the clients were told about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
+    /// The request was applied.
     Approved,
+    /// The request was refused.
     Rejected,
 }
 

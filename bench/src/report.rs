@@ -17,25 +17,37 @@ use super::workload::Scenario;
 /// The measurements of one approach.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
+    /// Which approach ran.
     pub approach: Approach,
+    /// The approach's name in tables.
     pub label: String,
+    /// The shape of the load.
     pub scenario: Scenario,
     /// Queue type of the partition queues (queued approaches).
     pub queue_type: Option<String>,
+    /// Concurrent clients.
     pub clients: u32,
     /// PostgreSQL connections of the direct approaches' pool.
     pub db_pool: Option<u32>,
     /// Offered load in requests per second; `None` for as fast as possible.
     pub rate: Option<f64>,
+    /// Requests sent.
     pub requests: u64,
+    /// Requests answered.
     pub completed: u64,
+    /// Requests that failed (no answer, an error).
     pub errors: u64,
+    /// The first error met.
     pub first_error: Option<String>,
+    /// Wall-clock time of the run.
     pub elapsed_s: f64,
+    /// Answered requests per second.
     pub throughput_rps: f64,
+    /// End-to-end latency percentiles.
     pub latency: LatencySummary,
     /// Verdict counts (absent for the broker echo, which gives none).
     pub approved: Option<u64>,
+    /// Requests refused.
     pub rejected: Option<u64>,
     /// The final balances against the model (absent for the broker echo).
     pub correctness: Option<Correctness>,
@@ -63,9 +75,13 @@ impl RunReport {
 /// The machine the numbers come from.
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
+    /// Logical CPUs.
     pub cpus: usize,
+    /// Memory, when readable.
     pub memory_gib: Option<u64>,
+    /// Kernel release, when readable.
     pub kernel: Option<String>,
+    /// Each service's version.
     pub services: HashMap<String, String>,
 }
 
@@ -95,16 +111,21 @@ impl Machine {
 /// Everything a `walletq bench` invocation measured, as written by `--json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// The machine the numbers come from.
     pub machine: Machine,
+    /// The command's settings, as given.
     pub settings: serde_json::Value,
+    /// One report per approach run.
     pub runs: Vec<RunReport>,
 }
 
 /// Table look: boxes for terminals, Markdown for documents.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TableStyle {
+    /// Box-drawing tables for terminals.
     #[default]
     Boxes,
+    /// Markdown tables for documents.
     Markdown,
 }
 

@@ -16,7 +16,9 @@ const MAX_LATENCY_US: u64 = 3_600_000_000;
 /// How a request ended, as its client saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
+    /// Applied.
     Approved,
+    /// Refused.
     Rejected,
     /// Answered without a verdict (the broker echo).
     Echoed,
@@ -25,11 +27,17 @@ pub enum Outcome {
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct LatencySummary {
+    /// Median.
     pub p50_ms: f64,
+    /// 90th percentile.
     pub p90_ms: f64,
+    /// 99th percentile.
     pub p99_ms: f64,
+    /// 99.9th percentile.
     pub p999_ms: f64,
+    /// The slowest.
     pub max_ms: f64,
+    /// The mean.
     pub mean_ms: f64,
 }
 
@@ -99,15 +107,19 @@ impl Recorder {
         self.errors += 1;
     }
 
+    /// Requests answered.
     pub fn completed(&self) -> u64 {
         self.completed
     }
+    /// Requests applied.
     pub fn approved(&self) -> u64 {
         self.approved
     }
+    /// Requests refused.
     pub fn rejected(&self) -> u64 {
         self.rejected
     }
+    /// Requests that failed.
     pub fn errors(&self) -> u64 {
         self.errors
     }

@@ -52,9 +52,11 @@ impl Scenario {
 /// Opening balances and the requests, in submission order.
 #[derive(Debug, Clone)]
 pub struct Workload {
+    /// The shape of the load.
     pub scenario: Scenario,
     /// Every user the requests name, with the balance its wallet starts with.
     pub opening: Vec<(UserId, Money)>,
+    /// The requests, in submission order.
     pub requests: Vec<Request>,
 }
 

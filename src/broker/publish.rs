@@ -32,11 +32,11 @@ pub fn json_properties() -> BasicProperties {
 
 /// How far ahead of this process's clock a publish time may be, in milliseconds: the
 /// producers' clocks may run a little ahead; a time further out is not a publish time.
-pub const PUBLISHED_MS_MAX_SKEW_MS: i64 = 60_000;
+pub(super) const PUBLISHED_MS_MAX_SKEW_MS: i64 = 60_000;
 /// How far behind this process's clock a publish time may be, in milliseconds (7 days): a
 /// request queued longer than a week is not a latency worth recording, and older values
 /// (0, small integers) are a producer's bug, not a time.
-pub const PUBLISHED_MS_MAX_AGE_MS: i64 = 7 * 24 * 60 * 60 * 1_000;
+pub(super) const PUBLISHED_MS_MAX_AGE_MS: i64 = 7 * 24 * 60 * 60 * 1_000;
 
 /// Why a message's publish time is ignored (not used for latency). The label is the
 /// `reason` of `walletq_published_ms_ignored_total`.
@@ -86,7 +86,7 @@ pub fn published_at_ms(properties: &BasicProperties, now_ms: i64) -> Result<Opti
 }
 
 /// `published_ms` when it is a plausible publish time at `now_ms` (both Unix milliseconds).
-pub fn plausible_published_ms(published_ms: i64, now_ms: i64) -> Result<i64, IgnoredPublishTime> {
+pub(super) fn plausible_published_ms(published_ms: i64, now_ms: i64) -> Result<i64, IgnoredPublishTime> {
     if published_ms < 0 {
         Err(IgnoredPublishTime::Negative)
     } else if published_ms > now_ms.saturating_add(PUBLISHED_MS_MAX_SKEW_MS) {

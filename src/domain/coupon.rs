@@ -45,7 +45,9 @@ impl CouponKind {
 /// A granted coupon: a unique code and its kind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Coupon {
+    /// The code a user redeems (`WQ-` and 16 hex digits), unique.
     pub code: String,
+    /// Which tier's coupon it is.
     pub kind: CouponKind,
 }
 

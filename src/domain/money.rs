@@ -24,12 +24,16 @@ pub struct Money(Decimal);
 /// Why a text is not an acceptable amount.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MoneyError {
+    /// Not digits with an optional `.` and decimals (signs, exponents, spaces).
     #[error("must be plain decimal notation (digits, an optional point and fraction; no sign, exponent or spaces)")]
     NotPlainDecimal,
+    /// More than 2 decimal places: cents are the smallest unit.
     #[error("has more than 2 decimal places")]
     TooManyDecimals,
+    /// Zero or less: an amount moves money.
     #[error("must be greater than 0")]
     NotPositive,
+    /// Above the largest amount one request may move.
     #[error("must be at most 1000000000.00")]
     OverMaximum,
 }

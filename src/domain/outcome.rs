@@ -11,7 +11,9 @@ use super::request::{InvalidRequest, Op, Request, RequestId, UserId};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
+    /// Applied: the wallet changed as asked.
     Approved,
+    /// Not applied: `reason` says why.
     Rejected,
 }
 
@@ -29,9 +31,13 @@ impl Status {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
+    /// A withdrawal larger than the balance.
     InsufficientFunds,
+    /// A withdrawal from a user who never deposited.
     NoWallet,
+    /// A message that is not a valid request (`detail` says what is wrong); not stored.
     InvalidRequest,
+    /// A known `request_id` with another body; nothing changed.
     Conflict,
 }
 
@@ -50,18 +56,28 @@ impl Reason {
 /// The result of one request, as published to its reply queue and stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RequestResult {
+    /// The request's id, when the message had a readable one.
     pub request_id: Option<RequestId>,
+    /// The request's user, when readable.
     pub user_id: Option<UserId>,
+    /// The request's operation, when readable.
     pub op: Option<Op>,
+    /// The request's amount, when readable.
     pub amount: Option<Money>,
+    /// Approved or rejected.
     pub status: Status,
+    /// Why it was rejected; `None` when approved.
     pub reason: Option<Reason>,
+    /// For an invalid request: what is wrong, at most `DETAIL_MAX_BYTES`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     /// Balance after the request, or the current balance of a rejected one.
     pub balance: Option<Money>,
+    /// The coupon this deposit granted, if its amount reached a tier.
     pub coupon: Option<Coupon>,
+    /// True when this is a stored result sent again for a repeated request.
     pub replayed: bool,
+    /// When the request was applied (the original time for a replay).
     pub processed_at: DateTime<Utc>,
 }
 

@@ -70,7 +70,9 @@ id_type!(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Op {
+    /// Take money out of the wallet, never below zero.
     Withdraw,
+    /// Put money in, creating the wallet when needed.
     Deposit,
 }
 
@@ -96,9 +98,13 @@ impl Op {
 /// A valid request, as a producer sent it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    /// Idempotency key: a request id is applied at most once, forever.
     pub request_id: RequestId,
+    /// The wallet's owner; also the routing key and the partition.
     pub user_id: UserId,
+    /// What to do with the amount.
     pub op: Op,
+    /// How much, in exact cents.
     pub amount: Money,
 }
 
@@ -126,9 +132,13 @@ impl Request {
 pub struct InvalidRequest {
     /// Human-readable reason, for the `detail` of the rejection.
     pub detail: String,
+    /// The id, when the message had a valid one (so the result can name it).
     pub request_id: Option<RequestId>,
+    /// The user, when valid.
     pub user_id: Option<UserId>,
+    /// The operation, when valid.
     pub op: Option<Op>,
+    /// The amount, when valid.
     pub amount: Option<Money>,
 }
 

@@ -16,7 +16,9 @@ const DEPOSIT_PAST_MAX_BALANCE: &str = "deposit would exceed the largest support
 /// A request that was already processed, with its stored result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRequest {
+    /// The request as first stored.
     pub request: Request,
+    /// The result first sent, which every replay repeats.
     pub result: RequestResult,
 }
 
@@ -32,7 +34,9 @@ pub struct LedgerState {
 /// A request processed for the first time: it is stored with its result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRequest {
+    /// The request to store.
     pub request: Request,
+    /// Its result, stored with it and published.
     pub result: RequestResult,
     /// The change to the balance and the balance after it, when it moved money.
     pub entry: Option<LedgerEntry>,
@@ -43,13 +47,16 @@ pub struct NewRequest {
 pub struct LedgerEntry {
     /// Signed change in cents: negative for a withdrawal.
     pub delta_cents: i64,
+    /// The wallet's balance after this entry, for the audit's running check.
     pub balance_after: Money,
 }
 
 /// Everything a batch changes, and the result of every request in input order.
 #[derive(Debug, Clone, Default)]
 pub struct BatchPlan {
+    /// One result per request of the batch, in input order.
     pub results: Vec<RequestResult>,
+    /// The requests seen for the first time: to store with their results.
     pub new_requests: Vec<NewRequest>,
     /// Final balances of the wallets created or changed, in first-touch order.
     pub balances: Vec<(UserId, Money)>,

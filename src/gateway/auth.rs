@@ -86,28 +86,41 @@ pub fn mint_token(secret: &JwtSecret, user: &UserId, ttl: Duration) -> anyhow::R
 /// name the rule, never the token or its claims' values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenRefused {
+    /// `exp` is past (beyond the leeway).
     #[error("the token has expired")]
     Expired,
+    /// `nbf` is in the future (beyond the leeway).
     #[error("the token is not valid yet (its `nbf` is in the future)")]
     NotYetValid,
+    /// `iat` is in the future (beyond the leeway).
     #[error("the token's `iat` is in the future")]
     IssuedInTheFuture,
     #[error(
         "the token's lifetime is over the gateway's maximum of {max_ttl_s} s (`exp` - `iat`, or `exp` - now without `iat`)"
     )]
-    LivesTooLong { max_ttl_s: u64 },
+    /// The token's lifetime is longer than `--jwt-max-ttl`.
+    LivesTooLong {
+        /// The longest lifetime accepted, in seconds.
+        max_ttl_s: u64,
+    },
+    /// The signature does not match the gateway's secret.
     #[error("the token's signature is not valid")]
     BadSignature,
+    /// Not HS256.
     #[error("the token must be signed with HS256")]
     WrongAlgorithm,
+    /// A required claim (named) is absent.
     #[error("the token lacks the `{0}` claim")]
     MissingClaim(String),
+    /// A claim (named) has the wrong type or value.
     #[error("the token's `{0}` claim is not a number of seconds")]
     MalformedClaim(String),
     #[error(
         "the token is not a valid JWT (three base64url parts of JSON, with `sub` a string and `exp`, `nbf`, `iat` whole seconds)"
     )]
+    /// Not a JWT at all.
     Malformed,
+    /// `sub` is not a valid user id.
     #[error("the token's `sub` is not a user id (1-64 characters of [A-Za-z0-9._:-])")]
     BadSubject,
 }
@@ -183,6 +196,7 @@ pub struct User(pub UserId);
 
 /// Gives extractors access to the verifier in the router's state.
 pub trait HasVerifier {
+    /// The verifier of the gateway's bearer tokens.
     fn verifier(&self) -> &Verifier;
 }
 

@@ -18,7 +18,7 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 const UNREACHABLE: &str = "the message broker is unreachable; retry later";
 
 /// A lazily (re)connected, shared broker client.
-pub struct BrokerLink {
+pub(super) struct BrokerLink {
     amqp_url: String,
     namespace: String,
     ca_file: Option<std::path::PathBuf>,
@@ -30,11 +30,11 @@ pub struct BrokerLink {
 /// Why no client is available; the detail is safe to show (no URL, no credentials).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct BrokerDown(pub String);
+pub(super) struct BrokerDown(pub String);
 
 impl BrokerLink {
     /// A link that connects on first use.
-    pub fn new(amqp_url: &str, namespace: &str, ca_file: Option<std::path::PathBuf>) -> Self {
+    pub(super) fn new(amqp_url: &str, namespace: &str, ca_file: Option<std::path::PathBuf>) -> Self {
         BrokerLink {
             amqp_url: amqp_url.to_owned(),
             namespace: namespace.to_owned(),
@@ -45,7 +45,7 @@ impl BrokerLink {
     }
 
     /// The connected client, connecting (again) when there is none or it was disconnected.
-    pub async fn client(&self) -> Result<Arc<Client>, BrokerDown> {
+    pub(super) async fn client(&self) -> Result<Arc<Client>, BrokerDown> {
         if let Some(client) = self.connected() {
             return Ok(client);
         }

@@ -77,7 +77,9 @@ pub async fn app(services: &ServiceSettings, settings: &GatewaySettings, secret:
 /// An HTTP method of a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Verb {
+    /// HTTP GET.
     Get,
+    /// HTTP POST.
     Post,
 }
 

@@ -14,14 +14,14 @@ use super::problem::{Problem, ProblemKind};
 
 /// The answer of `/healthz` and `/readyz`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Health {
+pub(super) struct Health {
     #[schema(example = "ok")]
     pub status: &'static str,
 }
 
 /// Liveness: the process serves HTTP.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
-pub async fn healthz() -> Json<Health> {
+pub(super) async fn healthz() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
@@ -33,7 +33,7 @@ pub async fn healthz() -> Json<Health> {
         (status = 503, description = "What is not ready (see Retry-After)", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Health>, Problem> {
+pub(super) async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Health>, Problem> {
     let mut problems = Vec::new();
     if let Err(down) = shared.link.client().await {
         problems.push(down.0);
@@ -54,7 +54,7 @@ pub async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Health>, P
     get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain"))
 )]
-pub async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+pub(super) async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let mut response = shared.metrics.render().into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     response
@@ -65,7 +65,7 @@ pub async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "The OpenAPI document", content_type = "application/json"))
 )]
-pub async fn openapi_json(State(shared): State<Arc<Shared>>) -> Response {
+pub(super) async fn openapi_json(State(shared): State<Arc<Shared>>) -> Response {
     let mut response = shared.openapi_json.clone().into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response

@@ -13,21 +13,33 @@ pub const RETRY_AFTER_S: u64 = 2;
 /// Each kind of problem the gateway reports: a status, a stable `type` and a `title`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProblemKind {
+    /// The body is not the JSON the route expects.
     InvalidBody,
+    /// The Idempotency-Key header is not a valid key.
     InvalidIdempotencyKey,
+    /// No valid bearer token.
     Unauthorized,
+    /// No such request or resource for this user.
     NotFound,
+    /// No route at this path.
     NoSuchRoute,
+    /// The route exists, not with this method.
     MethodNotAllowed,
+    /// The body is over the gateway's limit.
     BodyTooLarge,
     /// The body did not arrive in time.
     RequestTimeout,
     /// The header fields are over the gateway's limit.
     HeadersTooLarge,
+    /// The body is not `application/json`.
     UnsupportedMediaType,
+    /// The amount is not a valid amount of money.
     InvalidAmount,
+    /// RabbitMQ cannot be reached or did not confirm the publish.
     BrokerUnavailable,
+    /// PostgreSQL cannot be reached.
     DatabaseUnavailable,
+    /// A service the gateway needs is not ready (`/readyz`).
     NotReady,
     /// An error answered by the HTTP layer rather than by a handler: `type` is
     /// `about:blank` and `title` the status's reason phrase (RFC 9457 §4.2.1).

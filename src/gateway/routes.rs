@@ -26,16 +26,16 @@ pub const BODY_MAX_BYTES: usize = 16 * 1024;
 /// Longest `Prefer: wait=N` honoured, in seconds; larger values are capped.
 pub const WAIT_MAX_S: u64 = 30;
 /// The `Idempotency-Key` request header.
-pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub(super) static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The `Prefer` request header (RFC 7240).
-pub static PREFER: HeaderName = HeaderName::from_static("prefer");
+pub(super) static PREFER: HeaderName = HeaderName::from_static("prefer");
 /// The `Preference-Applied` response header (RFC 7240).
-pub static PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
+pub(super) static PREFERENCE_APPLIED: HeaderName = HeaderName::from_static("preference-applied");
 
 /// The body of a withdrawal or deposit.
 #[derive(ToSchema)]
 #[allow(dead_code)] // documents the body; it is parsed by `parse_amount_body`
-pub struct AmountBody {
+pub(super) struct AmountBody {
     /// Plain decimal amount, more than 0 and at most 1000000000.00, at most 2 decimals. A JSON
     /// string is preferred; a JSON number is also read exactly from its text (`12.34`), never
     /// through floating point. No other field is accepted: the user is the token's subject.
@@ -47,15 +47,18 @@ pub struct AmountBody {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestStatus {
+    /// Accepted, no result stored yet.
     Pending,
+    /// Applied.
     Approved,
+    /// Not applied; `reason` says why.
     Rejected,
 }
 
 /// A coupon granted by a deposit.
 #[derive(ToSchema)]
 #[allow(dead_code)] // schema of `domain::Coupon`
-pub struct CouponSchema {
+pub(super) struct CouponSchema {
     #[schema(example = "WQ-0123456789ABCDEF")]
     code: String,
     /// `red_packet_10`, `spend_300_save_50` or `lifetime_20_off`.
@@ -69,11 +72,13 @@ pub struct RequestView {
     /// The request id (also in `Location: /v1/requests/{request_id}`).
     #[schema(example = "g6f1e0c5b8a4d3e2f1a0b9c8d7e6f5a4b0123456789abcdef")]
     pub request_id: String,
+    /// Pending, approved or rejected.
     pub status: RequestStatus,
     /// `withdraw` or `deposit`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, example = "withdraw")]
     pub op: Option<Op>,
+    /// The amount, as a 2-decimal string.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, example = "12.34")]
     pub amount: Option<String>,
@@ -81,18 +86,21 @@ pub struct RequestView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub reason: Option<String>,
+    /// For an invalid request: what is wrong.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     /// Balance after the request (or the current balance of a rejected one).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, example = "287.66")]
     pub balance: Option<String>,
+    /// The coupon a deposit granted.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<CouponSchema>)]
     pub coupon: Option<Coupon>,
     /// True when this answer repeats the stored result of an earlier identical request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replayed: Option<bool>,
+    /// When the request was applied; `None` while pending.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub processed_at: Option<DateTime<Utc>>,
 }
@@ -135,11 +143,13 @@ impl RequestView {
 /// A wallet: balance and coupons of the token's user.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct WalletView {
+    /// The token's user.
     #[schema(value_type = String, example = "alice")]
     pub user_id: UserId,
     /// `null` until the first deposit creates the wallet.
     #[schema(value_type = Option<String>, example = "300.00")]
     pub balance: Option<String>,
+    /// The coupons granted to this wallet, oldest first.
     #[schema(value_type = Vec<CouponSchema>)]
     pub coupons: Vec<Coupon>,
 }
@@ -152,7 +162,7 @@ pub struct WalletView {
     responses(SubmitResponses),
     security(("bearer" = []))
 )]
-pub async fn post_withdrawal(
+pub(super) async fn post_withdrawal(
     State(shared): State<Arc<Shared>>,
     User(user): User,
     headers: HeaderMap,
@@ -169,7 +179,7 @@ pub async fn post_withdrawal(
     responses(SubmitResponses),
     security(("bearer" = []))
 )]
-pub async fn post_deposit(
+pub(super) async fn post_deposit(
     State(shared): State<Arc<Shared>>,
     User(user): User,
     headers: HeaderMap,
@@ -382,7 +392,7 @@ fn parse_amount_body(body: &[u8]) -> Result<crate::domain::Money, Problem> {
     ),
     security(("bearer" = []))
 )]
-pub async fn get_request(
+pub(super) async fn get_request(
     State(shared): State<Arc<Shared>>,
     User(user): User,
     id: Result<Path<String>, PathRejection>,
@@ -411,7 +421,10 @@ pub async fn get_request(
     ),
     security(("bearer" = []))
 )]
-pub async fn get_wallet(State(shared): State<Arc<Shared>>, User(user): User) -> Result<Json<WalletView>, Problem> {
+pub(super) async fn get_wallet(
+    State(shared): State<Arc<Shared>>,
+    User(user): User,
+) -> Result<Json<WalletView>, Problem> {
     let wallet = shared.ledger.wallet(&user).await.map_err(database_problem)?;
     Ok(Json(match wallet {
         Some(wallet) => {

@@ -7,14 +7,18 @@ use sqlx::{PgPool, Row};
 /// One invariant: what it checks, how many rows it looked at, and the rows that break it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
+    /// The invariant checked, in words.
     pub name: &'static str,
+    /// How many rows the check looked at.
     pub checked: i64,
+    /// The offending rows, described; empty when the invariant holds.
     pub violations: Vec<String>,
 }
 
 /// The audit's findings.
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditReport {
+    /// Every check, in a fixed order.
     pub checks: Vec<Check>,
 }
 

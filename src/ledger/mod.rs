@@ -32,20 +32,30 @@ pub enum LedgerError {
     /// A newer lock holder has written for this user: this worker's lock expired.
     #[error("fencing token for user {0} is older than one already written: the lock was lost")]
     StaleFence(UserId),
+    /// PostgreSQL refused or failed the statement (or could not be reached).
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A stored row cannot be read back as valid data.
     #[error("stored data breaks an invariant: {0}")]
     Corrupt(String),
     /// The batch's wallet write found wallets other than it read: `written` of `expected`
     /// rows matched. Another transaction wrote them meanwhile; retrying reads them afresh.
     #[error("{written} of {expected} wallet writes matched the balances read: a wallet changed meanwhile")]
-    WalletChanged { expected: usize, written: i64 },
+    WalletChanged {
+        /// Wallet rows the write meant to change.
+        expected: usize,
+        /// Wallet rows it changed.
+        written: i64,
+    },
     /// The transaction did not end within its client-side bound ([`TRANSACTION_TIMEOUT_MS`]
     /// by default): a stalled or half-open link, or a server that stopped answering. Its
     /// connection was closed, not returned to the pool. The transaction may have committed
     /// if the bound ran out during `COMMIT`; a retry then answers the batch as replays.
     #[error("the ledger transaction did not finish within {after_ms} ms; its connection was closed")]
-    TimedOut { after_ms: u64 },
+    TimedOut {
+        /// The bound that ran out.
+        after_ms: u64,
+    },
     /// The group committer is gone (the worker is shutting down).
     #[error("the ledger's group committer has stopped")]
     Stopped,
@@ -54,8 +64,11 @@ pub enum LedgerError {
 /// A wallet as read back: balance and coupons.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct WalletView {
+    /// The wallet's owner.
     pub user_id: UserId,
+    /// The money in the wallet.
     pub balance: Money,
+    /// The coupons granted, oldest first.
     pub coupons: Vec<Coupon>,
 }
 

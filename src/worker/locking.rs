@@ -18,7 +18,7 @@ use crate::ledger::group::carried_or_next;
 use crate::lock::{LockAttempt, LockGrant, UserLocks};
 
 /// Most users asked for in one merged lock request; more wait for the next round.
-pub const LOCK_GROUP_MAX_USERS: usize = 4_096;
+pub(super) const LOCK_GROUP_MAX_USERS: usize = 4_096;
 /// Most lock requests and releases waiting for the locker; a partition has at most one of
 /// each outstanding.
 const QUEUED_JOBS_MAX: usize = 1_024;

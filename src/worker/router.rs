@@ -34,12 +34,12 @@ use crate::broker::{self, Names, Publisher};
 use crate::domain::partitioning::partition_of;
 
 /// Most messages forwarded per confirm round.
-pub const ROUTER_BATCH_MAX: usize = 1_024;
+pub(super) const ROUTER_BATCH_MAX: usize = 1_024;
 
 /// Header the router sets on every forwarded message to the routing key the producer used
 /// (any producer value is replaced), so a partition can refuse a request whose routing key
 /// is not its `user_id`.
-pub const ROUTING_KEY_HEADER: &str = "x-walletq-routing-key";
+pub(super) const ROUTING_KEY_HEADER: &str = "x-walletq-routing-key";
 
 /// Pause before reconnecting after a decoding failure: the broker has the message back at
 /// once, and the sooner it is delivered again the sooner its delivery limit is reached.
@@ -75,7 +75,7 @@ enum Ended {
 
 /// Runs the router on connections of its own (named `connection_name`) until `stop`,
 /// reconnecting after every failure. Never returns an error: an outage is waited out.
-pub async fn supervise(
+pub(super) async fn supervise(
     amqp_url: String,
     ca_file: Option<std::path::PathBuf>,
     connection_name: String,

@@ -35,7 +35,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// Most connections relayed at once; a client past it is reset at once. Tests open a few
 /// pools' worth, never thousands.
-pub const CONNECTIONS_MAX: usize = 64;
+pub(crate) const CONNECTIONS_MAX: usize = 64;
 /// Bytes read per chunk and per direction.
 const CHUNK_BYTES: usize = 16 * 1024;
 /// Longest wait for the target to accept a relayed connection.
@@ -60,7 +60,7 @@ struct Shared {
 }
 
 /// A running relay; stops, closing every connection, when dropped.
-pub struct Relay {
+pub(crate) struct Relay {
     /// Where the relay listens: what clients connect to instead of the target.
     address: SocketAddr,
     shared: Arc<Shared>,
@@ -70,7 +70,7 @@ pub struct Relay {
 
 impl Relay {
     /// Listens on 127.0.0.1:0 and forwards every connection to `target` (`host:port`).
-    pub async fn start(target: &str) -> Relay {
+    pub(crate) async fn start(target: &str) -> Relay {
         let target = tokio::net::lookup_host(target)
             .await
             .expect("the relay's target resolves")
@@ -86,12 +86,12 @@ impl Relay {
     }
 
     /// The address clients connect to instead of the target.
-    pub fn address(&self) -> SocketAddr {
+    pub(crate) fn address(&self) -> SocketAddr {
         self.address
     }
 
     /// `url` with its host and port replaced by the relay's (any scheme with a host).
-    pub fn through(&self, url: &str) -> String {
+    pub(crate) fn through(&self, url: &str) -> String {
         let mut url = url::Url::parse(url).expect("a URL");
         url.set_host(Some(&self.address.ip().to_string())).expect("a URL with a host");
         url.set_port(Some(self.address.port())).expect("a URL with a port");
@@ -99,27 +99,27 @@ impl Relay {
     }
 
     /// Resets every relayed connection and every new one, until [`Relay::restore`].
-    pub fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.shared.mode.send_replace(Mode::Cut);
     }
 
     /// Forwards nothing, either way, and keeps every socket open, until [`Relay::restore`].
-    pub fn stall(&self) {
+    pub(crate) fn stall(&self) {
         self.shared.mode.send_replace(Mode::Stall);
     }
 
     /// Forwards again (what a stall held back included); accepts new connections again.
-    pub fn restore(&self) {
+    pub(crate) fn restore(&self) {
         self.shared.mode.send_replace(Mode::Forward);
     }
 
     /// Holds every chunk `ms` milliseconds before forwarding it (0: no delay).
-    pub fn delay(&self, ms: u64) {
+    pub(crate) fn delay(&self, ms: u64) {
         self.shared.delay_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Connections relayed right now.
-    pub fn connections(&self) -> usize {
+    pub(crate) fn connections(&self) -> usize {
         CONNECTIONS_MAX - self.shared.slots.available_permits()
     }
 }

@@ -18,14 +18,14 @@ use walletq::domain::{Money, Op, Request, RequestId, RequestResult, Status, User
 use walletq::ledger::Ledger;
 
 /// How long a test waits for results before it fails.
-pub const RESULT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const RESULT_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub fn env_or(key: &str, default: &str) -> String {
+pub(crate) fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_owned())
 }
 
 /// Settings for the local services, with a fresh namespace and database.
-pub fn isolated_services() -> ServiceSettings {
+pub(crate) fn isolated_services() -> ServiceSettings {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let namespace = format!("t{}", &id[..12]);
     let base = env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/walletq");
@@ -41,7 +41,7 @@ pub fn isolated_services() -> ServiceSettings {
 }
 
 /// A running, isolated walletq with a reply queue that collects results.
-pub struct TestApp {
+pub(crate) struct TestApp {
     pub services: ServiceSettings,
     pub topology: TopologySettings,
     pub names: Names,
@@ -54,12 +54,12 @@ pub struct TestApp {
 }
 
 /// Starts an isolated app with an in-process worker (4 quorum partitions).
-pub async fn spawn_app() -> TestApp {
+pub(crate) async fn spawn_app() -> TestApp {
     spawn_app_with(TopologySettings { partitions: 4, queue_type: QueueType::Quorum }, true).await
 }
 
 /// Starts an isolated app; with `worker: false` only the topology and database exist.
-pub async fn spawn_app_with(topology: TopologySettings, worker: bool) -> TestApp {
+pub(crate) async fn spawn_app_with(topology: TopologySettings, worker: bool) -> TestApp {
     let services = isolated_services();
     let names = Names::new(services.namespace.clone());
     let ledger = Ledger::connect(&services.database_url, 4, None).await.expect("PostgreSQL must be reachable");
@@ -99,18 +99,18 @@ pub async fn spawn_app_with(topology: TopologySettings, worker: bool) -> TestApp
 
 impl TestApp {
     /// Worker settings for tests: small lock TTL so takeovers are quick.
-    pub fn worker_settings(&self) -> WorkerSettings {
+    pub(crate) fn worker_settings(&self) -> WorkerSettings {
         WorkerSettings { lock_ttl_ms: 2_000, backoff_max_ms: 200, db_connections: 4, ..WorkerSettings::default() }
     }
 
     /// Starts the in-process worker.
-    pub fn start_worker(&mut self) {
+    pub(crate) fn start_worker(&mut self) {
         let settings = self.worker_settings();
         self.start_worker_with(settings);
     }
 
     /// Starts the in-process worker with the given settings.
-    pub fn start_worker_with(&mut self, settings: WorkerSettings) {
+    pub(crate) fn start_worker_with(&mut self, settings: WorkerSettings) {
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(walletq::worker::run_worker(
             self.services.clone(),
@@ -123,7 +123,7 @@ impl TestApp {
 
     /// Publishes requests (replies to this app's queue), all in flight before any confirm
     /// is awaited.
-    pub async fn publish_all(&self, requests: &[Request]) {
+    pub(crate) async fn publish_all(&self, requests: &[Request]) {
         let mut confirms = Vec::with_capacity(requests.len());
         for request in requests {
             let properties = request_properties(request.request_id.as_str())
@@ -142,7 +142,7 @@ impl TestApp {
     }
 
     /// Publishes a raw body with the given routing key and reply queue.
-    pub async fn publish_raw(&self, routing_key: &str, body: &[u8], reply_to: Option<&str>) {
+    pub(crate) async fn publish_raw(&self, routing_key: &str, body: &[u8], reply_to: Option<&str>) {
         let mut properties = walletq::broker::json_properties();
         if let Some(reply_to) = reply_to {
             properties = properties.with_reply_to(reply_to.into());
@@ -153,7 +153,7 @@ impl TestApp {
     }
 
     /// Waits for the next `n` results on the reply queue.
-    pub async fn next_results(&mut self, n: usize) -> Vec<(BasicProperties, RequestResult)> {
+    pub(crate) async fn next_results(&mut self, n: usize) -> Vec<(BasicProperties, RequestResult)> {
         let mut out = Vec::with_capacity(n);
         let deadline = tokio::time::Instant::now() + RESULT_TIMEOUT;
         while out.len() < n {
@@ -167,12 +167,12 @@ impl TestApp {
     }
 
     /// A result that has already arrived on the reply queue, without waiting.
-    pub fn try_next_result(&mut self) -> Option<RequestResult> {
+    pub(crate) fn try_next_result(&mut self) -> Option<RequestResult> {
         self.results.try_recv().ok().map(|(_, result)| result)
     }
 
     /// Results of `n` requests, keyed by request id.
-    pub async fn results_by_id(&mut self, n: usize) -> HashMap<String, RequestResult> {
+    pub(crate) async fn results_by_id(&mut self, n: usize) -> HashMap<String, RequestResult> {
         self.next_results(n)
             .await
             .into_iter()
@@ -181,7 +181,7 @@ impl TestApp {
     }
 
     /// The balance stored for `user`, if it has a wallet.
-    pub async fn balance(&self, user: &str) -> Option<Money> {
+    pub(crate) async fn balance(&self, user: &str) -> Option<Money> {
         let value: Option<rust_decimal::Decimal> = sqlx::query_scalar("SELECT balance FROM wallets WHERE user_id = $1")
             .bind(user)
             .fetch_optional(&self.pool)
@@ -191,12 +191,12 @@ impl TestApp {
     }
 
     /// Count of rows that a scalar query returns.
-    pub async fn count(&self, sql: &'static str) -> i64 {
+    pub(crate) async fn count(&self, sql: &'static str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.expect("count query")
     }
 
     /// Sum of ledger deltas of `user` equals its balance.
-    pub async fn assert_ledger_matches_balance(&self, user: &str) {
+    pub(crate) async fn assert_ledger_matches_balance(&self, user: &str) {
         let sum: Option<rust_decimal::Decimal> =
             sqlx::query_scalar("SELECT sum(delta) FROM ledger_entries WHERE user_id = $1")
                 .bind(user)
@@ -208,7 +208,7 @@ impl TestApp {
     }
 
     /// Stops the worker (as SIGTERM does) and waits for it.
-    pub async fn stop_worker(&mut self) {
+    pub(crate) async fn stop_worker(&mut self) {
         if let Some((shutdown, handle)) = self.worker.take() {
             shutdown.cancel();
             handle.await.expect("worker task").expect("worker result");
@@ -216,7 +216,7 @@ impl TestApp {
     }
 
     /// Stops the worker and removes the namespace's queues, exchanges, Redis keys and database.
-    pub async fn cleanup(mut self) {
+    pub(crate) async fn cleanup(mut self) {
         self.stop_worker().await;
         // A fresh connection: the test may have restarted the broker under the old one.
         let connection =
@@ -252,14 +252,14 @@ impl TestApp {
 }
 
 /// Drops the database of an isolated namespace (see [`isolated_services`]).
-pub async fn drop_database(namespace: &str) {
+pub(crate) async fn drop_database(namespace: &str) {
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"walletq_{namespace}\" WITH (FORCE)")))
         .execute(&admin_pool().await)
         .await;
 }
 
 /// A pool on the server's `postgres` database (superuser), for what a test database cannot do.
-pub async fn admin_pool() -> PgPool {
+pub(crate) async fn admin_pool() -> PgPool {
     let base = env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/walletq");
     let mut url = url::Url::parse(&base).expect("DATABASE_URL must be a URL");
     url.set_path("/postgres");
@@ -267,7 +267,7 @@ pub async fn admin_pool() -> PgPool {
 }
 
 /// A valid request.
-pub fn request(id: impl AsRef<str>, user: &str, op: Op, amount_cents: i64) -> Request {
+pub(crate) fn request(id: impl AsRef<str>, user: &str, op: Op, amount_cents: i64) -> Request {
     Request {
         request_id: RequestId::parse(id.as_ref()).expect("request id"),
         user_id: UserId::parse(user).expect("user id"),
@@ -278,13 +278,13 @@ pub fn request(id: impl AsRef<str>, user: &str, op: Op, amount_cents: i64) -> Re
 
 /// The rules, written again independently and in integer cents, as the oracle.
 #[derive(Default)]
-pub struct SequentialModel {
+pub(crate) struct SequentialModel {
     balances: HashMap<String, i64>,
 }
 
 impl SequentialModel {
     /// Applies one request; returns (status, reason, balance after in cents).
-    pub fn apply(&mut self, request: &Request) -> (Status, Option<&'static str>, Option<i64>) {
+    pub(crate) fn apply(&mut self, request: &Request) -> (Status, Option<&'static str>, Option<i64>) {
         let user = request.user_id.as_str().to_owned();
         let amount = request.amount.cents();
         match (request.op, self.balances.get(&user).copied()) {
@@ -304,13 +304,13 @@ impl SequentialModel {
         }
     }
 
-    pub fn balance(&self, user: &str) -> Option<i64> {
+    pub(crate) fn balance(&self, user: &str) -> Option<i64> {
         self.balances.get(user).copied()
     }
 }
 
 /// Checks a result against the model's verdict.
-pub fn assert_matches_model(result: &RequestResult, expected: (Status, Option<&'static str>, Option<i64>)) {
+pub(crate) fn assert_matches_model(result: &RequestResult, expected: (Status, Option<&'static str>, Option<i64>)) {
     let (status, reason, balance) = expected;
     assert_eq!(result.status, status, "status of {:?}", result.request_id);
     assert_eq!(result.reason.map(|r| r.as_str()), reason, "reason of {:?}", result.request_id);
@@ -318,28 +318,28 @@ pub fn assert_matches_model(result: &RequestResult, expected: (Status, Option<&'
 }
 
 /// A tiny deterministic generator (tests must be reproducible).
-pub struct Lcg(pub u64);
+pub(crate) struct Lcg(pub u64);
 
 impl Lcg {
-    pub fn next_below(&mut self, bound: u64) -> u64 {
+    pub(crate) fn next_below(&mut self, bound: u64) -> u64 {
         self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (self.0 >> 33) % bound
     }
 }
 
 /// A `walletq worker` child process, killed when dropped so a failing test leaves none behind.
-pub struct WorkerProcess(Child);
+pub(crate) struct WorkerProcess(Child);
 
 impl WorkerProcess {
     /// SIGKILL, then reap.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 
     /// SIGSTOP: the process freezes wherever it is; its connections stay open.
     #[allow(dead_code, reason = "used by tests/chaos.rs")]
-    pub fn pause(&self) {
+    pub(crate) fn pause(&self) {
         // SAFETY: plain kill(2) on our own child's pid.
         let rc = unsafe { libc::kill(self.0.id() as i32, libc::SIGSTOP) };
         assert_eq!(rc, 0, "SIGSTOP the worker");
@@ -347,14 +347,14 @@ impl WorkerProcess {
 
     /// SIGCONT after [`WorkerProcess::pause`].
     #[allow(dead_code, reason = "used by tests/chaos.rs")]
-    pub fn resume(&self) {
+    pub(crate) fn resume(&self) {
         // SAFETY: plain kill(2) on our own child's pid.
         let rc = unsafe { libc::kill(self.0.id() as i32, libc::SIGCONT) };
         assert_eq!(rc, 0, "SIGCONT the worker");
     }
 
     /// SIGTERM, then wait for the exit status.
-    pub async fn terminate(mut self) -> std::process::ExitStatus {
+    pub(crate) async fn terminate(mut self) -> std::process::ExitStatus {
         // SAFETY: plain kill(2) on our own child's pid.
         let rc = unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         assert_eq!(rc, 0, "SIGTERM the worker");
@@ -370,19 +370,19 @@ impl Drop for WorkerProcess {
 }
 
 /// Starts the real `walletq worker` binary on this app's namespace and database.
-pub fn spawn_worker_process(app: &TestApp) -> WorkerProcess {
+pub(crate) fn spawn_worker_process(app: &TestApp) -> WorkerProcess {
     spawn_worker_process_with(app, &[])
 }
 
 /// Same, with extra environment (for instance `WALLETQ_METRICS_ADDR`, or a service URL
 /// through a fault relay); stderr goes to the test's.
-pub fn spawn_worker_process_with(app: &TestApp, extra_env: &[(&str, &str)]) -> WorkerProcess {
+pub(crate) fn spawn_worker_process_with(app: &TestApp, extra_env: &[(&str, &str)]) -> WorkerProcess {
     spawn_worker_process_logging(app, extra_env, Stdio::inherit())
 }
 
 /// Same, with the worker's stderr (its log) sent to `stderr`, for instance a file the test
 /// reads to observe what the worker did.
-pub fn spawn_worker_process_logging(app: &TestApp, extra_env: &[(&str, &str)], stderr: Stdio) -> WorkerProcess {
+pub(crate) fn spawn_worker_process_logging(app: &TestApp, extra_env: &[(&str, &str)], stderr: Stdio) -> WorkerProcess {
     let mut command = Command::new(env!("CARGO_BIN_EXE_walletq"));
     command
         .arg("worker")
@@ -405,7 +405,7 @@ pub fn spawn_worker_process_logging(app: &TestApp, extra_env: &[(&str, &str)], s
 }
 
 /// Waits until at least `at_least` requests are stored.
-pub async fn wait_for_stored(app: &TestApp, at_least: i64, timeout: Duration) -> i64 {
+pub(crate) async fn wait_for_stored(app: &TestApp, at_least: i64, timeout: Duration) -> i64 {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let stored = app.count("SELECT count(*) FROM requests").await;
@@ -418,7 +418,7 @@ pub async fn wait_for_stored(app: &TestApp, at_least: i64, timeout: Duration) ->
 }
 
 /// Polls `probe` every 50 ms until it returns `Some`, or fails after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -434,7 +434,7 @@ where
 }
 
 /// A minimal HTTP/1.1 GET over loopback: (status code, body).
-pub async fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
+pub(crate) async fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
@@ -447,13 +447,13 @@ pub async fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
 }
 
 /// A free loopback port for a child process to bind.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 /// `count` deterministic requests over `users` users named `<prefix>-<n>`: deposits with
 /// probability `deposits_per_10` in 10, amounts 0.01 to `max_cents` cents.
-pub fn mixed_requests(
+pub(crate) fn mixed_requests(
     prefix: &str,
     count: usize,
     users: u64,
@@ -473,7 +473,7 @@ pub fn mixed_requests(
 
 impl TestApp {
     /// Every stored result, by request id.
-    pub async fn stored_results(&self) -> HashMap<String, RequestResult> {
+    pub(crate) async fn stored_results(&self) -> HashMap<String, RequestResult> {
         let rows: Vec<(String, String)> = sqlx::query_as("SELECT request_id, result::text FROM requests")
             .fetch_all(&self.pool)
             .await
@@ -482,7 +482,7 @@ impl TestApp {
     }
 
     /// Consumes `queue` without acks (for reading results or dead letters in tests).
-    pub async fn consume(&self, queue: &str) -> lapin::Consumer {
+    pub(crate) async fn consume(&self, queue: &str) -> lapin::Consumer {
         let channel = self.connection.create_channel().await.expect("channel");
         channel
             .basic_consume(
@@ -496,7 +496,7 @@ impl TestApp {
     }
 
     /// The next message on a consumer, failing the test after [`RESULT_TIMEOUT`].
-    pub async fn next_delivery(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
+    pub(crate) async fn next_delivery(consumer: &mut lapin::Consumer) -> lapin::message::Delivery {
         tokio::time::timeout(RESULT_TIMEOUT, consumer.next())
             .await
             .expect("a message in time")

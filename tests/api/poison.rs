@@ -33,7 +33,7 @@ fn poison_shapes() -> Vec<(&'static str, RawProperty)> {
 }
 
 /// `host:port`, user and password of an `amqp://` URL.
-pub fn amqp_address(url: &str) -> (String, String, String) {
+pub(crate) fn amqp_address(url: &str) -> (String, String, String) {
     let url = url::Url::parse(url).expect("AMQP_URL must be a URL");
     let address = format!("{}:{}", url.host_str().unwrap_or("127.0.0.1"), url.port().unwrap_or(5672));
     let password = url.password().unwrap_or("guest").to_owned();

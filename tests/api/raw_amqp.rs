@@ -14,7 +14,7 @@ const FRAME_END: u8 = 0xCE;
 
 /// One basic property of the content header, in AMQP's flag order, with raw bytes.
 #[derive(Debug, Clone)]
-pub enum RawProperty {
+pub(crate) enum RawProperty {
     ContentType(Vec<u8>),
     /// The header table's encoded bytes (without the length prefix).
     Headers(Vec<u8>),
@@ -59,7 +59,7 @@ impl RawProperty {
 }
 
 /// A header table with one long-string entry whose key is `key` (raw bytes).
-pub fn header_table_with_key(key: &[u8]) -> Vec<u8> {
+pub(crate) fn header_table_with_key(key: &[u8]) -> Vec<u8> {
     let mut table = Vec::new();
     short_string(&mut table, key);
     table.push(b'S');
@@ -75,7 +75,7 @@ fn short_string(out: &mut Vec<u8>, bytes: &[u8]) {
 
 /// What the broker answered to a confirmed publish.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Published {
+pub(crate) enum Published {
     Acked,
     Nacked,
     /// The broker closed the channel or connection instead (it refused the publish).
@@ -83,14 +83,14 @@ pub enum Published {
 }
 
 /// A connection with one channel in confirm mode.
-pub struct RawPublisher {
+pub(crate) struct RawPublisher {
     stream: TcpStream,
     delivery_tag: u64,
 }
 
 impl RawPublisher {
     /// Connects to `host:port` as `user`/`password` on vhost `/`.
-    pub async fn connect(address: &str, user: &str, password: &str) -> std::io::Result<Self> {
+    pub(crate) async fn connect(address: &str, user: &str, password: &str) -> std::io::Result<Self> {
         let mut stream = TcpStream::connect(address).await?;
         stream.write_all(b"AMQP\x00\x00\x09\x01").await?;
         let mut publisher = RawPublisher { stream, delivery_tag: 0 };
@@ -126,7 +126,7 @@ impl RawPublisher {
     }
 
     /// Publishes `body` with `properties` and waits for the broker's confirm.
-    pub async fn publish(
+    pub(crate) async fn publish(
         &mut self,
         exchange: &str,
         routing_key: &str,

@@ -14,6 +14,7 @@ pub struct ConditionalUpdate {
 }
 
 impl ConditionalUpdate {
+    /// The approach on its own pool.
     pub fn new(pool: PgPool) -> Self {
         ConditionalUpdate { pool }
     }

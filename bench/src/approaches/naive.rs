@@ -14,6 +14,7 @@ pub struct Naive {
 }
 
 impl Naive {
+    /// The approach on its own pool.
     pub fn new(pool: PgPool) -> Self {
         Naive { pool }
     }

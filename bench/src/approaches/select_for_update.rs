@@ -14,6 +14,7 @@ pub struct SelectForUpdate {
 }
 
 impl SelectForUpdate {
+    /// The approach on its own pool.
     pub fn new(pool: PgPool) -> Self {
         SelectForUpdate { pool }
     }

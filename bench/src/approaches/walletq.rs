@@ -16,8 +16,11 @@ use walletq::ledger::{self, Ledger};
 /// How requests were grouped into batches.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct BatchSizes {
+    /// Batches applied.
     pub batches: u64,
+    /// Mean requests per batch.
     pub mean: f64,
+    /// The largest batch.
     pub largest: u64,
 }
 
