@@ -31,22 +31,23 @@ pub struct ServiceSettings {
     pub namespace: String,
 }
 
-/// RabbitMQ queue type of the partition queues.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueType {
-    /// Replicated (Raft) queues: survive a node's loss; the default.
-    Quorum,
-    /// Classic queues: lighter on one node, a single point of failure on a cluster.
-    Classic,
+pub use crate::broker::QueueType;
+
+/// `--queue-type quorum|classic`: the broker's plain enum, parsed by clap here, so the
+/// adapter knows nothing of the command line.
+impl ValueEnum for QueueType {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[QueueType::Quorum, QueueType::Classic]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
 }
 
-impl QueueType {
-    /// The `x-queue-type` argument value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            QueueType::Quorum => "quorum",
-            QueueType::Classic => "classic",
-        }
+impl From<&TopologySettings> for crate::broker::Topology {
+    fn from(settings: &TopologySettings) -> Self {
+        crate::broker::Topology { partitions: settings.partitions, queue_type: settings.queue_type }
     }
 }
 

@@ -7,7 +7,7 @@ pub use publish::{
     CONFIRM_TIMEOUT, IgnoredPublishTime, PUBLISHED_MS_HEADER, Publisher, json_properties, published_at_ms,
     request_properties,
 };
-pub use topology::{INGRESS_DELIVERY_LIMIT, Names, declare_topology};
+pub use topology::{INGRESS_DELIVERY_LIMIT, Names, QueueType, Topology, declare_topology};
 
 use std::path::Path;
 use std::time::Duration;

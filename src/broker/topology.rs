@@ -5,7 +5,34 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, ExchangeKind};
 
-use crate::configuration::{QueueType, TopologySettings};
+/// RabbitMQ queue type of the partition queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// Replicated (Raft) queues: survive a node's loss; the default.
+    Quorum,
+    /// Classic queues: lighter on one node, a single point of failure on a cluster.
+    Classic,
+}
+
+impl QueueType {
+    /// The `x-queue-type` argument value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+/// The shape of a namespace's queues, as plain settings (the command line's
+/// `TopologySettings` converts into it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    /// Number of partition queues.
+    pub partitions: u16,
+    /// Queue type of the partition, dead-letter and results queues.
+    pub queue_type: QueueType,
+}
 
 /// Names of the exchanges and queues of one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +106,8 @@ fn queue_arguments(queue_type: QueueType) -> FieldTable {
 /// Declares the requests exchange (fanout) and its ingress queue, the partition queues
 /// (all with single active consumer and dead-lettering), the dead-letter exchange and
 /// queue and the results queue. Safe to repeat.
-pub async fn declare_topology(channel: &Channel, names: &Names, settings: &TopologySettings) -> anyhow::Result<()> {
+pub async fn declare_topology(channel: &Channel, names: &Names, settings: impl Into<Topology>) -> anyhow::Result<()> {
+    let settings: Topology = settings.into();
     let durable = ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() };
     let queue_options = QueueDeclareOptions::durable();
 
