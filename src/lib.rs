@@ -13,7 +13,7 @@
 //! | layer | modules | knows |
 //! | --- | --- | --- |
 //! | domain (pure) | [`domain`]: money, requests and their decoding, results, the wallet rules ([`domain::plan_batch`]), partitioning, worker assignment | nothing outside itself: no RabbitMQ, Redis, SQL or clock |
-//! | adapters | [`broker`] (RabbitMQ: topology, confirms), [`lock`] (Redis: fenced user locks), [`membership`] (Redis: heartbeats), [`ledger`] (PostgreSQL: batches, audit), [`telemetry`], and the private `backoff` and `tls` | the domain, and plain settings; never the pipeline or an edge |
+//! | adapters | [`broker`] (RabbitMQ: topology, confirms), [`lock`] (Redis: fenced user locks), [`membership`] (Redis: heartbeats), [`ledger`] (PostgreSQL: batches, audit), [`telemetry`], and the private `backoff`, `tls` and `grouping` (the one machine behind group commit and group locking) | the domain, and plain settings; never the pipeline or an edge |
 //! | pipeline | [`worker`]: the router, one ordered pipeline per partition, group commit and group locking | the domain and the adapters |
 //! | edges | [`cli`] (the `walletq` command), [`gateway`] (HTTP), [`Client`] (producers in Rust), [`status`], [`configuration`] (flags and environment) | everything |
 //!
@@ -33,6 +33,7 @@ pub mod worker;
 
 mod backoff;
 mod client;
+mod grouping;
 mod tls;
 
 pub use client::Client;

@@ -6,14 +6,13 @@
 //! workers (sorted by id) serve `⌈P/N⌉` and the others `⌊P/N⌋`. A membership change
 //! moves few partitions, because preferences don't depend on the other workers.
 
-/// FNV-1a, 64 bit: stable across processes, versions and machines.
+use super::partitioning::fnv1a_64;
+
+/// [`fnv1a_64`] of (worker, partition), finished with the first round of fmix64. Not the
+/// full fmix64 of `partition_of`: changing it would move partitions between the workers of
+/// a rolling upgrade, and some would be served by neither until it ends.
 fn stable_hash(worker: &str, partition: u16) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in worker.bytes().chain([0xff]).chain(partition.to_le_bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    // FNV's low bits mix poorly for short inputs; finish with a 64-bit avalanche.
+    let mut hash = fnv1a_64(worker.bytes().chain([0xff]).chain(partition.to_le_bytes()));
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
     hash ^= hash >> 33;

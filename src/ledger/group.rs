@@ -8,13 +8,13 @@
 //! stale fence or poison message never fails another partition's batch; except when the
 //! database did not answer in time, which fails every batch of the group at once.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{Ledger, LedgerError};
 use crate::domain::{Request, RequestResult, UserId};
+use crate::grouping::{Groups, keys_disjoint, merged_or_each};
 
 /// Most requests in one merged transaction.
 pub const GROUP_MAX_REQUESTS: usize = 4_096;
@@ -33,6 +33,8 @@ struct Job {
 #[derive(Clone)]
 pub struct GroupCommitter {
     jobs: mpsc::Sender<Job>,
+    /// The ledger itself, for what is not a batch: reads and probes.
+    ledger: Ledger,
 }
 
 impl GroupCommitter {
@@ -41,8 +43,13 @@ impl GroupCommitter {
     /// is dropped.
     pub fn spawn(ledger: Ledger, transactions_in_flight: usize) -> Self {
         let (jobs, receiver) = mpsc::channel(QUEUED_BATCHES_MAX);
-        tokio::spawn(run(ledger, receiver, transactions_in_flight.max(1)));
-        GroupCommitter { jobs }
+        tokio::spawn(run(ledger.clone(), receiver, transactions_in_flight.max(1)));
+        GroupCommitter { jobs, ledger }
+    }
+
+    /// The ledger underneath.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     /// Applies one batch, as [`Ledger::apply_batch`] does, possibly in one transaction with
@@ -61,27 +68,21 @@ impl GroupCommitter {
     }
 }
 
-async fn run(ledger: Ledger, mut jobs: mpsc::Receiver<Job>, transactions_in_flight: usize) {
+async fn run(ledger: Ledger, jobs: mpsc::Receiver<Job>, transactions_in_flight: usize) {
     let slots = Arc::new(Semaphore::new(transactions_in_flight));
-    let mut carried: Option<Job> = None;
+    let mut groups = Groups::new(jobs);
     loop {
-        let Some(first) = carried_or_next(&mut carried, &mut jobs).await else {
+        let Some(first) = groups.first().await else {
             return;
         };
         // While every slot is busy, more batches queue up and join this group.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut size = first.requests.len();
         let mut group = vec![first];
-        while let Ok(job) = jobs.try_recv() {
-            if size + job.requests.len() > GROUP_MAX_REQUESTS {
-                carried = Some(job);
-                break;
-            }
-            size += job.requests.len();
-            group.push(job);
-        }
+        groups.gather(&mut group, |group, next| {
+            group.iter().map(|job| job.requests.len()).sum::<usize>() + next.requests.len() <= GROUP_MAX_REQUESTS
+        });
         metrics::histogram!("walletq_group_batches").record(group.len() as f64);
         let ledger = ledger.clone();
         tokio::spawn(async move {
@@ -91,54 +92,56 @@ async fn run(ledger: Ledger, mut jobs: mpsc::Receiver<Job>, transactions_in_flig
     }
 }
 
-/// The job held over from the last round, else the next one to arrive; `None` once every
-/// sender is gone. Shared by the group committer and the group locker.
-pub(crate) async fn carried_or_next<T>(carried: &mut Option<T>, jobs: &mut mpsc::Receiver<T>) -> Option<T> {
-    match carried.take() {
-        Some(job) => Some(job),
-        None => jobs.recv().await,
+async fn apply_group(ledger: &Ledger, group: Vec<Job>) {
+    let disjoint = keys_disjoint(&group, |job| {
+        job.requests.iter().map(|r| &r.user_id).chain(job.fences.iter().map(|(user, _)| user))
+    });
+    let merged = async |group: &[Job]| apply_merged(ledger, group).await;
+    let each = async |group: &[Job]| apply_each(ledger, group).await;
+    let answers = merged_or_each(&group, disjoint, merged, each).await;
+    for (job, answer) in group.into_iter().zip(answers) {
+        let _ = job.reply.send(answer);
     }
 }
 
-async fn apply_group(ledger: &Ledger, group: Vec<Job>) {
-    if group.len() > 1 && users_disjoint(&group) {
-        let requests: Vec<Request> = group.iter().flat_map(|job| job.requests.iter().cloned()).collect();
-        let fences: Vec<(UserId, i64)> = group.iter().flat_map(|job| job.fences.iter().cloned()).collect();
-        match ledger.apply_batch(&requests, &fences).await {
-            Ok(results) if results.len() == requests.len() => {
-                let mut results = results.into_iter();
-                for job in group {
-                    let own: Vec<RequestResult> = results.by_ref().take(job.requests.len()).collect();
-                    let _ = job.reply.send(Ok(own));
-                }
-                return;
-            }
-            Ok(results) => {
-                debug_assert_eq!(results.len(), requests.len(), "one result per request of a merged batch");
-                tracing::error!(
-                    requests = requests.len(),
-                    results = results.len(),
-                    "a merged batch returned the wrong number of results; applying its batches one by one"
-                );
-            }
-            Err(error) if unanswered(&error).is_some() => {
-                // The database did not answer in time: one by one, each batch would wait out
-                // the bound again. They all fail now and come back through their queues.
-                let copies: Vec<LedgerError> = group.iter().map_while(|_| unanswered(&error)).collect();
-                for (job, copy) in group.into_iter().zip(copies) {
-                    let _ = job.reply.send(Err(copy));
-                }
-                return;
-            }
-            Err(error) => {
-                tracing::debug!(error = %error, batches = group.len(), "a merged batch failed; applying its batches one by one");
-            }
+/// The group in one transaction: each batch's own results, or every batch failed when the
+/// database did not answer in time (one by one, each would wait out the bound again; they
+/// come back through their queues); `None` to try the batches one by one.
+async fn apply_merged(ledger: &Ledger, group: &[Job]) -> Option<Vec<Result<Vec<RequestResult>, LedgerError>>> {
+    let requests: Vec<Request> = group.iter().flat_map(|job| job.requests.iter().cloned()).collect();
+    let fences: Vec<(UserId, i64)> = group.iter().flat_map(|job| job.fences.iter().cloned()).collect();
+    match ledger.apply_batch(&requests, &fences).await {
+        Ok(results) if results.len() == requests.len() => {
+            let mut results = results.into_iter();
+            Some(group.iter().map(|job| Ok(results.by_ref().take(job.requests.len()).collect())).collect())
+        }
+        Ok(results) => {
+            debug_assert_eq!(results.len(), requests.len(), "one result per request of a merged batch");
+            tracing::error!(
+                requests = requests.len(),
+                results = results.len(),
+                "a merged batch returned the wrong number of results; applying its batches one by one"
+            );
+            None
+        }
+        Err(error) if unanswered(&error).is_some() => {
+            Some(group.iter().map_while(|_| unanswered(&error)).map(Err).collect())
+        }
+        Err(error) => {
+            tracing::debug!(error = %error, batches = group.len(), "a merged batch failed; applying its batches one by one");
+            None
         }
     }
+}
+
+/// Each batch in a transaction of its own, one after the other (batches sharing a user in
+/// arrival order).
+async fn apply_each(ledger: &Ledger, group: &[Job]) -> Vec<Result<Vec<RequestResult>, LedgerError>> {
+    let mut answers = Vec::with_capacity(group.len());
     for job in group {
-        let outcome = ledger.apply_batch(&job.requests, &job.fences).await;
-        let _ = job.reply.send(outcome);
+        answers.push(ledger.apply_batch(&job.requests, &job.fences).await);
     }
+    answers
 }
 
 /// A copy of `error` when it means the database did not answer in time (the transaction's
@@ -150,13 +153,4 @@ fn unanswered(error: &LedgerError) -> Option<LedgerError> {
         LedgerError::Database(sqlx::Error::PoolTimedOut) => Some(LedgerError::Database(sqlx::Error::PoolTimedOut)),
         _ => None,
     }
-}
-
-fn users_disjoint(group: &[Job]) -> bool {
-    let mut seen = HashSet::new();
-    group.iter().all(|job| {
-        let mut own: HashSet<&UserId> = job.requests.iter().map(|r| &r.user_id).collect();
-        own.extend(job.fences.iter().map(|(user, _)| user));
-        own.into_iter().all(|user| seen.insert(user))
-    })
 }

@@ -34,7 +34,7 @@ pub(super) struct HeldLocks {
 impl HeldLocks {
     fn keep(context: &WorkerContext, grant: LockGrant) -> Self {
         let lost = Arc::new(AtomicBool::new(false));
-        let keeper = tokio::spawn(keep_alive(context.locks.clone(), grant.clone(), lost.clone()));
+        let keeper = tokio::spawn(keep_alive(context.locks.locks().clone(), grant.clone(), lost.clone()));
         HeldLocks { grant, keeper, lost }
     }
 
@@ -46,7 +46,7 @@ impl HeldLocks {
         if self.lost.load(Ordering::Relaxed) {
             tracing::warn!("a user lock expired while its batch ran; fencing kept the write safe");
         }
-        context.locker.release(self.grant).await;
+        context.locks.release(self.grant).await;
     }
 }
 
@@ -127,7 +127,7 @@ async fn lock_and_apply(
     }
     let held = HeldLocks::keep(context, acquire(context, &users, stop).await?);
     let locked = Instant::now();
-    match context.committer.apply_batch(valid, &held.grant.fences).await {
+    match context.ledger.apply_batch(valid, &held.grant.fences).await {
         Ok(results) => {
             debug_assert_eq!(results.len(), valid.len(), "one result per valid request");
             Ok((Some(held), results, Some(locked)))
@@ -363,7 +363,7 @@ async fn acquire(context: &WorkerContext, users: &[UserId], stop: &CancellationT
     let attempts = context.settings.lock_attempts;
     let started = Instant::now();
     for attempt in 1..=attempts {
-        let outcome = context.locker.try_acquire(users).await;
+        let outcome = context.locks.try_acquire(users).await;
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(error) => {

@@ -83,12 +83,13 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, String) {
     if !state.readiness.membership_ok.load(Ordering::Relaxed) {
         problems.push("membership: last heartbeat failed");
     }
-    let redis = tokio::time::timeout(PROBE_TIMEOUT, state.context.locks.ping()).await;
+    let redis = tokio::time::timeout(PROBE_TIMEOUT, state.context.locks.locks().ping()).await;
     if !matches!(redis, Ok(Ok(()))) {
         problems.push("redis: unreachable");
     }
     let postgres =
-        tokio::time::timeout(PROBE_TIMEOUT, sqlx::query("SELECT 1").execute(state.context.ledger.pool())).await;
+        tokio::time::timeout(PROBE_TIMEOUT, sqlx::query("SELECT 1").execute(state.context.ledger.ledger().pool()))
+            .await;
     if !matches!(postgres, Ok(Ok(_))) {
         problems.push("postgres: unreachable");
     }

@@ -8,13 +8,11 @@
 //! its own partition. Releases queued before a partition's next lock request are sent before
 //! it: one channel carries both, and a round releases first.
 
-use std::collections::HashSet;
-
 use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::UserId;
-use crate::ledger::group::carried_or_next;
+use crate::grouping::{Groups, keys_disjoint, merged_or_each};
 use crate::lock::{LockAttempt, LockGrant, UserLocks};
 
 /// Most users asked for in one merged lock request; more wait for the next round.
@@ -24,7 +22,7 @@ pub(super) const LOCK_GROUP_MAX_USERS: usize = 4_096;
 const QUEUED_JOBS_MAX: usize = 1_024;
 
 enum Job {
-    LockAttempt { users: Vec<UserId>, reply: oneshot::Sender<anyhow::Result<LockAttempt>> },
+    Acquire { users: Vec<UserId>, reply: oneshot::Sender<anyhow::Result<LockAttempt>> },
     Release(LockGrant),
 }
 
@@ -32,14 +30,21 @@ enum Job {
 #[derive(Clone)]
 pub struct GroupLocker {
     jobs: mpsc::Sender<Job>,
+    /// The locks themselves, for what is not merged: extending a batch's locks, probes.
+    locks: UserLocks,
 }
 
 impl GroupLocker {
     /// Starts the locker; it stops when every handle is dropped.
     pub fn spawn(locks: UserLocks) -> Self {
         let (jobs, receiver) = mpsc::channel(QUEUED_JOBS_MAX);
-        tokio::spawn(run(locks, receiver));
-        GroupLocker { jobs }
+        tokio::spawn(run(locks.clone(), receiver));
+        GroupLocker { jobs, locks }
+    }
+
+    /// The per-user locks underneath.
+    pub fn locks(&self) -> &UserLocks {
+        &self.locks
     }
 
     /// Tries once to lock all `users` (distinct), as [`UserLocks::try_acquire`] does, possibly
@@ -47,7 +52,7 @@ impl GroupLocker {
     pub async fn try_acquire(&self, users: &[UserId]) -> anyhow::Result<LockAttempt> {
         let (reply, outcome) = oneshot::channel();
         self.jobs
-            .send(Job::LockAttempt { users: users.to_vec(), reply })
+            .send(Job::Acquire { users: users.to_vec(), reply })
             .await
             .map_err(|_| anyhow::anyhow!("the locker has stopped"))?;
         outcome.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the locker has stopped")))
@@ -69,30 +74,26 @@ struct LockRequest {
     reply: oneshot::Sender<anyhow::Result<LockAttempt>>,
 }
 
-async fn run(locks: UserLocks, mut jobs: mpsc::Receiver<Job>) {
-    let mut carried: Option<Job> = None;
+async fn run(locks: UserLocks, jobs: mpsc::Receiver<Job>) {
+    let mut groups = Groups::new(jobs);
     loop {
-        let Some(first) = carried_or_next(&mut carried, &mut jobs).await else {
+        let Some(first) = groups.first().await else {
             return;
         };
+        let mut round = vec![first];
+        groups.gather(&mut round, |round, next| match next {
+            Job::Release(_) => true,
+            Job::Acquire { users, .. } => asked_users(round) + users.len() <= LOCK_GROUP_MAX_USERS,
+        });
         let mut releases = Vec::new();
         let mut requests = Vec::new();
-        let mut users = 0;
-        let mut next = Some(first);
-        while let Some(job) = next.take() {
+        for job in round {
             match job {
                 Job::Release(grant) => releases.push(grant),
-                Job::LockAttempt { users: asked, reply } => {
-                    if !requests.is_empty() && users + asked.len() > LOCK_GROUP_MAX_USERS {
-                        carried = Some(Job::LockAttempt { users: asked, reply });
-                        break;
-                    }
-                    users += asked.len();
-                    requests.push(LockRequest { users: asked, reply });
-                }
+                Job::Acquire { users, reply } => requests.push(LockRequest { users, reply }),
             }
-            next = jobs.try_recv().ok();
         }
+        // Releases first: a partition's next request never meets its own previous locks.
         if !releases.is_empty() {
             if let Err(error) = locks.release_all(&releases).await {
                 tracing::warn!(error = %format!("{error:#}"), "could not release user locks; they will expire");
@@ -105,22 +106,20 @@ async fn run(locks: UserLocks, mut jobs: mpsc::Receiver<Job>) {
     }
 }
 
+/// Users asked for by the lock requests of `round`.
+fn asked_users(round: &[Job]) -> usize {
+    round.iter().map(|job| if let Job::Acquire { users, .. } = job { users.len() } else { 0 }).sum()
+}
+
 async fn acquire_group(locks: &UserLocks, requests: Vec<LockRequest>) {
-    let requests = if requests.len() > 1 && users_disjoint(&requests) {
-        match acquire_merged(locks, &requests).await {
-            Some(grants) => {
-                for (request, grant) in requests.into_iter().zip(grants) {
-                    let _ = request.reply.send(Ok(LockAttempt::Granted(grant)));
-                }
-                return;
-            }
-            None => requests,
-        }
-    } else {
-        requests
+    let disjoint = keys_disjoint(&requests, |request| request.users.iter());
+    let merged = async |requests: &[LockRequest]| {
+        let grants = acquire_merged(locks, requests).await?;
+        Some(grants.into_iter().map(|grant| Ok(LockAttempt::Granted(grant))).collect())
     };
     // One at a time in effect: each request on its own, all sent at once.
-    let outcomes = join_all(requests.iter().map(|request| locks.try_acquire(&request.users))).await;
+    let each = async |requests: &[LockRequest]| join_all(requests.iter().map(|r| locks.try_acquire(&r.users))).await;
+    let outcomes = merged_or_each(&requests, disjoint, merged, each).await;
     for (request, outcome) in requests.into_iter().zip(outcomes) {
         let _ = request.reply.send(outcome);
     }
@@ -151,9 +150,4 @@ async fn acquire_merged(locks: &UserLocks, requests: &[LockRequest]) -> Option<V
             None
         }
     }
-}
-
-fn users_disjoint(requests: &[LockRequest]) -> bool {
-    let mut seen = HashSet::new();
-    requests.iter().all(|request| request.users.iter().all(|user| seen.insert(user)))
 }

@@ -41,14 +41,16 @@ pub use router::{RouterSettings, run_router};
 
 /// What every partition pipeline shares.
 pub(crate) struct WorkerContext {
+    /// The namespace's queue and exchange names.
     pub names: Names,
-    pub ledger: Ledger,
-    /// Applies the partitions' batches, merging those that wait together.
-    pub committer: GroupCommitter,
-    pub locks: UserLocks,
-    /// Takes and releases the partitions' user locks, merging the requests that wait together.
-    pub locker: GroupLocker,
+    /// PostgreSQL: applies the partitions' batches, merging those that wait together.
+    pub ledger: GroupCommitter,
+    /// Redis: takes and releases the partitions' user locks, merging the requests that wait
+    /// together.
+    pub locks: GroupLocker,
+    /// The worker's tuning.
     pub settings: WorkerSettings,
+    /// This worker's identity in the membership and in consumer tags.
     pub worker_id: String,
     /// Number of partition queues: a partition refuses a request whose user is not its own.
     pub partitions: u16,
@@ -84,10 +86,10 @@ pub async fn run_worker(
     let names = Names::new(services.namespace.clone());
     tracing::info!(%worker_id, namespace = names.namespace(), partitions = topology.partitions, "worker starting");
     let in_flight = settings.group_transactions.min(settings.db_connections) as usize;
-    let committer = GroupCommitter::spawn(ledger.clone(), in_flight);
-    let locker = GroupLocker::spawn(locks.clone());
+    let ledger = GroupCommitter::spawn(ledger, in_flight);
+    let locks = GroupLocker::spawn(locks);
     let partitions = topology.partitions;
-    let context = Arc::new(WorkerContext { names, ledger, committer, locks, locker, settings, worker_id, partitions });
+    let context = Arc::new(WorkerContext { names, ledger, locks, settings, worker_id, partitions });
     let readiness = Arc::new(Readiness::default());
     if let Some(address) = context.settings.metrics_addr {
         endpoints::spawn(address, context.clone(), readiness.clone(), shutdown.clone()).await?;
