@@ -157,43 +157,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Worker { services, topology, worker } => {
-            let shutdown = CancellationToken::new();
-            let drain = Duration::from_millis(worker.drain_timeout_ms);
-            let running = tokio::spawn(crate::worker::run_worker(services, topology, worker, shutdown.clone()));
-            tokio::pin!(running);
-            tokio::select! {
-                finished = &mut running => return finished.context("worker task failed")?.map(|()| ExitCode::SUCCESS),
-                signal = shutdown_signal() => signal?,
-            }
-            tracing::info!(drain_timeout_ms = drain.as_millis() as u64, "stopping: finishing the batches in flight");
-            shutdown.cancel();
-            match tokio::time::timeout(drain, &mut running).await {
-                Ok(finished) => finished.context("worker task failed")?.map(|()| ExitCode::SUCCESS),
-                Err(_) => {
-                    tracing::warn!("drain timeout passed; unacked messages will be redelivered");
-                    Ok(ExitCode::SUCCESS)
-                }
-            }
-        }
+        Command::Worker { services, topology, worker } => worker_until_signal(services, topology, worker).await,
         Command::Bench { .. } => unreachable!("`bench` runs walletq-bench before the runtime starts"),
-        Command::Audit { services, json } => {
-            let ledger = read_only_ledger(&services).await?;
-            let report = crate::ledger::audit::audit(ledger.pool()).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                for check in &report.checks {
-                    let verdict = if check.violations.is_empty() { "ok  " } else { "FAIL" };
-                    println!("{verdict} {} ({} rows checked)", check.name, check.checked);
-                    for violation in &check.violations {
-                        println!("       {violation}");
-                    }
-                }
-                println!("audit {}", if report.is_clean() { "clean" } else { "found violations" });
-            }
-            Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-        }
+        Command::Audit { services, json } => audit(&services, json).await,
         Command::Status { services, topology, member_ttl_ms, json } => {
             let status = crate::status::collect(&services, &topology, member_ttl_ms).await?;
             if json {
@@ -203,21 +169,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Gateway { services, gateway } => {
-            let secret = JwtSecret::from_env()?;
-            let listener = tokio::net::TcpListener::bind(gateway.listen)
-                .await
-                .with_context(|| format!("listening on {}", gateway.listen))?;
-            let app = crate::gateway::app(&services, &gateway, &secret).await?;
-            crate::gateway::serve(listener, app, async {
-                if let Err(error) = shutdown_signal().await {
-                    tracing::error!(error = %format!("{error:#}"), "signal handling failed; stopping");
-                }
-                tracing::info!("stopping: finishing the requests in flight");
-            })
-            .await?;
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Gateway { services, gateway } => serve_gateway(&services, &gateway).await,
         Command::Token { user, ttl } => {
             let user = UserId::parse(&user).context("user id must be 1-64 characters of [A-Za-z0-9._:-]")?;
             println!("{}", mint_token(&JwtSecret::from_env()?, &user, ttl)?);
@@ -225,21 +177,84 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Withdraw(args) => submit(args, Op::Withdraw).await,
         Command::Deposit(args) => submit(args, Op::Deposit).await,
-        Command::Balance { services, user } => {
-            let user = UserId::parse(&user).context("user id must be 1-64 characters of [A-Za-z0-9._:-]")?;
-            let ledger = read_only_ledger(&services).await?;
-            match ledger.wallet(&user).await? {
-                Some(wallet) => println!("{}", serde_json::to_string_pretty(&wallet)?),
-                None => println!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({ "user_id": user, "balance": null, "coupons": [] })
-                    )?
-                ),
-            }
+        Command::Balance { services, user } => balance(&services, &user).await,
+    }
+}
+
+/// `walletq worker`: runs until SIGTERM or ctrl-c, then drains the batches in flight for at
+/// most `--drain-timeout-ms`.
+async fn worker_until_signal(
+    services: ServiceSettings,
+    topology: TopologySettings,
+    worker: WorkerSettings,
+) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    let drain = Duration::from_millis(worker.drain_timeout_ms);
+    let running = tokio::spawn(crate::worker::run_worker(services, topology, worker, shutdown.clone()));
+    tokio::pin!(running);
+    tokio::select! {
+        finished = &mut running => return finished.context("worker task failed")?.map(|()| ExitCode::SUCCESS),
+        signal = shutdown_signal() => signal?,
+    }
+    tracing::info!(drain_timeout_ms = drain.as_millis() as u64, "stopping: finishing the batches in flight");
+    shutdown.cancel();
+    match tokio::time::timeout(drain, &mut running).await {
+        Ok(finished) => finished.context("worker task failed")?.map(|()| ExitCode::SUCCESS),
+        Err(_) => {
+            tracing::warn!("drain timeout passed; unacked messages will be redelivered");
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `walletq audit`: exits 1 when any invariant is broken.
+async fn audit(services: &ServiceSettings, json: bool) -> anyhow::Result<ExitCode> {
+    let ledger = read_only_ledger(services).await?;
+    let report = crate::ledger::audit::audit(ledger.pool()).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for check in &report.checks {
+            let verdict = if check.violations.is_empty() { "ok  " } else { "FAIL" };
+            println!("{verdict} {} ({} rows checked)", check.name, check.checked);
+            for violation in &check.violations {
+                println!("       {violation}");
+            }
+        }
+        println!("audit {}", if report.is_clean() { "clean" } else { "found violations" });
+    }
+    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `walletq gateway`: serves until SIGTERM or ctrl-c, then finishes the requests in flight.
+async fn serve_gateway(services: &ServiceSettings, gateway: &GatewaySettings) -> anyhow::Result<ExitCode> {
+    let secret = JwtSecret::from_env()?;
+    let listener = tokio::net::TcpListener::bind(gateway.listen)
+        .await
+        .with_context(|| format!("listening on {}", gateway.listen))?;
+    let app = crate::gateway::app(services, gateway, &secret).await?;
+    crate::gateway::serve(listener, app, async {
+        if let Err(error) = shutdown_signal().await {
+            tracing::error!(error = %format!("{error:#}"), "signal handling failed; stopping");
+        }
+        tracing::info!("stopping: finishing the requests in flight");
+    })
+    .await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `walletq balance`: the wallet, or a null balance when the user has none.
+async fn balance(services: &ServiceSettings, user: &str) -> anyhow::Result<ExitCode> {
+    let user = UserId::parse(user).context("user id must be 1-64 characters of [A-Za-z0-9._:-]")?;
+    let ledger = read_only_ledger(services).await?;
+    match ledger.wallet(&user).await? {
+        Some(wallet) => println!("{}", serde_json::to_string_pretty(&wallet)?),
+        None => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "user_id": user, "balance": null, "coupons": [] }))?
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The ledger for commands that only read: no DDL, so the worker's role (or a read-only

@@ -33,7 +33,7 @@ pub struct PartitionStatus {
 
 /// The whole picture.
 #[derive(Debug, Clone, Serialize)]
-pub struct Status {
+pub struct StatusReport {
     /// The namespace shown.
     pub namespace: String,
     /// One row per partition.
@@ -51,7 +51,7 @@ pub async fn collect(
     services: &ServiceSettings,
     topology: &TopologySettings,
     member_ttl_ms: u64,
-) -> anyhow::Result<Status> {
+) -> anyhow::Result<StatusReport> {
     let names = Names::new(services.namespace.clone());
     let ca_file = services.ca_file.as_deref();
     let snapshot = membership::snapshot(&services.redis_url, ca_file, names.namespace(), member_ttl_ms).await?;
@@ -89,7 +89,7 @@ pub async fn collect(
         .map(|q| q.message_count())
         .unwrap_or(0);
     let _ = connection.close(200, "OK".into()).await;
-    Ok(Status {
+    Ok(StatusReport {
         namespace: names.namespace().to_owned(),
         partitions,
         workers: snapshot.workers,
@@ -98,7 +98,7 @@ pub async fn collect(
     })
 }
 
-impl Status {
+impl StatusReport {
     /// A human-readable table.
     pub fn to_table(&self) -> String {
         let mut out = String::new();

@@ -63,7 +63,7 @@ pub enum LedgerError {
 
 /// A wallet as read back: balance and coupons.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct WalletView {
+pub struct StoredWallet {
     /// The wallet's owner.
     pub user_id: UserId,
     /// The money in the wallet.
@@ -225,7 +225,7 @@ impl Ledger {
     }
 
     /// The wallet of `user` with its coupons, or `None` when it has none.
-    pub async fn wallet(&self, user: &UserId) -> anyhow::Result<Option<WalletView>> {
+    pub async fn wallet(&self, user: &UserId) -> anyhow::Result<Option<StoredWallet>> {
         let balance: Option<Decimal> = sqlx::query_scalar("SELECT balance FROM wallets WHERE user_id = $1")
             .bind(user.as_str())
             .fetch_optional(&self.pool)
@@ -248,7 +248,7 @@ impl Ledger {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let balance = Money::from_decimal(balance).context("stored balance is not valid money")?;
-        Ok(Some(WalletView { user_id: user.clone(), balance, coupons }))
+        Ok(Some(StoredWallet { user_id: user.clone(), balance, coupons }))
     }
 }
 
