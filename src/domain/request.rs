@@ -205,29 +205,8 @@ pub fn decode_request(body: &[u8]) -> Result<Request, InvalidRequest> {
     let mut invalid = InvalidRequest::bare(String::new());
     invalid.request_id = id_field(raw_request_id, "request_id", RequestId::parse, &mut problems);
     invalid.user_id = id_field(raw_user_id, "user_id", UserId::parse, &mut problems);
-    invalid.op = match raw_op.map(as_json_string) {
-        None => {
-            problems.push("missing field `op`".into());
-            None
-        }
-        Some(Some(text)) => Op::parse(&text).or_else(|| {
-            problems.push(format!("`op` must be \"withdraw\" or \"deposit\", got {:?}", truncate(&text)));
-            None
-        }),
-        Some(None) => {
-            problems.push("`op` must be a string".into());
-            None
-        }
-    };
-    invalid.amount = match raw_amount {
-        None => {
-            problems.push("missing field `amount`".into());
-            None
-        }
-        Some(raw) => {
-            parse_json_amount(raw).map_err(|e| problems.push(format!("`amount` {e}, got {}", truncate(raw.get())))).ok()
-        }
-    };
+    invalid.op = op_field(raw_op, &mut problems);
+    invalid.amount = amount_field(raw_amount, &mut problems);
 
     match (problems.is_empty(), &invalid) {
         (
@@ -243,6 +222,37 @@ pub fn decode_request(body: &[u8]) -> Result<Request, InvalidRequest> {
         _ => {
             invalid.detail = describe(&problems);
             Err(invalid)
+        }
+    }
+}
+
+/// The `op` field, or `None` with its problem noted.
+fn op_field(raw: Option<&RawValue>, problems: &mut Vec<String>) -> Option<Op> {
+    match raw.map(as_json_string) {
+        None => {
+            problems.push("missing field `op`".into());
+            None
+        }
+        Some(Some(text)) => Op::parse(&text).or_else(|| {
+            problems.push(format!("`op` must be \"withdraw\" or \"deposit\", got {:?}", truncate(&text)));
+            None
+        }),
+        Some(None) => {
+            problems.push("`op` must be a string".into());
+            None
+        }
+    }
+}
+
+/// The `amount` field, or `None` with its problem noted.
+fn amount_field(raw: Option<&RawValue>, problems: &mut Vec<String>) -> Option<Money> {
+    match raw {
+        None => {
+            problems.push("missing field `amount`".into());
+            None
+        }
+        Some(raw) => {
+            parse_json_amount(raw).map_err(|e| problems.push(format!("`amount` {e}, got {}", truncate(raw.get())))).ok()
         }
     }
 }
