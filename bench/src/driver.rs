@@ -158,6 +158,52 @@ struct ResultStatus {
     status: Status,
 }
 
+/// Reads the results on the run's reply queue and completes their requests, timed from
+/// when each fell due (`due_ns`).
+async fn collect_results(mut consumer: lapin::Consumer, run: Arc<Run>, due_ns: Arc<Vec<AtomicU64>>, verdicts: bool) {
+    while let Some(Ok(delivery)) = consumer.next().await {
+        let correlation = delivery.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned());
+        let Some(index) = correlation.as_deref().and_then(request_index) else {
+            continue;
+        };
+        let Some(due) = due_ns.get(index).map(|d| d.load(Ordering::Acquire)).filter(|d| *d != NOT_SENT) else {
+            continue;
+        };
+        let outcome = if !verdicts {
+            Outcome::Echoed
+        } else {
+            match serde_json::from_slice::<ResultStatus>(&delivery.data) {
+                Ok(ResultStatus { status: Status::Approved }) => Outcome::Approved,
+                Ok(ResultStatus { status: Status::Rejected }) => Outcome::Rejected,
+                Err(error) => {
+                    run.fail(&anyhow::Error::from(error).context("a result that is not JSON"));
+                    continue;
+                }
+            }
+        };
+        run.complete(index, outcome, run.start + Duration::from_nanos(due));
+    }
+}
+
+/// Waits until every request is settled, or no result came for [`STALL_TIMEOUT`].
+async fn wait_until_settled(run: &Run, total: u64) {
+    let mut settled = run.settled.subscribe();
+    loop {
+        if *settled.borrow_and_update() >= total {
+            return;
+        }
+        match tokio::time::timeout(STALL_TIMEOUT, settled.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                let missing = total.saturating_sub(*settled.borrow());
+                tracing::warn!(missing, "no result for {STALL_TIMEOUT:?}; reporting the run as incomplete");
+                return;
+            }
+        }
+    }
+}
+
 /// Publishes `requests` to the partitioning exchange of `names` with `load.clients`
 /// confirming publishers, and collects the results from a reply queue of its own.
 /// `verdicts`: whether results carry a verdict (false for the broker echo).
@@ -172,7 +218,7 @@ pub async fn drive_queued(
 ) -> anyhow::Result<Measured> {
     let total = requests.len() as u64;
     let replies = broker::connect(amqp_url, "walletq bench results", ca_file).await?;
-    let (reply_queue, mut consumer) = broker::open_reply_queue(&replies).await?;
+    let (reply_queue, consumer) = broker::open_reply_queue(&replies).await?;
 
     let clients = load.clients.max(1);
     let mut connections = Vec::new();
@@ -188,33 +234,7 @@ pub async fn drive_queued(
     // When each request fell due, in nanoseconds since the start.
     let due_ns: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(NOT_SENT)).collect());
 
-    let collector = {
-        let (run, due_ns) = (run.clone(), due_ns.clone());
-        tokio::spawn(async move {
-            while let Some(Ok(delivery)) = consumer.next().await {
-                let correlation = delivery.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned());
-                let Some(index) = correlation.as_deref().and_then(request_index) else {
-                    continue;
-                };
-                let Some(due) = due_ns.get(index).map(|d| d.load(Ordering::Acquire)).filter(|d| *d != NOT_SENT) else {
-                    continue;
-                };
-                let outcome = if !verdicts {
-                    Outcome::Echoed
-                } else {
-                    match serde_json::from_slice::<ResultStatus>(&delivery.data) {
-                        Ok(ResultStatus { status: Status::Approved }) => Outcome::Approved,
-                        Ok(ResultStatus { status: Status::Rejected }) => Outcome::Rejected,
-                        Err(error) => {
-                            run.fail(&anyhow::Error::from(error).context("a result that is not JSON"));
-                            continue;
-                        }
-                    }
-                };
-                run.complete(index, outcome, run.start + Duration::from_nanos(due));
-            }
-        })
-    };
+    let collector = tokio::spawn(collect_results(consumer, run.clone(), due_ns.clone(), verdicts));
 
     let exchange = names.requests_exchange();
     let mut senders = JoinSet::new();
@@ -233,21 +253,7 @@ pub async fn drive_queued(
     }
     while senders.join_next().await.is_some() {}
 
-    let mut settled = run.settled.subscribe();
-    loop {
-        if *settled.borrow_and_update() >= total {
-            break;
-        }
-        match tokio::time::timeout(STALL_TIMEOUT, settled.changed()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => break,
-            Err(_) => {
-                let missing = total.saturating_sub(*settled.borrow());
-                tracing::warn!(missing, "no result for {STALL_TIMEOUT:?}; reporting the run as incomplete");
-                break;
-            }
-        }
-    }
+    wait_until_settled(&run, total).await;
     for connection in connections {
         let _ = connection.close(200, "OK".into()).await;
     }
