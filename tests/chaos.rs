@@ -263,6 +263,18 @@ struct Findings {
     out_of_order: usize,
     /// Replayed results that differ from the stored result.
     replay_mismatch: usize,
+    /// The first few findings, described, to print on failure.
+    examples: Vec<String>,
+}
+
+impl Findings {
+    /// Counts one finding and keeps its description among the first few.
+    fn note(&mut self, description: impl FnOnce() -> String) {
+        const EXAMPLES_MAX: usize = 10;
+        if self.examples.len() < EXAMPLES_MAX {
+            self.examples.push(description());
+        }
+    }
 }
 
 /// Checks every valid request (in publish order) against the results read back (in
@@ -282,7 +294,10 @@ fn analyse(requests: &[Request], results: &[RequestResult], stored: &HashMap<Str
                     && s.balance == result.balance
                     && s.processed_at == result.processed_at
             });
-            findings.replay_mismatch += usize::from(!same);
+            if !same {
+                findings.replay_mismatch += 1;
+                findings.note(|| format!("replay of {id} differs from the stored result: {result:?}"));
+            }
         } else {
             *applications.entry(id).or_insert(0) += 1;
         }
@@ -293,15 +308,31 @@ fn analyse(requests: &[Request], results: &[RequestResult], stored: &HashMap<Str
         let (status, reason, balance) = model.apply(r);
         let (Some(result), Some(&arrived)) = (stored.get(id), first_arrival.get(id)) else {
             findings.lost += 1;
+            let (is_stored, answered) = (stored.contains_key(id), first_arrival.contains_key(id));
+            findings.note(|| format!("lost {id}: stored {is_stored}, answered {answered}"));
             continue;
         };
-        findings.applied_twice += usize::from(applications.get(id).copied().unwrap_or(0) > 1);
+        if applications.get(id).copied().unwrap_or(0) > 1 {
+            findings.applied_twice += 1;
+            findings.note(|| format!("{id} answered as applied more than once"));
+        }
         let matches = result.status == status
             && result.reason.map(|x| x.as_str()) == reason
             && result.balance.map(|b| b.cents()) == balance;
         let previous = last_arrival_of_user.insert(r.user_id.as_str(), arrived);
         let in_order = previous.is_none_or(|p| p < arrived);
-        findings.out_of_order += usize::from(!matches || !in_order);
+        if !matches || !in_order {
+            findings.out_of_order += 1;
+            findings.note(|| {
+                format!(
+                    "{id} of {}: stored {:?}/{:?}/{:?}, model {status:?}/{reason:?}/{balance:?}; first result at {arrived}, the user's previous at {previous:?}",
+                    r.user_id.as_str(),
+                    result.status,
+                    result.reason.map(|x| x.as_str()),
+                    result.balance.map(|b| b.cents()),
+                )
+            });
+        }
     }
     findings
 }
@@ -416,11 +447,13 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
     let entries: i64 =
         sqlx::query_scalar("SELECT count(*) FROM ledger_entries").fetch_one(&app.pool).await.expect("entries");
     findings.applied_twice += usize::try_from((entries - approved).max(0)).unwrap_or(usize::MAX);
-    let misrouted_refused = results
+    let misrouted_refused: std::collections::HashSet<&str> = results
         .iter()
-        .filter(|r| r.request_id.as_ref().is_some_and(|id| id.as_str().starts_with("chaos-mis-")))
         .filter(|r| r.reason == Some(Reason::InvalidRequest))
-        .count();
+        .filter_map(|r| r.request_id.as_ref().map(|id| id.as_str()))
+        .filter(|id| id.starts_with("chaos-mis-"))
+        .collect();
+    let misrouted_refused = misrouted_refused.len();
     let stale_fences_after_restart = fences_not_above(&app.pool, &faults).await;
     let audit = walletq::ledger::audit::audit(&app.pool).await.expect("audit");
     let dead = wait_for_dead(&app, faults.poisons + MISROUTED).await;
@@ -431,7 +464,10 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
     .await
     .expect("count");
 
-    let Findings { lost, applied_twice, out_of_order, replay_mismatch } = findings;
+    let Findings { lost, applied_twice, out_of_order, replay_mismatch, examples } = findings;
+    for example in &examples {
+        let _ = writeln!(std::io::stderr(), "chaos finding: {example}");
+    }
     let summary = format!(
         "chaos: {REQUESTS} requests, {} kills, {} outages, {} poison messages, {misrouted_refused} of {MISROUTED} misrouted refused, \
          {dead} dead-lettered, {lost} lost, {applied_twice} applied twice, {out_of_order} out of order \
