@@ -17,7 +17,7 @@ use walletq::ledger::{Ledger, Schema};
 use walletq::lock::{LockAttempt, UserLocks};
 use walletq::membership::{Membership, WorkerReport};
 
-use crate::helpers::{drop_database, env_or, isolated_services, request, spawn_app_with};
+use crate::support::{drop_database, env_or, isolated_services, request, spawn_app_with};
 
 /// RabbitMQ users made for one test, deleted when dropped (also when the test fails).
 struct BrokerUsers(Vec<String>);

@@ -29,7 +29,7 @@ use walletq::domain::{
 use walletq::ledger::group::GroupCommitter;
 use walletq::ledger::{Ledger, LedgerError};
 
-use crate::helpers::{drop_database, isolated_services};
+use crate::support::{drop_database, isolated_services};
 
 /// Users per case.
 const USERS: usize = 3;
