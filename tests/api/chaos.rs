@@ -9,7 +9,7 @@
 //!
 //! It restarts shared services, so it must not run beside other tests: it is `#[ignore]`d in
 //! the normal run, and `scripts/test` runs it afterwards, alone
-//! (`cargo test --test api -- --ignored chaos`). Its detectors' unit tests (`detectors::*`)
+//! (`cargo test --test api -- --ignored chaos::`). Its detectors' unit tests (`detectors::*`)
 //! run with the others.
 
 use std::collections::HashMap;
