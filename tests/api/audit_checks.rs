@@ -7,7 +7,7 @@ use walletq::domain::{Op, Status, UserId};
 use walletq::ledger::Ledger;
 use walletq::ledger::audit::audit;
 
-use crate::helpers::{drop_database, isolated_services, request};
+use crate::support::{CleanupOnDrop, drop_database, isolated_services, request};
 
 /// (the check that must fail, the statements that corrupt the ledger for it)
 const CASES: &[(&str, &[&str])] = &[
@@ -75,6 +75,7 @@ async fn failing_checks(ledger: &Ledger) -> Vec<&'static str> {
 async fn each_audit_check_reports_exactly_the_corruption_it_guards_against() {
     let report_names: Vec<&str> = {
         let (ledger, namespace) = consistent_ledger().await;
+        let _database = CleanupOnDrop::database(&namespace);
         assert_eq!(failing_checks(&ledger).await, Vec::<&str>::new(), "the seeded ledger is consistent");
         let names = audit(ledger.pool()).await.expect("audit").checks.iter().map(|c| c.name).collect();
         ledger.pool().close().await;
@@ -86,6 +87,7 @@ async fn each_audit_check_reports_exactly_the_corruption_it_guards_against() {
 
     for (check, corruption) in CASES {
         let (ledger, namespace) = consistent_ledger().await;
+        let _database = CleanupOnDrop::database(&namespace);
         let mut tx = ledger.pool().begin().await.expect("begin");
         sqlx::query("SET LOCAL session_replication_role = replica").execute(&mut *tx).await.expect("replica role");
         for statement in *corruption {

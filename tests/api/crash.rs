@@ -5,7 +5,7 @@ use std::time::Duration;
 use walletq::configuration::{QueueType, TopologySettings};
 use walletq::domain::Op;
 
-use crate::helpers::{
+use crate::support::{
     SequentialModel, assert_matches_model, mixed_requests, request, spawn_app_with, spawn_worker_process,
     wait_for_stored,
 };

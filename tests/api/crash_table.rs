@@ -13,7 +13,7 @@ use walletq::configuration::{QueueType, TopologySettings};
 use walletq::domain::{Op, Request, RequestResult, Status};
 
 use crate::fault::Relay;
-use crate::helpers::{
+use crate::support::{
     SequentialModel, TestApp, assert_matches_model, eventually, request, spawn_app_with, spawn_worker_process,
     spawn_worker_process_logging, spawn_worker_process_with,
 };

@@ -10,7 +10,7 @@ use sqlx::{Connection, PgConnection};
 use walletq::domain::{Money, Op, RequestResult, Status, UserId};
 use walletq::ledger::{Ledger, LedgerError};
 
-use crate::helpers::{drop_database, eventually, isolated_services, request};
+use crate::support::{CleanupOnDrop, drop_database, eventually, isolated_services, request};
 
 /// Longest wait for the batch to block behind the open transaction.
 const BLOCKED_WITHIN: Duration = Duration::from_secs(10);
@@ -108,6 +108,7 @@ fn money(cents: i64) -> Money {
 async fn a_fenced_deposit_behind_a_wallet_created_meanwhile_adds_to_it() {
     let fences = [(UserId::parse("u").expect("user id"), 20)];
     let (outcome, ledger, namespace) = apply_behind_wallet_creation(Op::Deposit, 5_000, Some(10), &fences).await;
+    let _database = CleanupOnDrop::database(&namespace);
 
     let results = outcome.expect("the newer fence is accepted");
     assert_eq!(results[0].status, Status::Approved, "{results:?}");
@@ -122,6 +123,7 @@ async fn a_fenced_deposit_behind_a_wallet_created_meanwhile_adds_to_it() {
 async fn a_fenced_withdrawal_behind_a_wallet_created_meanwhile_debits_it() {
     let fences = [(UserId::parse("u").expect("user id"), 20)];
     let (outcome, ledger, namespace) = apply_behind_wallet_creation(Op::Withdraw, 3_000, Some(10), &fences).await;
+    let _database = CleanupOnDrop::database(&namespace);
 
     let results = outcome.expect("the newer fence is accepted");
     assert_eq!(results[0].reason, None, "not no_wallet: the wallet exists in every serial order");
@@ -137,6 +139,7 @@ async fn an_unfenced_write_refuses_to_overwrite_a_wallet_created_meanwhile() {
     // No fence at all (a caller that bypassed the locks): nothing serialises the two
     // transactions before the wallet write, so the write itself must refuse.
     let (outcome, ledger, namespace) = apply_behind_wallet_creation(Op::Deposit, 5_000, None, &[]).await;
+    let _database = CleanupOnDrop::database(&namespace);
 
     assert!(matches!(outcome, Err(LedgerError::WalletChanged { .. })), "{outcome:?}");
     assert_eq!(stored_balance(&ledger).await, money(10_000), "nothing written over the wallet");

@@ -17,7 +17,7 @@ use walletq::configuration::{GatewaySettings, ServiceSettings};
 use walletq::domain::UserId;
 use walletq::gateway::auth::{Claims, JwtSecret, mint_token};
 
-use crate::helpers::{RESULT_TIMEOUT, TestApp, spawn_app};
+use crate::support::{RESULT_TIMEOUT, TestApp, spawn_app};
 
 const PROBLEM_JSON: &str = "application/problem+json";
 /// The operation keys of an OpenAPI path item.

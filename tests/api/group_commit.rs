@@ -7,7 +7,7 @@ use walletq::domain::{Money, Op, Status, UserId};
 use walletq::ledger::group::GroupCommitter;
 use walletq::ledger::{Ledger, LedgerError};
 
-use crate::helpers::{drop_database, isolated_services, request};
+use crate::support::{CleanupOnDrop, drop_database, isolated_services, request};
 
 async fn fresh_ledger() -> (Ledger, String) {
     let services = isolated_services();
@@ -29,6 +29,7 @@ async fn transactions(ledger: &Ledger) -> i64 {
 #[tokio::test]
 async fn batches_handed_over_together_share_one_transaction_and_keep_their_own_results() {
     let (ledger, namespace) = fresh_ledger().await;
+    let _database = CleanupOnDrop::database(&namespace);
     let committer = GroupCommitter::spawn(ledger.clone(), 1);
     let batches: Vec<_> = (0..20)
         .map(|i| {
@@ -62,6 +63,7 @@ async fn batches_handed_over_together_share_one_transaction_and_keep_their_own_r
 #[tokio::test]
 async fn a_stale_fence_fails_only_its_own_batch_of_a_merged_transaction() {
     let (ledger, namespace) = fresh_ledger().await;
+    let _database = CleanupOnDrop::database(&namespace);
     // bob's newest lock holder has written with token 100.
     ledger
         .apply_batch(&[request("b0", "bob", Op::Deposit, 5_000)], &[(user("bob"), 100)])
@@ -96,6 +98,7 @@ async fn a_stale_fence_fails_only_its_own_batch_of_a_merged_transaction() {
 #[tokio::test]
 async fn batches_sharing_a_user_are_applied_one_after_the_other_in_order() {
     let (ledger, namespace) = fresh_ledger().await;
+    let _database = CleanupOnDrop::database(&namespace);
     let committer = GroupCommitter::spawn(ledger.clone(), 1);
     let deposit = [request("d1", "carol", Op::Deposit, 500)];
     let withdraw = [request("w1", "carol", Op::Withdraw, 500)];

@@ -7,12 +7,21 @@ use walletq::domain::UserId;
 use walletq::lock::{LockAttempt, LockGrant, UserLocks};
 use walletq::worker::GroupLocker;
 
-use crate::helpers::isolated_services;
+use crate::support::{block_on_fresh_runtime, isolated_services, remove_redis_keys};
 
 struct Fixture {
     locks: UserLocks,
     admin: redis::aio::MultiplexedConnection,
     namespace: String,
+    redis_url: String,
+}
+
+/// The namespace's keys go also when a test panics before `cleanup`.
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let (redis_url, namespace) = (self.redis_url.clone(), self.namespace.clone());
+        block_on_fresh_runtime(async move { remove_redis_keys(&redis_url, &namespace).await });
+    }
 }
 
 impl Fixture {
@@ -25,7 +34,7 @@ impl Fixture {
             .get_multiplexed_async_connection()
             .await
             .expect("redis");
-        Fixture { locks, admin, namespace: services.namespace }
+        Fixture { locks, admin, namespace: services.namespace, redis_url: services.redis_url }
     }
 
     async fn holder(&mut self, user: &str) -> Option<String> {

@@ -12,7 +12,7 @@ use walletq::ledger::group::GroupCommitter;
 use walletq::ledger::{Ledger, LedgerError};
 
 use crate::fault::Relay;
-use crate::helpers::{drop_database, eventually, isolated_services, request};
+use crate::support::{CleanupOnDrop, drop_database, eventually, isolated_services, request};
 
 /// The transaction bound under test (the default is 45 s).
 const BOUND: Duration = Duration::from_secs(2);
@@ -63,6 +63,7 @@ fn keepalive_of_sockets_to(port: u16) -> Vec<Option<Duration>> {
 #[tokio::test]
 async fn a_stalled_database_link_times_the_transaction_out_and_the_pool_recovers() {
     let services = isolated_services();
+    let _database = CleanupOnDrop::database(&services.namespace);
     let direct = Ledger::connect(&services.database_url, 1, None).await.expect("PostgreSQL must be reachable");
     let relay = relay_to(&services.database_url).await;
     let ledger = Ledger::connect(&relay.through(&services.database_url), 1, None)
@@ -124,6 +125,7 @@ async fn a_stalled_database_link_times_the_transaction_out_and_the_pool_recovers
 #[tokio::test]
 async fn a_group_the_database_did_not_answer_fails_at_once_rather_than_batch_by_batch() {
     let services = isolated_services();
+    let _database = CleanupOnDrop::database(&services.namespace);
     let relay = relay_to(&services.database_url).await;
     let ledger = Ledger::connect(&relay.through(&services.database_url), 2, None)
         .await

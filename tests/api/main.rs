@@ -1,7 +1,11 @@
 //! Integration tests against the real RabbitMQ, Redis and PostgreSQL.
-//! Each test has its own namespace (queues, exchanges, Redis keys) and its own database.
+//! Each test has its own namespace (queues, exchanges, Redis keys) and its own database,
+//! removed when its fixture is dropped (also when the test panics); `support` holds the
+//! fixture, the oracle and process control. The chaos test is `#[ignore]`d here and run
+//! alone by `scripts/test`, since it restarts the shared services.
 
 mod audit_checks;
+mod chaos;
 mod crash;
 mod crash_table;
 mod fault;
@@ -9,7 +13,6 @@ mod fenced_write;
 mod gateway;
 mod group_commit;
 mod group_locking;
-mod helpers;
 mod ledger_timeout;
 mod malformed;
 mod operations;
@@ -19,6 +22,6 @@ mod poison;
 mod privileges;
 mod properties;
 mod protocol;
-mod raw_amqp;
 mod scaling;
+mod support;
 mod topology;

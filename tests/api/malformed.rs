@@ -2,7 +2,7 @@
 
 use walletq::domain::{Op, Reason, Status};
 
-use crate::helpers::{TestApp, request, spawn_app};
+use crate::support::{TestApp, request, spawn_app};
 
 #[tokio::test]
 async fn malformed_messages_are_rejected_dead_lettered_and_never_block() {

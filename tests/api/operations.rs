@@ -6,7 +6,7 @@ use std::time::Duration;
 use walletq::configuration::{QueueType, TopologySettings};
 use walletq::domain::{Money, Op, Reason, Status};
 
-use crate::helpers::{
+use crate::support::{
     TestApp, eventually, free_port, http_get, request, spawn_app, spawn_app_with, spawn_worker_process_with,
 };
 

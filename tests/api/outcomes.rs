@@ -4,7 +4,7 @@
 use walletq::domain::{Money, Op, Reason, Status, UserId};
 use walletq::ledger::Ledger;
 
-use crate::helpers::{drop_database, isolated_services, request};
+use crate::support::{CleanupOnDrop, drop_database, isolated_services, request};
 
 /// Defect 5 of issue 16: a deposit refused because the balance would pass its largest value
 /// was not stored, so a copy of it applied after a withdrawal was approved (`replayed:
@@ -12,6 +12,7 @@ use crate::helpers::{drop_database, isolated_services, request};
 #[tokio::test]
 async fn a_copy_of_a_deposit_refused_past_the_largest_balance_gets_the_same_refusal() {
     let services = isolated_services();
+    let _database = CleanupOnDrop::database(&services.namespace);
     let ledger = Ledger::connect(&services.database_url, 2, None).await.expect("PostgreSQL must be reachable");
     // A wallet at the largest balance, with the ledger entry that explains it.
     sqlx::query(

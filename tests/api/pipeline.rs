@@ -2,7 +2,7 @@
 
 use walletq::domain::{CouponKind, Money, Op, Reason, Status};
 
-use crate::helpers::{SequentialModel, assert_matches_model, mixed_requests, request, spawn_app};
+use crate::support::{SequentialModel, assert_matches_model, mixed_requests, request, spawn_app};
 
 #[tokio::test]
 async fn the_seeds_race_approves_exactly_300_of_500_in_publish_order() {

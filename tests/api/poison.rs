@@ -9,8 +9,8 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use walletq::domain::{Op, Status};
 
-use crate::helpers::{eventually, request, spawn_app};
-use crate::raw_amqp::{Published, RawProperty, RawPublisher, header_table_with_key};
+use crate::support::raw_amqp::{Published, RawProperty, RawPublisher, header_table_with_key};
+use crate::support::{eventually, request, spawn_app};
 
 /// Longest a valid request may wait behind the poison messages (measured: see docs/LIMITS.md).
 const POISON_WAIT_MAX: Duration = Duration::from_secs(20);
@@ -160,7 +160,7 @@ async fn a_reply_to_naming_walletqs_own_queues_never_receives_a_result() {
     let mut results = app.consume(&app.names.results_queue()).await;
     let mut ids = Vec::new();
     for _ in 0..own.len() {
-        let delivery = crate::helpers::TestApp::next_delivery(&mut results).await;
+        let delivery = crate::support::TestApp::next_delivery(&mut results).await;
         let result: walletq::domain::RequestResult = serde_json::from_slice(&delivery.data).expect("result");
         assert_eq!(result.status, Status::Approved);
         ids.push(result.request_id.expect("id").as_str().to_owned());

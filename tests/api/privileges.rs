@@ -17,7 +17,9 @@ use walletq::ledger::{Ledger, Schema};
 use walletq::lock::{LockAttempt, UserLocks};
 use walletq::membership::{Membership, WorkerReport};
 
-use crate::helpers::{drop_database, env_or, isolated_services, request, spawn_app_with};
+use crate::support::{
+    CleanupOnDrop, drop_database, env_or, isolated_services, remove_redis_keys, request, spawn_app_with,
+};
 
 /// RabbitMQ users made for one test, deleted when dropped (also when the test fails).
 struct BrokerUsers(Vec<String>);
@@ -228,6 +230,10 @@ async fn the_redis_acl_user_is_enough_for_locks_and_membership_and_nothing_else(
     let admin = redis::Client::open(services.redis_url.as_str()).expect("redis url");
     let mut admin = admin.get_multiplexed_async_connection().await.expect("redis");
     let _user = RedisUser(user.clone());
+    let _keys = CleanupOnDrop::new({
+        let (redis_url, namespace) = (services.redis_url.clone(), namespace.clone());
+        async move { remove_redis_keys(&redis_url, &namespace).await }
+    });
     let _: () =
         redis::cmd("ACL").arg("SETUSER").arg(&user).arg(&rules).query_async(&mut admin).await.expect("ACL SETUSER");
 

@@ -29,7 +29,7 @@ use walletq::domain::{
 use walletq::ledger::group::GroupCommitter;
 use walletq::ledger::{Ledger, LedgerError};
 
-use crate::helpers::{drop_database, isolated_services};
+use crate::support::{CleanupOnDrop, drop_database, isolated_services};
 
 /// Users per case.
 const USERS: usize = 3;
@@ -429,6 +429,7 @@ async fn check_stored(ledger: &Ledger, case: u64, model: &Model, messages: &[Mes
 fn ledger_matches_the_model_for_random_sequences() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let services = isolated_services();
+    let _database = CleanupOnDrop::database(&services.namespace);
     let ledger =
         runtime.block_on(Ledger::connect(&services.database_url, 2, None)).expect("PostgreSQL must be reachable");
     let (fences, transactions) = (AtomicI64::new(1), Mutex::default());
@@ -449,6 +450,7 @@ fn ledger_matches_the_model_for_random_sequences() {
 fn group_committer_matches_the_model_for_concurrent_sequences_on_disjoint_users() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let services = isolated_services();
+    let _database = CleanupOnDrop::database(&services.namespace);
     let ledger =
         runtime.block_on(Ledger::connect(&services.database_url, 2, None)).expect("PostgreSQL must be reachable");
     let committer = {

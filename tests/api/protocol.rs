@@ -12,7 +12,7 @@ use walletq::broker::{Publisher, request_properties};
 use walletq::configuration::{QueueType, TopologySettings, WorkerSettings};
 use walletq::domain::{Money, Op, Reason, Request, RequestResult, Status};
 
-use crate::helpers::{RESULT_TIMEOUT, TestApp, admin_pool, eventually, request, spawn_app, spawn_app_with};
+use crate::support::{RESULT_TIMEOUT, TestApp, admin_pool, eventually, request, spawn_app, spawn_app_with};
 
 /// Messages ready in `queue` (a passive declare: fails if the queue does not exist).
 async fn ready(app: &TestApp, queue: &str) -> u32 {

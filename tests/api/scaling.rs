@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use walletq::configuration::{QueueType, TopologySettings};
 
-use crate::helpers::{
+use crate::support::{
     SequentialModel, TestApp, assert_matches_model, eventually, mixed_requests, spawn_app_with, spawn_worker_process,
     wait_for_stored,
 };

@@ -7,7 +7,7 @@ use walletq::configuration::{QueueType, TopologySettings};
 use walletq::domain::partitioning::partition_of;
 use walletq::worker::{RouterSettings, run_router};
 
-use crate::helpers::{eventually, spawn_app_with};
+use crate::support::{eventually, spawn_app_with};
 
 #[tokio::test]
 async fn the_router_spreads_ten_thousand_users_evenly_over_16_partitions_by_the_fixed_function() {

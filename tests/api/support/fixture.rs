@@ -1,7 +1,10 @@
-//! `spawn_app`: an isolated walletq (namespace, database, Redis prefix) with a worker.
+//! The fixture: [`spawn_app`] starts an isolated walletq (namespace, database, Redis prefix)
+//! with a worker; [`isolated_services`] gives a fresh namespace and database to tests that
+//! build their own parts, and [`CleanupOnDrop::database`] drops that database when it goes
+//! out of scope. Whatever a fixture creates is removed when it is dropped, even when the
+//! test panics.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -14,12 +17,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use walletq::broker::{Names, Publisher, declare_topology, request_properties};
 use walletq::configuration::{QueueType, ServiceSettings, TopologySettings, WorkerSettings};
-use walletq::domain::{Money, Op, Request, RequestId, RequestResult, Status, UserId};
+use walletq::domain::{Money, Request, RequestResult};
 use walletq::ledger::Ledger;
 
 /// How long a test waits for results before it fails.
 pub(crate) const RESULT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The environment variable `key`, or `default`.
 pub(crate) fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_owned())
 }
@@ -51,6 +55,8 @@ pub(crate) struct TestApp {
     pub reply_queue: String,
     results: mpsc::UnboundedReceiver<(BasicProperties, RequestResult)>,
     worker: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
+    /// Set once [`TestApp::cleanup`] has run: the drop has nothing left to do.
+    cleaned: bool,
 }
 
 /// Starts an isolated app with an in-process worker (4 quorum partitions).
@@ -90,6 +96,7 @@ pub(crate) async fn spawn_app_with(topology: TopologySettings, worker: bool) -> 
         reply_queue,
         results,
         worker: None,
+        cleaned: false,
     };
     if worker {
         app.start_worker();
@@ -216,38 +223,111 @@ impl TestApp {
     }
 
     /// Stops the worker and removes the namespace's queues, exchanges, Redis keys and database.
+    /// Dropping the app does the same (see the `Drop` impl); this is the graceful way, and
+    /// the drop is then a no-op.
     pub(crate) async fn cleanup(mut self) {
         self.stop_worker().await;
-        // A fresh connection: the test may have restarted the broker under the old one.
-        let connection =
-            walletq::broker::connect(&self.services.amqp_url, "walletq test cleanup", None).await.expect("broker");
-        let channel = connection.create_channel().await.expect("channel");
-        let mut queues: Vec<String> = (0..self.topology.partitions).map(|i| self.names.partition_queue(i)).collect();
-        queues.push(self.names.dead_queue());
-        queues.push(self.names.ingress_queue());
-        queues.push(self.names.results_queue());
-        for queue in queues {
-            let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-        }
-        for exchange in [self.names.requests_exchange(), self.names.dead_exchange()] {
-            let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
-        }
-        let _ = connection.close(200, "OK".into()).await;
         let _ = self.connection.close(200, "OK".into()).await;
-        if let Ok(client) = redis::Client::open(self.services.redis_url.as_str()) {
-            if let Ok(mut redis) = client.get_multiplexed_async_connection().await {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{}:*", self.names.namespace()))
-                    .query_async(&mut redis)
-                    .await
-                    .unwrap_or_default();
-                if !keys.is_empty() {
-                    let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
-                }
+        self.pool.close().await;
+        remove_namespace(self.services.clone(), self.names.clone(), self.topology.partitions, true).await;
+        self.cleaned = true;
+    }
+}
+
+/// A test that panics never reaches `cleanup().await`: the drop removes what the app created.
+/// It cannot await, so it stops the in-process worker (cancelled, then aborted: the test's
+/// runtime may be blocked in this very drop) and runs the removal on a thread of its own
+/// with a runtime of its own, waiting for it. Its fresh connections do not depend on the
+/// test's runtime; the database is dropped `WITH (FORCE)`, closing the app's own sessions.
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        self.cleaned = true;
+        if let Some((shutdown, handle)) = self.worker.take() {
+            shutdown.cancel();
+            handle.abort();
+        }
+        let (services, names, partitions) = (self.services.clone(), self.names.clone(), self.topology.partitions);
+        block_on_fresh_runtime(remove_namespace(services, names, partitions, false));
+    }
+}
+
+/// Runs `future` to completion on a new thread with its own current-thread runtime, and
+/// waits for it: for a `Drop`, which cannot await and may run inside (or while unwinding
+/// out of) the test's runtime.
+pub(crate) fn block_on_fresh_runtime(future: impl std::future::Future<Output = ()> + Send + 'static) {
+    let thread = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("cleanup runtime").block_on(future)
+    });
+    let _ = thread.join();
+}
+
+/// Runs an async cleanup when dropped, also when the test panics (through
+/// [`block_on_fresh_runtime`]): for what a test creates besides a [`TestApp`].
+pub(crate) struct CleanupOnDrop(Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>);
+
+impl CleanupOnDrop {
+    /// Runs `cleanup` when the guard is dropped.
+    pub(crate) fn new(cleanup: impl std::future::Future<Output = ()> + Send + 'static) -> Self {
+        CleanupOnDrop(Some(Box::pin(cleanup)))
+    }
+
+    /// Drops the database of `namespace` (from [`isolated_services`]) when the guard is
+    /// dropped; an explicit [`drop_database`] before that is harmless.
+    pub(crate) fn database(namespace: &str) -> Self {
+        let namespace = namespace.to_owned();
+        CleanupOnDrop::new(async move { drop_database(&namespace).await })
+    }
+}
+
+impl Drop for CleanupOnDrop {
+    fn drop(&mut self) {
+        if let Some(cleanup) = self.0.take() {
+            block_on_fresh_runtime(cleanup);
+        }
+    }
+}
+
+/// Removes a namespace's queues, exchanges, Redis keys and database, over fresh connections
+/// (the test may have restarted a service under the old ones). What is already gone is
+/// skipped; a broker that does not answer fails the test when `strict` (the explicit
+/// [`TestApp::cleanup`]), and is skipped otherwise (a drop, maybe of a failing test).
+async fn remove_namespace(services: ServiceSettings, names: Names, partitions: u16, strict: bool) {
+    let connection = walletq::broker::connect(&services.amqp_url, "walletq test cleanup", None).await;
+    assert!(!strict || connection.is_ok(), "broker: {:?}", connection.as_ref().err());
+    if let Ok(connection) = connection {
+        let channel = connection.create_channel().await;
+        assert!(!strict || channel.is_ok(), "channel: {:?}", channel.as_ref().err());
+        if let Ok(channel) = channel {
+            let mut queues: Vec<String> = (0..partitions).map(|i| names.partition_queue(i)).collect();
+            queues.push(names.dead_queue());
+            queues.push(names.ingress_queue());
+            queues.push(names.results_queue());
+            for queue in queues {
+                let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+            }
+            for exchange in [names.requests_exchange(), names.dead_exchange()] {
+                let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
             }
         }
-        self.pool.close().await;
-        drop_database(&self.services.namespace).await;
+        let _ = connection.close(200, "OK".into()).await;
+    }
+    remove_redis_keys(&services.redis_url, names.namespace()).await;
+    drop_database(&services.namespace).await;
+}
+
+/// Deletes every Redis key of `namespace` (best effort).
+pub(crate) async fn remove_redis_keys(redis_url: &str, namespace: &str) {
+    if let Ok(client) = redis::Client::open(redis_url) {
+        if let Ok(mut redis) = client.get_multiplexed_async_connection().await {
+            let keys: Vec<String> =
+                redis::cmd("KEYS").arg(format!("{namespace}:*")).query_async(&mut redis).await.unwrap_or_default();
+            if !keys.is_empty() {
+                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
+            }
+        }
     }
 }
 
@@ -264,144 +344,6 @@ pub(crate) async fn admin_pool() -> PgPool {
     let mut url = url::Url::parse(&base).expect("DATABASE_URL must be a URL");
     url.set_path("/postgres");
     PgPool::connect(url.as_str()).await.expect("admin connection")
-}
-
-/// A valid request.
-pub(crate) fn request(id: impl AsRef<str>, user: &str, op: Op, amount_cents: i64) -> Request {
-    Request {
-        request_id: RequestId::parse(id.as_ref()).expect("request id"),
-        user_id: UserId::parse(user).expect("user id"),
-        op,
-        amount: Money::from_cents(amount_cents).expect("amount"),
-    }
-}
-
-/// The rules, written again independently and in integer cents, as the oracle.
-#[derive(Default)]
-pub(crate) struct SequentialModel {
-    balances: HashMap<String, i64>,
-}
-
-impl SequentialModel {
-    /// Applies one request; returns (status, reason, balance after in cents).
-    pub(crate) fn apply(&mut self, request: &Request) -> (Status, Option<&'static str>, Option<i64>) {
-        let user = request.user_id.as_str().to_owned();
-        let amount = request.amount.cents();
-        match (request.op, self.balances.get(&user).copied()) {
-            (Op::Deposit, balance) => {
-                let after = balance.unwrap_or(0) + amount;
-                self.balances.insert(user, after);
-                (Status::Approved, None, Some(after))
-            }
-            (Op::Withdraw, None) => (Status::Rejected, Some("no_wallet"), None),
-            (Op::Withdraw, Some(balance)) if balance < amount => {
-                (Status::Rejected, Some("insufficient_funds"), Some(balance))
-            }
-            (Op::Withdraw, Some(balance)) => {
-                self.balances.insert(user, balance - amount);
-                (Status::Approved, None, Some(balance - amount))
-            }
-        }
-    }
-
-    pub(crate) fn balance(&self, user: &str) -> Option<i64> {
-        self.balances.get(user).copied()
-    }
-}
-
-/// Checks a result against the model's verdict.
-pub(crate) fn assert_matches_model(result: &RequestResult, expected: (Status, Option<&'static str>, Option<i64>)) {
-    let (status, reason, balance) = expected;
-    assert_eq!(result.status, status, "status of {:?}", result.request_id);
-    assert_eq!(result.reason.map(|r| r.as_str()), reason, "reason of {:?}", result.request_id);
-    assert_eq!(result.balance.map(Money::cents), balance, "balance of {:?}", result.request_id);
-}
-
-/// A tiny deterministic generator (tests must be reproducible).
-pub(crate) struct Lcg(pub u64);
-
-impl Lcg {
-    pub(crate) fn next_below(&mut self, bound: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (self.0 >> 33) % bound
-    }
-}
-
-/// A `walletq worker` child process, killed when dropped so a failing test leaves none behind.
-pub(crate) struct WorkerProcess(Child);
-
-impl WorkerProcess {
-    /// SIGKILL, then reap.
-    pub(crate) fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-
-    /// SIGSTOP: the process freezes wherever it is; its connections stay open.
-    #[allow(dead_code, reason = "used by tests/chaos.rs")]
-    pub(crate) fn pause(&self) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.0.id() as i32, libc::SIGSTOP) };
-        assert_eq!(rc, 0, "SIGSTOP the worker");
-    }
-
-    /// SIGCONT after [`WorkerProcess::pause`].
-    #[allow(dead_code, reason = "used by tests/chaos.rs")]
-    pub(crate) fn resume(&self) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.0.id() as i32, libc::SIGCONT) };
-        assert_eq!(rc, 0, "SIGCONT the worker");
-    }
-
-    /// SIGTERM, then wait for the exit status.
-    pub(crate) async fn terminate(mut self) -> std::process::ExitStatus {
-        // SAFETY: plain kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        assert_eq!(rc, 0, "SIGTERM the worker");
-        let mut child = std::mem::replace(&mut self.0, Command::new("true").spawn().expect("placeholder"));
-        tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait")
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Starts the real `walletq worker` binary on this app's namespace and database.
-pub(crate) fn spawn_worker_process(app: &TestApp) -> WorkerProcess {
-    spawn_worker_process_with(app, &[])
-}
-
-/// Same, with extra environment (for instance `WALLETQ_METRICS_ADDR`, or a service URL
-/// through a fault relay); stderr goes to the test's.
-pub(crate) fn spawn_worker_process_with(app: &TestApp, extra_env: &[(&str, &str)]) -> WorkerProcess {
-    spawn_worker_process_logging(app, extra_env, Stdio::inherit())
-}
-
-/// Same, with the worker's stderr (its log) sent to `stderr`, for instance a file the test
-/// reads to observe what the worker did.
-pub(crate) fn spawn_worker_process_logging(app: &TestApp, extra_env: &[(&str, &str)], stderr: Stdio) -> WorkerProcess {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_walletq"));
-    command
-        .arg("worker")
-        .env("DATABASE_URL", &app.services.database_url)
-        .env("AMQP_URL", &app.services.amqp_url)
-        .env("REDIS_URL", &app.services.redis_url)
-        .env("WALLETQ_NAMESPACE", &app.services.namespace)
-        .env("WALLETQ_PARTITIONS", app.topology.partitions.to_string())
-        .env("WALLETQ_QUEUE_TYPE", app.topology.queue_type.as_str())
-        .env("WALLETQ_LOCK_TTL_MS", "2000")
-        .env("WALLETQ_BACKOFF_MAX_MS", "200")
-        .env("WALLETQ_BATCH_MAX", "64")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(stderr);
-    for (key, value) in extra_env {
-        command.env(key, value);
-    }
-    WorkerProcess(command.spawn().expect("start the walletq binary"))
 }
 
 /// Waits until at least `at_least` requests are stored.
@@ -431,44 +373,6 @@ where
         assert!(tokio::time::Instant::now() < deadline, "{what} did not happen within {timeout:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// A minimal HTTP/1.1 GET over loopback: (status code, body).
-pub(crate) async fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Some((status, body))
-}
-
-/// A free loopback port for a child process to bind.
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
-
-/// `count` deterministic requests over `users` users named `<prefix>-<n>`: deposits with
-/// probability `deposits_per_10` in 10, amounts 0.01 to `max_cents` cents.
-pub(crate) fn mixed_requests(
-    prefix: &str,
-    count: usize,
-    users: u64,
-    deposits_per_10: u64,
-    max_cents: u64,
-    seed: u64,
-) -> Vec<Request> {
-    let mut rng = Lcg(seed);
-    (0..count)
-        .map(|i| {
-            let user = format!("{prefix}-{}", rng.next_below(users));
-            let op = if rng.next_below(10) < deposits_per_10 { Op::Deposit } else { Op::Withdraw };
-            request(format!("{prefix}-{i}"), &user, op, 1 + rng.next_below(max_cents) as i64)
-        })
-        .collect()
 }
 
 impl TestApp {
