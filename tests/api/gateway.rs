@@ -17,6 +17,7 @@ use walletq::configuration::{GatewaySettings, ServiceSettings};
 use walletq::domain::UserId;
 use walletq::gateway::auth::{Claims, JwtSecret, mint_token};
 
+use crate::fault::Relay;
 use crate::support::{RESULT_TIMEOUT, TestApp, spawn_app};
 
 const PROBLEM_JSON: &str = "application/problem+json";
@@ -672,5 +673,145 @@ async fn the_token_command_mints_tokens_the_gateway_accepts() {
     }
 
     gateway.stop().await;
+    app.cleanup().await;
+}
+
+/// The fault relay in front of the service at `url`'s host and port.
+async fn relay_to(url: &str) -> Relay {
+    let target = url::Url::parse(url).expect("a URL");
+    Relay::start(&format!("{}:{}", target.host_str().expect("a host"), target.port_or_known_default().expect("a port")))
+        .await
+}
+
+/// What an answer may take beyond the gateway's own bound (the runtime, the shared machine).
+const SLACK: Duration = Duration::from_secs(3);
+
+/// `GET path`, failing the test unless it is answered within `bound`; returns the answer and
+/// how long it took.
+async fn get_within(gateway: &TestGateway, path: &str, user: &str, bound: Duration) -> (Parts, Duration) {
+    let started = tokio::time::Instant::now();
+    let response = tokio::time::timeout(bound, gateway.get(path, user))
+        .await
+        .unwrap_or_else(|_| panic!("GET {path} not answered within {bound:?}"));
+    (parts(response).await, started.elapsed())
+}
+
+type Parts = (StatusCode, reqwest::header::HeaderMap, Value);
+
+/// Polls `path` until it answers 200, within [`RESULT_TIMEOUT`].
+async fn until_ok(gateway: &TestGateway, path: &str, user: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + RESULT_TIMEOUT;
+    loop {
+        let (status, _, body) = parts(gateway.get(path, user).await).await;
+        if status == StatusCode::OK {
+            return body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "GET {path} still {status} after the restore: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// docs/HTTP.md: reads answer `503 database-unavailable` with `Retry-After` while PostgreSQL
+/// is unreachable, whether the link is reset (cut) or silent (stalled), within the pool's
+/// acquire bound rather than hanging; and answer again once it is back.
+#[tokio::test]
+async fn a_database_outage_answers_503_database_unavailable_within_a_bound_and_recovers() {
+    let app = spawn_app().await;
+    let relay = relay_to(&app.services.database_url).await;
+    let services = ServiceSettings { database_url: relay.through(&app.services.database_url), ..app.services.clone() };
+    let gateway = spawn_gateway(&services).await;
+    let user = "dora";
+
+    let (status, _, body) =
+        parts(gateway.post("/v1/deposits", user, r#"{"amount":"7"}"#, &[("prefer", "wait=20")]).await).await;
+    assert_eq!((status, &body["status"]), (StatusCode::OK, &json!("approved")), "{body}");
+    let location = format!("/v1/requests/{}", body["request_id"].as_str().expect("a request id"));
+    // A read waits at most ACQUIRE_TIMEOUT for a connection: a stalled pooled connection
+    // fails its ping, a new one its connect, within that.
+    let bound = walletq::ledger::ACQUIRE_TIMEOUT + SLACK;
+
+    for (fault, break_link) in [("stall", Relay::stall as fn(&Relay)), ("cut", Relay::cut)] {
+        break_link(&relay);
+        for path in [location.as_str(), "/v1/wallet"] {
+            let (refused, took) = get_within(&gateway, path, user, bound).await;
+            assert_problem(&refused, StatusCode::SERVICE_UNAVAILABLE, "database-unavailable", "retry");
+            assert!(
+                header(&refused.1, "retry-after").parse::<u64>().is_ok_and(|s| s > 0),
+                "{fault}: {path}: {:?}",
+                refused.1
+            );
+            eprintln!("{fault}: GET {path} answered 503 in {took:?}");
+        }
+        assert_eq!(gateway.get("/healthz", user).await.status(), StatusCode::OK, "alive while the database is down");
+
+        relay.restore();
+        let result = until_ok(&gateway, &location, user).await;
+        assert_eq!((&result["status"], &result["balance"]), (&json!("approved"), &json!("7.00")), "{fault}");
+        let wallet = until_ok(&gateway, "/v1/wallet", user).await;
+        assert_eq!(wallet["balance"], "7.00", "{fault}");
+    }
+
+    gateway.stop().await;
+    drop(relay);
+    app.cleanup().await;
+}
+
+/// docs/HTTP.md: a publish the broker does not confirm answers `503 broker-unavailable`
+/// ("… or the publish not confirmed") within the publisher's confirm bound
+/// (`CONFIRM_TIMEOUT`, 30 s) rather than hanging; once the link is back, the client's retry
+/// with the same Idempotency-Key succeeds and the request is applied once.
+///
+/// The gateway's link is opened with AMQP heartbeats off (`heartbeat=0`): with them on, a
+/// stalled link is declared dead after two missed heartbeats (about 20 s with the default
+/// 10 s) and the publish fails by that first, which would not exercise the confirm bound.
+#[tokio::test]
+async fn an_unconfirmed_publish_answers_503_broker_unavailable_within_the_confirm_bound() {
+    let app = spawn_app().await;
+    let relay = relay_to(&app.services.amqp_url).await;
+    let mut amqp_url = url::Url::parse(&relay.through(&app.services.amqp_url)).expect("a URL");
+    amqp_url.query_pairs_mut().append_pair("heartbeat", "0");
+    let services = ServiceSettings { amqp_url: amqp_url.to_string(), ..app.services.clone() };
+    let gateway = spawn_gateway(&services).await;
+    let user = "gus";
+    let wait = ("prefer", "wait=20");
+
+    let (status, _, body) = parts(gateway.post("/v1/deposits", user, r#"{"amount":"9"}"#, &[wait]).await).await;
+    assert_eq!((status, &body["status"]), (StatusCode::OK, &json!("approved")), "{body}");
+
+    // The link stays open and takes the publish; no confirm ever comes back.
+    relay.stall();
+    let key = ("idempotency-key", "never-confirmed");
+    let bound = walletq::broker::CONFIRM_TIMEOUT + SLACK;
+    let started = tokio::time::Instant::now();
+    let response = tokio::time::timeout(bound, gateway.post("/v1/withdrawals", user, r#"{"amount":"2"}"#, &[key]))
+        .await
+        .unwrap_or_else(|_| panic!("an unconfirmed publish not answered within {bound:?}"));
+    let took = started.elapsed();
+    let refused = parts(response).await;
+    assert_problem(&refused, StatusCode::SERVICE_UNAVAILABLE, "broker-unavailable", "Idempotency-Key");
+    assert!(header(&refused.1, "retry-after").parse::<u64>().is_ok_and(|s| s > 0), "{:?}", refused.1);
+    let by_the_confirm_bound = walletq::broker::CONFIRM_TIMEOUT - Duration::from_secs(1);
+    assert!(took >= by_the_confirm_bound, "answered in {took:?}: before the confirm bound, not by it");
+    eprintln!("the unconfirmed publish answered 503 in {took:?}");
+
+    // Back: the retry with the same key is applied once, whether or not the held publish
+    // reached the queue after the restore.
+    relay.restore();
+    let deadline = tokio::time::Instant::now() + RESULT_TIMEOUT;
+    let body = loop {
+        let (status, _, body) =
+            parts(gateway.post("/v1/withdrawals", user, r#"{"amount":"2"}"#, &[key, wait]).await).await;
+        if status == StatusCode::OK {
+            break body;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(tokio::time::Instant::now() < deadline, "no confirmed publish after the restore: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((&body["status"], &body["balance"]), (&json!("approved"), &json!("7.00")), "{body}");
+    assert_eq!(balance(&gateway, user).await, "7.00", "applied once");
+
+    gateway.stop().await;
+    drop(relay);
     app.cleanup().await;
 }
