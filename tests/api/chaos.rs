@@ -456,6 +456,8 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
         .collect();
     let misrouted_refused = misrouted_copies.iter().collect::<std::collections::HashSet<_>>().len();
     let expected_dead = faults.poisons + misrouted_copies.len();
+    let stale_fences_after_restart = fences_not_above(&app.pool, &faults).await;
+    let audit = walletq::ledger::audit::audit(&app.pool).await.expect("audit");
     let dead = wait_for_dead(&app, expected_dead).await;
     let poison_or_misrouted_stored: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM requests WHERE request_id LIKE 'chaos-poison-%' OR request_id LIKE 'chaos-mis-%'",
