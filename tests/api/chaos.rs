@@ -446,8 +446,10 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
     let entries: i64 =
         sqlx::query_scalar("SELECT count(*) FROM ledger_entries").fetch_one(&app.pool).await.expect("entries");
     findings.applied_twice += usize::try_from((entries - approved).max(0)).unwrap_or(usize::MAX);
-    // Every copy of a misrouted request is refused and dead-lettered (the publisher may send
-    // one twice when a confirm is lost), and each copy gets a result.
+    // Every copy of a misrouted request is refused and dead-lettered once; the publisher may
+    // send one twice when a confirm is lost, and one copy may be answered twice (a worker
+    // killed between the result and the reject), so the results bound the dead letters from
+    // above and the distinct misrouted ids from below.
     let misrouted_copies: Vec<&str> = results
         .iter()
         .filter(|r| r.reason == Some(Reason::InvalidRequest))
@@ -455,10 +457,10 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
         .filter(|id| id.starts_with("chaos-mis-"))
         .collect();
     let misrouted_refused = misrouted_copies.iter().collect::<std::collections::HashSet<_>>().len();
-    let expected_dead = faults.poisons + misrouted_copies.len();
+    let (dead_min, dead_max) = (faults.poisons + misrouted_refused, faults.poisons + misrouted_copies.len());
     let stale_fences_after_restart = fences_not_above(&app.pool, &faults).await;
     let audit = walletq::ledger::audit::audit(&app.pool).await.expect("audit");
-    let dead = wait_for_dead(&app, expected_dead).await;
+    let dead = wait_for_dead(&app, dead_min).await;
     let poison_or_misrouted_stored: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM requests WHERE request_id LIKE 'chaos-poison-%' OR request_id LIKE 'chaos-mis-%'",
     )
@@ -491,9 +493,9 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
     assert_eq!(misrouted_refused, MISROUTED, "every misrouted request is refused: {summary}");
     assert_eq!(poison_or_misrouted_stored, 0, "no poison or misrouted message was applied");
     assert!(faults.poisons > 0, "the run published poison messages: {summary}");
-    assert_eq!(
-        dead, expected_dead,
-        "exactly the poison messages and the misrouted copies are dead-lettered: {summary}"
+    assert!(
+        (dead_min..=dead_max).contains(&dead),
+        "only the poison messages and the misrouted copies are dead-lettered ({dead_min} to {dead_max}): {summary}"
     );
     app.cleanup().await;
 }
