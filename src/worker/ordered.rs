@@ -111,6 +111,27 @@ impl OrderedConsumer {
         let _ = self.channel.close(200, "reopening".into()).await;
     }
 
+    /// Hands the queue over without a delivery in flight, after `done` (already processed,
+    /// not yet acked) : cancels the consumer while `done` still fills the prefetch, so the
+    /// broker has nothing else checked out to this consumer, then acks `done` and closes the
+    /// channel. Closing with a delivery in flight would let single active consumer start the
+    /// next consumer before that delivery is returned, and it would then be read after the
+    /// ones behind it (a quorum queue activates the next consumer on cancel, and returns the
+    /// cancelled one's deliveries only when its channel goes).
+    pub(super) async fn hand_over_after(self, done: &[Delivery]) -> anyhow::Result<()> {
+        let last = done.last().context("nothing to hand over after")?;
+        self.channel
+            .basic_cancel(self.consumer.tag(), lapin::options::BasicCancelOptions::default())
+            .await
+            .context("cancelling the consumer")?;
+        self.channel
+            .basic_ack(last.delivery_tag, lapin::options::BasicAckOptions { multiple: true })
+            .await
+            .context("acking after the cancel")?;
+        let _ = self.channel.close(200, "handed over".into()).await;
+        Ok(())
+    }
+
     /// Closes the channel: every unacked delivery goes back to the head of the queue, in order.
     pub(super) async fn give_back(self, reason: &str) {
         let _ = self.channel.close(200, reason.into()).await;

@@ -161,7 +161,10 @@ async fn route(
                 }
                 Err(error) => return failed(error, &connection),
             };
-            match forward(source.publisher(), &deliveries, &partition_queues, settings.partitions).await {
+            // The last delivery of careful mode is acked only after the consumer is cancelled.
+            let leaving_careful = careful.deliveries_left > 0 && careful.deliveries_left <= deliveries.len();
+            let ack = if leaving_careful { Ack::Later } else { Ack::Now };
+            match forward(source.publisher(), &deliveries, &partition_queues, settings.partitions, ack).await {
                 Ok(()) => {
                     failures = 0;
                     metrics::counter!("walletq_routed_total").increment(deliveries.len() as u64);
@@ -169,7 +172,9 @@ async fn route(
                         careful.deliveries_left = careful.deliveries_left.saturating_sub(deliveries.len());
                         if careful.deliveries_left == 0 {
                             tracing::info!("past the undecodable message; routing with the full prefetch again");
-                            source.give_back("leaving careful mode").await;
+                            if let Err(error) = source.hand_over_after(&deliveries).await {
+                                return failed(error, &connection);
+                            }
                             break;
                         }
                     }
@@ -189,11 +194,20 @@ async fn route(
 }
 
 /// Forwards `deliveries` in order, waits for every confirm, then acks them all.
+/// Whether [`forward`] acks the ingress deliveries once their copies are confirmed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ack {
+    Now,
+    /// The caller acks them after cancelling its consumer (leaving careful mode).
+    Later,
+}
+
 async fn forward(
     publisher: &Publisher,
     deliveries: &[Delivery],
     partition_queues: &[String],
     partitions: u16,
+    ack: Ack,
 ) -> anyhow::Result<()> {
     let mut confirms = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
@@ -204,6 +218,9 @@ async fn forward(
     }
     for confirm in confirms {
         Publisher::confirmed(confirm).await?;
+    }
+    if ack == Ack::Later {
+        return Ok(());
     }
     let last = deliveries.last().context("empty batch")?;
     publisher.channel().basic_ack(last.delivery_tag, BasicAckOptions { multiple: true }).await.context("acking ingress")
