@@ -2,7 +2,7 @@
 //! balance, where a replay is sent, invalid messages without `reply_to`, outages not counted
 //! as attempts, and the exit status on a topology mismatch.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -12,7 +12,9 @@ use walletq::broker::{Publisher, request_properties};
 use walletq::configuration::{QueueType, TopologySettings, WorkerSettings};
 use walletq::domain::{Money, Op, Reason, Request, RequestResult, Status};
 
-use crate::support::{RESULT_TIMEOUT, TestApp, admin_pool, eventually, request, spawn_app, spawn_app_with};
+use crate::support::{
+    RESULT_TIMEOUT, TestApp, admin_pool, eventually, request, spawn_app, spawn_app_with, spawn_worker_process_logging,
+};
 
 /// Messages ready in `queue` (a passive declare: fails if the queue does not exist).
 async fn ready(app: &TestApp, queue: &str) -> u32 {
@@ -234,24 +236,9 @@ async fn a_database_outage_is_waited_out_not_counted_as_an_attempt() {
 #[tokio::test]
 async fn a_worker_exits_1_naming_precondition_failed_when_the_queue_type_differs() {
     let app = spawn_app_with(TopologySettings { partitions: 2, queue_type: QueueType::Classic }, false).await;
-    let mut command = Command::new(env!("CARGO_BIN_EXE_walletq"));
-    command
-        .arg("worker")
-        .env("DATABASE_URL", &app.services.database_url)
-        .env("AMQP_URL", &app.services.amqp_url)
-        .env("REDIS_URL", &app.services.redis_url)
-        .env("WALLETQ_NAMESPACE", &app.services.namespace)
-        .env("WALLETQ_PARTITIONS", "2")
-        .env("WALLETQ_QUEUE_TYPE", "quorum")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let child = command.spawn().expect("start the walletq binary");
-    let output = tokio::time::timeout(RESULT_TIMEOUT, tokio::task::spawn_blocking(move || child.wait_with_output()))
-        .await
-        .expect("the worker exits in time")
-        .expect("join")
-        .expect("wait");
+    // The namespace is classic; the worker asks for quorum.
+    let worker = spawn_worker_process_logging(&app, &[("WALLETQ_QUEUE_TYPE", "quorum")], Stdio::piped());
+    let output = tokio::time::timeout(RESULT_TIMEOUT, worker.output()).await.expect("the worker exits in time");
     let stderr = String::from_utf8_lossy(&output.stderr);
     eprintln!("worker stderr: {stderr}");
     assert_eq!(output.status.code(), Some(1), "exit status; stderr: {stderr}");

@@ -29,6 +29,13 @@ impl WorkerProcess {
         assert_eq!(rc, 0, "SIGCONT the worker");
     }
 
+    /// Waits for the worker to exit by itself; its exit status and what it wrote to piped
+    /// streams.
+    pub(crate) async fn output(mut self) -> std::process::Output {
+        let child = std::mem::replace(&mut self.0, Command::new("true").spawn().expect("placeholder"));
+        tokio::task::spawn_blocking(move || child.wait_with_output()).await.expect("join").expect("wait")
+    }
+
     /// SIGTERM, then wait for the exit status.
     pub(crate) async fn terminate(mut self) -> std::process::ExitStatus {
         // SAFETY: plain kill(2) on our own child's pid.
