@@ -23,7 +23,7 @@ use lapin::{Connection, ExchangeKind};
 use tokio::sync::oneshot;
 
 use crate::broker::{self, AMQPSoftError, Names, Publisher};
-use crate::domain::{Money, Op, Request, RequestId, RequestResult, UserId};
+use crate::domain::{Command, HOLD_TIMEOUT_DEFAULT_S, Money, Op, Request, RequestId, RequestResult, UserId};
 
 type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<RequestResult>>>>;
 
@@ -66,18 +66,32 @@ impl Client {
         Ok(Client { connection, publisher, names: Names::new(namespace), reply_queue, waiters })
     }
 
-    /// Builds a validated request; a fresh UUID request id when none is given.
+    /// Builds a validated withdrawal, deposit or hold (of the default timeout) of `amount`;
+    /// a fresh UUID request id when none is given. Captures and releases name a hold: build
+    /// them with [`Client::command`].
     pub fn request(&self, user: &str, op: Op, amount: Money, request_id: Option<&str>) -> anyhow::Result<Request> {
+        let command = match op {
+            Op::Withdraw => Command::Withdraw { amount },
+            Op::Deposit => Command::Deposit { amount },
+            Op::Hold => Command::Hold { amount, timeout_s: HOLD_TIMEOUT_DEFAULT_S },
+            Op::Capture | Op::Release | Op::Expire => {
+                anyhow::bail!("a {} names a hold: build it with Client::command", op.as_str())
+            }
+        };
+        self.command(user, command, request_id)
+    }
+
+    /// Builds a validated request of any op; a fresh UUID request id when none is given.
+    pub fn command(&self, user: &str, command: Command, request_id: Option<&str>) -> anyhow::Result<Request> {
         let fresh = uuid::Uuid::new_v4().to_string();
         let request_id = request_id.unwrap_or(&fresh);
-        Ok(Request {
-            request_id: RequestId::parse(request_id)
+        Ok(Request::new(
+            RequestId::parse(request_id)
                 .with_context(|| format!("request id {request_id:?} is not 1-64 characters of [A-Za-z0-9._:-]"))?,
-            user_id: UserId::parse(user)
+            UserId::parse(user)
                 .with_context(|| format!("user id {user:?} is not 1-64 characters of [A-Za-z0-9._:-]"))?,
-            op,
-            amount,
-        })
+            command,
+        ))
     }
 
     /// Publishes a request (confirmed by the broker); its result goes to `reply_to`, or

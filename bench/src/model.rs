@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use walletq::domain::{Op, Request, UserId};
+use walletq::domain::{Command, Request, UserId};
 
 /// What the clients were told about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,9 +63,10 @@ pub fn check(
             Some(Verdict::Rejected) => {}
             Some(Verdict::Approved) => {
                 let user = books.entry(request.user_id.as_str()).or_default();
-                match request.op {
-                    Op::Deposit => user.deposits.push(request.amount.cents()),
-                    Op::Withdraw => user.withdrawals.push(request.amount.cents()),
+                match request.command {
+                    Command::Deposit { amount } => user.deposits.push(amount.cents()),
+                    Command::Withdraw { amount } => user.withdrawals.push(amount.cents()),
+                    _ => {}
                 }
             }
         }
@@ -114,16 +115,17 @@ mod tests {
     use walletq::domain::{Money, RequestId};
 
     fn withdraw(i: usize, user: &str, cents: i64) -> Request {
-        Request {
-            request_id: RequestId::parse(&format!("r{i}")).unwrap(),
-            user_id: UserId::parse(user).unwrap(),
-            op: Op::Withdraw,
-            amount: Money::from_cents(cents).unwrap(),
-        }
+        let amount = Money::from_cents(cents).unwrap();
+        Request::new(
+            RequestId::parse(&format!("r{i}")).unwrap(),
+            UserId::parse(user).unwrap(),
+            Command::Withdraw { amount },
+        )
     }
 
     fn deposit(i: usize, user: &str, cents: i64) -> Request {
-        Request { op: Op::Deposit, ..withdraw(i, user, cents) }
+        let amount = Money::from_cents(cents).unwrap();
+        Request { command: Command::Deposit { amount }, ..withdraw(i, user, cents) }
     }
 
     fn finals(pairs: &[(&str, i64)]) -> HashMap<String, i64> {

@@ -6,7 +6,7 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
-use walletq::domain::{Money, Op, Request, RequestId, UserId};
+use walletq::domain::{Command, Money, Op, Request, RequestId, UserId};
 
 /// The shape of the load.
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -82,7 +82,9 @@ pub fn generate(scenario: Scenario, users: u32, requests: u32, seed: u64) -> Wor
                     (op, rng.random_range(MIXED_AMOUNT_CENTS))
                 }
             };
-            Request { request_id: request_id(i), user_id: user, op, amount: cents(amount_cents) }
+            let amount = cents(amount_cents);
+            let command = if op == Op::Deposit { Command::Deposit { amount } } else { Command::Withdraw { amount } };
+            Request::new(request_id(i), user, command)
         })
         .collect();
     Workload { scenario, opening, requests }
@@ -115,7 +117,7 @@ mod tests {
         let workload = generate(Scenario::Hot, 50, 500, 1);
         assert_eq!(workload.opening.len(), 1);
         assert_eq!(workload.opening[0].1.cents(), 250 * UNIT_CENTS);
-        assert!(workload.requests.iter().all(|r| r.op == Op::Withdraw && r.user_id == workload.opening[0].0));
+        assert!(workload.requests.iter().all(|r| r.op() == Op::Withdraw && r.user_id == workload.opening[0].0));
     }
 
     #[test]
@@ -131,9 +133,9 @@ mod tests {
     #[test]
     fn mixed_has_both_ops_within_bounds() {
         let workload = generate(Scenario::Mixed, 10, 3_000, 3);
-        let deposits = workload.requests.iter().filter(|r| r.op == Op::Deposit).count();
+        let deposits = workload.requests.iter().filter(|r| r.op() == Op::Deposit).count();
         assert!((800..1_200).contains(&deposits), "{deposits} deposits");
-        assert!(workload.requests.iter().all(|r| MIXED_AMOUNT_CENTS.contains(&r.amount.cents())));
+        assert!(workload.requests.iter().all(|r| MIXED_AMOUNT_CENTS.contains(&r.amount().map_or(0, Money::cents))));
     }
 
     #[test]

@@ -52,11 +52,11 @@ GRANT USAGE ON SCHEMA public TO :"worker_role";
 
 -- Table grants, exactly: first take everything away, then give back what is needed.
 SELECT format('REVOKE ALL ON TABLE %I FROM %I', t, :'worker_role')
-  FROM unnest(ARRAY['wallets', 'user_fences', 'requests', 'ledger_entries', 'coupons', '_sqlx_migrations']) AS t
+  FROM unnest(ARRAY['wallets', 'user_fences', 'holds', 'requests', 'ledger_entries', 'coupons', '_sqlx_migrations']) AS t
  WHERE to_regclass(t) IS NOT NULL \gexec
--- Upserted by every batch.
+-- Upserted by every batch (a hold is inserted once, then closed once).
 SELECT format('GRANT SELECT, INSERT, UPDATE ON TABLE %I TO %I', t, :'worker_role')
-  FROM unnest(ARRAY['wallets', 'user_fences']) AS t
+  FROM unnest(ARRAY['wallets', 'user_fences', 'holds']) AS t
  WHERE to_regclass(t) IS NOT NULL \gexec
 -- Append-only: read and insert, never update or delete.
 SELECT format('GRANT SELECT, INSERT ON TABLE %I TO %I', t, :'worker_role')

@@ -7,9 +7,14 @@ pub mod outcome;
 pub mod partitioning;
 pub mod request;
 pub mod rules;
+pub mod wallet;
 
 pub use coupon::{Coupon, CouponKind};
 pub use money::{Money, MoneyError};
 pub use outcome::{Reason, RequestResult, Status};
-pub use request::{InvalidRequest, Op, Request, RequestId, UserId, decode_request, parse_json_amount};
-pub use rules::{BatchPlan, LedgerState, StoredRequest, plan_batch};
+pub use request::{
+    Command, HOLD_TIMEOUT_DEFAULT_S, HOLD_TIMEOUT_MAX_S, InvalidRequest, Op, Request, RequestId, UserId,
+    decode_request, parse_json_amount,
+};
+pub use rules::{BatchPlan, HoldWrite, LedgerState, StoredRequest, plan_batch};
+pub use wallet::{Hold, HoldState, Wallet};

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::coupon::Coupon;
 use super::money::Money;
 use super::request::{InvalidRequest, Op, Request, RequestId, UserId};
+use super::wallet::{Hold, Wallet};
 
 /// Whether the request changed the wallet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -39,6 +40,14 @@ pub enum Reason {
     InvalidRequest,
     /// A known `request_id` with another body; nothing changed.
     Conflict,
+    /// A capture or release of a hold this user does not have.
+    UnknownHold,
+    /// A capture or release of a hold already captured or released.
+    HoldClosed,
+    /// A capture or release of a hold that expired first.
+    HoldExpired,
+    /// A capture of more than the hold's amount.
+    AmountExceedsHold,
 }
 
 impl Reason {
@@ -49,6 +58,10 @@ impl Reason {
             Reason::NoWallet => "no_wallet",
             Reason::InvalidRequest => "invalid_request",
             Reason::Conflict => "conflict",
+            Reason::UnknownHold => "unknown_hold",
+            Reason::HoldClosed => "hold_closed",
+            Reason::HoldExpired => "hold_expired",
+            Reason::AmountExceedsHold => "amount_exceeds_hold",
         }
     }
 }
@@ -73,6 +86,18 @@ pub struct RequestResult {
     pub detail: Option<String>,
     /// Balance after the request, or the current balance of a rejected one.
     pub balance: Option<Money>,
+    /// The sum of the wallet's active holds, beside `balance` (`None` when it is `None`).
+    #[serde(default)]
+    pub held: Option<Money>,
+    /// `balance − held`: what a withdrawal or hold may take (`None` when `balance` is).
+    #[serde(default)]
+    pub available: Option<Money>,
+    /// The hold of a hold, capture, release or expire (the hold's own `request_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold_id: Option<RequestId>,
+    /// When that hold expires (or expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
     /// The coupon this deposit granted, if its amount reached a tier.
     pub coupon: Option<Coupon>,
     /// True when this is a stored result sent again for a repeated request.
@@ -82,19 +107,61 @@ pub struct RequestResult {
 }
 
 impl RequestResult {
-    /// An approved request with the wallet's new balance.
-    pub fn approved(request: &Request, balance: Money, coupon: Option<Coupon>, now: DateTime<Utc>) -> Self {
-        Self::for_request(request, Status::Approved, None, Some(balance), coupon, now)
+    /// An approved request with the wallet after it.
+    pub fn approved(request: &Request, wallet: Wallet, coupon: Option<Coupon>, now: DateTime<Utc>) -> Self {
+        Self::for_request(request, Status::Approved, None, Some(wallet), coupon, now)
     }
 
-    /// A rejected valid request, with the wallet's current balance when it has one.
-    pub fn rejected(request: &Request, reason: Reason, balance: Option<Money>, now: DateTime<Utc>) -> Self {
-        let mut result = Self::for_request(request, Status::Rejected, Some(reason), balance, None, now);
+    /// A rejected valid request, with the wallet as it is, when there is one.
+    pub fn rejected(request: &Request, reason: Reason, wallet: Option<Wallet>, now: DateTime<Utc>) -> Self {
+        let mut result = Self::for_request(request, Status::Rejected, Some(reason), wallet, None, now);
         result.detail = match reason {
             Reason::Conflict => Some("request_id was already used with a different user_id, op or amount".into()),
             _ => None,
         };
         result
+    }
+
+    /// The result published when `hold` expired, with the wallet after it.
+    pub fn expired(hold: &Hold, wallet: Wallet, now: DateTime<Utc>) -> Self {
+        let mut result = RequestResult {
+            request_id: None,
+            user_id: Some(hold.user_id.clone()),
+            op: Some(Op::Expire),
+            amount: Some(hold.amount),
+            status: Status::Approved,
+            reason: None,
+            detail: None,
+            balance: None,
+            held: None,
+            available: None,
+            hold_id: Some(hold.hold_id.clone()),
+            expires_at: Some(hold.expires_at),
+            coupon: None,
+            replayed: false,
+            processed_at: now,
+        };
+        result.set_wallet(Some(wallet));
+        result
+    }
+
+    /// Sets the wallet figures: `balance`, `held` and `available` together.
+    pub fn set_wallet(&mut self, wallet: Option<Wallet>) {
+        self.balance = wallet.map(|w| w.balance);
+        self.held = wallet.map(|w| w.held);
+        self.available = wallet.map(|w| w.available());
+    }
+
+    /// A result stored before holds existed has no `held`: there were no holds then, so
+    /// `held` was 0 and `available` the balance.
+    pub fn with_hold_figures(mut self) -> Self {
+        if self.held.is_none() {
+            if let Some(balance) = self.balance {
+                self.held = Some(Money::ZERO);
+                self.available = Some(balance);
+            }
+        }
+        self
     }
 
     /// The rejection of a message that is not a valid request.
@@ -108,6 +175,10 @@ impl RequestResult {
             reason: Some(Reason::InvalidRequest),
             detail: Some(invalid.detail.clone()),
             balance: None,
+            held: None,
+            available: None,
+            hold_id: None,
+            expires_at: None,
             coupon: None,
             replayed: false,
             processed_at: now,
@@ -118,23 +189,29 @@ impl RequestResult {
         request: &Request,
         status: Status,
         reason: Option<Reason>,
-        balance: Option<Money>,
+        wallet: Option<Wallet>,
         coupon: Option<Coupon>,
         now: DateTime<Utc>,
     ) -> Self {
-        RequestResult {
+        let mut result = RequestResult {
             request_id: Some(request.request_id.clone()),
             user_id: Some(request.user_id.clone()),
-            op: Some(request.op),
-            amount: Some(request.amount),
+            op: Some(request.op()),
+            amount: request.amount(),
             status,
             reason,
             detail: None,
-            balance,
+            balance: None,
+            held: None,
+            available: None,
+            hold_id: request.command.hold_id().cloned(),
+            expires_at: None,
             coupon,
             replayed: false,
             processed_at: now,
-        }
+        };
+        result.set_wallet(wallet);
+        result
     }
 
     /// The JSON body published to the reply queue.
@@ -153,7 +230,16 @@ mod tests {
         for status in [Status::Approved, Status::Rejected] {
             assert_eq!(serde_json::to_value(status).ok(), Some(serde_json::Value::from(status.as_str())));
         }
-        for reason in [Reason::InsufficientFunds, Reason::NoWallet, Reason::InvalidRequest, Reason::Conflict] {
+        for reason in [
+            Reason::InsufficientFunds,
+            Reason::NoWallet,
+            Reason::InvalidRequest,
+            Reason::Conflict,
+            Reason::UnknownHold,
+            Reason::HoldClosed,
+            Reason::HoldExpired,
+            Reason::AmountExceedsHold,
+        ] {
             assert_eq!(serde_json::to_value(reason).ok(), Some(serde_json::Value::from(reason.as_str())));
         }
     }

@@ -19,7 +19,7 @@ use super::auth::User;
 use super::ids::IdempotencyKey;
 use super::problem::{Problem, ProblemKind};
 use crate::domain::request::truncate;
-use crate::domain::{Coupon, Op, Request, RequestId, RequestResult, Status, UserId, parse_json_amount};
+use crate::domain::{Command, Coupon, Op, Request, RequestId, RequestResult, Status, UserId, parse_json_amount};
 
 /// Largest request body accepted, in bytes.
 pub const BODY_MAX_BYTES: usize = 16 * 1024;
@@ -249,7 +249,11 @@ async fn submit(
     let body = body.map_err(body_problem)?;
     let amount = parse_amount_body(&body)?;
     let key = idempotency_key(headers)?;
-    let request = Request { request_id: shared.ids.mint(&user, &key), user_id: user, op, amount };
+    let command = match op {
+        Op::Deposit => Command::Deposit { amount },
+        _ => Command::Withdraw { amount },
+    };
+    let request = Request::new(shared.ids.mint(&user, &key), user, command);
     let wait = preferred_wait(headers);
 
     let client = shared.link.client().await.map_err(|down| Problem::new(ProblemKind::BrokerUnavailable, down.0))?;

@@ -64,12 +64,13 @@ const CHECKS: &[(&str, &str, &str)] = &[
          ORDER BY request_id LIMIT 20",
     ),
     (
-        "every request has at most one ledger entry, and one exactly when approved",
+        "every request has at most one ledger entry, and one exactly when an approved withdrawal, deposit or capture",
         "SELECT count(*) FROM requests",
         "SELECT r.request_id || ' (' || r.status || ') has ' || count(l.entry_id) || ' ledger entries'
          FROM requests r LEFT JOIN ledger_entries l ON l.request_id = r.request_id
          GROUP BY r.request_id, r.status
-         HAVING count(l.entry_id) > 1 OR (r.status = 'approved') <> (count(l.entry_id) = 1)
+         HAVING count(l.entry_id) > 1
+             OR (r.status = 'approved' AND r.op IN ('withdraw', 'deposit', 'capture')) <> (count(l.entry_id) = 1)
          ORDER BY r.request_id LIMIT 20",
     ),
     (
@@ -84,8 +85,46 @@ const CHECKS: &[(&str, &str, &str)] = &[
         "SELECT count(*) FROM ledger_entries",
         "SELECT 'entry ' || l.entry_id || ': delta ' || l.delta || ' for ' || r.op || ' of ' || r.amount
          FROM ledger_entries l JOIN requests r ON r.request_id = l.request_id
-         WHERE l.delta <> CASE r.op WHEN 'deposit' THEN r.amount ELSE -r.amount END
+         LEFT JOIN holds h ON r.op = 'capture' AND h.hold_id = r.hold_id
+         WHERE l.delta IS DISTINCT FROM CASE r.op WHEN 'deposit' THEN r.amount WHEN 'capture' THEN -h.captured
+                                                   ELSE -r.amount END
          ORDER BY l.entry_id LIMIT 20",
+    ),
+    (
+        "every wallet's held equals the sum of its active holds, and available is never negative",
+        "SELECT count(*) FROM wallets",
+        "SELECT w.user_id || ': held ' || w.held || ', active holds ' || coalesce(sum(h.amount), 0) || ', balance ' || w.balance
+         FROM wallets w LEFT JOIN holds h ON h.user_id = w.user_id AND h.state = 'active'
+         GROUP BY w.user_id, w.held, w.balance
+         HAVING w.held <> coalesce(sum(h.amount), 0) OR w.held > w.balance OR w.held < 0
+         ORDER BY w.user_id LIMIT 20",
+    ),
+    (
+        "every approved hold has one hold, and a hold is closed at most once, by its own user's approved capture or release",
+        "SELECT count(*) FROM holds",
+        "SELECT 'hold ' || r.request_id || ' approved but not stored' FROM requests r
+         WHERE r.op = 'hold' AND r.status = 'approved' AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.hold_id = r.request_id)
+         UNION ALL
+         SELECT 'hold ' || h.hold_id || ' (' || h.state || ') closed by ' || coalesce(h.closed_by, 'nothing')
+         FROM holds h LEFT JOIN requests c ON c.request_id = h.closed_by
+         WHERE (h.state IN ('captured', 'released')) <> (c.request_id IS NOT NULL)
+            OR c.status <> 'approved' OR c.user_id <> h.user_id OR c.hold_id <> h.hold_id
+            OR (h.state = 'captured') <> (c.op IS NOT DISTINCT FROM 'capture')
+            OR (h.state = 'released') <> (c.op IS NOT DISTINCT FROM 'release')
+         UNION ALL
+         SELECT r.op || ' ' || r.request_id || ' approved but closed no hold' FROM requests r
+         WHERE r.op IN ('capture', 'release') AND r.status = 'approved'
+           AND NOT EXISTS (SELECT 1 FROM holds h WHERE h.closed_by = r.request_id)
+         LIMIT 20",
+    ),
+    (
+        "a capture takes at most its hold, and writes one ledger entry of what it took",
+        "SELECT count(*) FROM holds WHERE state = 'captured'",
+        "SELECT 'hold ' || h.hold_id || ': captured ' || coalesce(h.captured::text, 'nothing') || ' of ' || h.amount
+                || ', ledger ' || coalesce((-l.delta)::text, 'no entry')
+         FROM holds h LEFT JOIN ledger_entries l ON l.request_id = h.closed_by
+         WHERE h.state = 'captured' AND (h.captured IS NULL OR h.captured > h.amount OR l.delta IS DISTINCT FROM -h.captured)
+         ORDER BY h.hold_id LIMIT 20",
     ),
 ];
 

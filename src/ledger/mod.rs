@@ -8,6 +8,9 @@
 
 pub mod audit;
 pub mod group;
+pub mod holds;
+mod load;
+mod write;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,15 +18,12 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{DateTime, SubsecRound, Utc};
 use rust_decimal::Decimal;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-use crate::domain::{
-    Coupon, LedgerState, Money, Op, Request, RequestId, RequestResult, StoredRequest, UserId, plan_batch,
-};
+use crate::domain::{Coupon, Money, Request, RequestId, RequestResult, UserId, Wallet, plan_batch};
 use crate::telemetry::redact_url;
 
 /// Why a batch was not applied. Nothing of it was written.
@@ -61,16 +61,25 @@ pub enum LedgerError {
     Stopped,
 }
 
-/// A wallet as read back: balance and coupons.
+/// A wallet as read back: its figures, active holds and coupons.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StoredWallet {
     /// The wallet's owner.
     pub user_id: UserId,
     /// The money in the wallet.
     pub balance: Money,
+    /// The sum of its active holds.
+    pub held: Money,
+    /// `balance − held`: what a withdrawal or a hold may take.
+    pub available: Money,
+    /// The active holds, soonest to expire first (at most [`ACTIVE_HOLDS_SHOWN_MAX`]).
+    pub holds: Vec<holds::ActiveHold>,
     /// The coupons granted, oldest first.
     pub coupons: Vec<Coupon>,
 }
+
+/// Most active holds a wallet read lists.
+pub const ACTIVE_HOLDS_SHOWN_MAX: i64 = 100;
 
 /// Longest wait for a connection from the pool (opening one included).
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -221,17 +230,23 @@ impl Ledger {
             .fetch_optional(&self.pool)
             .await
             .context("reading a stored result")?;
-        row.map(|text| serde_json::from_str(&text).context("decoding a stored result")).transpose()
+        row.map(|text| {
+            serde_json::from_str::<RequestResult>(&text)
+                .context("decoding a stored result")
+                .map(|r| r.with_hold_figures())
+        })
+        .transpose()
     }
 
     /// The wallet of `user` with its coupons, or `None` when it has none.
     pub async fn wallet(&self, user: &UserId) -> anyhow::Result<Option<StoredWallet>> {
-        let balance: Option<Decimal> = sqlx::query_scalar("SELECT balance FROM wallets WHERE user_id = $1")
-            .bind(user.as_str())
-            .fetch_optional(&self.pool)
-            .await
-            .context("reading a wallet")?;
-        let Some(balance) = balance else {
+        let figures: Option<(Decimal, Decimal)> =
+            sqlx::query_as("SELECT balance, held FROM wallets WHERE user_id = $1")
+                .bind(user.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .context("reading a wallet")?;
+        let Some((balance, held)) = figures else {
             return Ok(None);
         };
         let rows = sqlx::query("SELECT code, kind FROM coupons WHERE user_id = $1 ORDER BY granted_at, code")
@@ -247,8 +262,19 @@ impl Ledger {
                 Ok(Coupon { code: row.try_get("code")?, kind })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let balance = Money::from_decimal(balance).context("stored balance is not valid money")?;
-        Ok(Some(StoredWallet { user_id: user.clone(), balance, coupons }))
+        let wallet = Wallet {
+            balance: Money::from_decimal(balance).context("stored balance is not valid money")?,
+            held: Money::from_decimal(held).context("stored held is not valid money")?,
+        };
+        let holds = self.active_holds(user, ACTIVE_HOLDS_SHOWN_MAX).await?;
+        Ok(Some(StoredWallet {
+            user_id: user.clone(),
+            balance: wallet.balance,
+            held: wallet.held,
+            available: wallet.available(),
+            holds,
+            coupons,
+        }))
     }
 }
 
@@ -351,7 +377,6 @@ async fn apply_in(
     requests: &[Request],
     fences: &[(UserId, i64)],
 ) -> Result<Vec<RequestResult>, LedgerError> {
-    let now = Utc::now().trunc_subsecs(6);
     let mut tx = conn.begin().await?;
 
     // 1. Fencing, alone (see `fence`): refuse if a newer token has written for a user.
@@ -369,17 +394,20 @@ async fn apply_in(
         return Err(LedgerError::StaleFence(stale));
     }
 
-    // 2. The requests' users' wallets (locked) and the requests already known.
+    // 2. The wallets (locked) of the requests' users and of the fenced ones (a batch with no
+    //    request expires the due holds of its fenced users), the requests already known, the
+    //    holds named or due, and the database's clock.
     let mut users: Vec<String> = requests.iter().map(|r| r.user_id.as_str().to_owned()).collect();
+    users.extend(fenced);
     users.sort();
     users.dedup();
-    let state = load(&mut tx, requests, &users).await?;
+    let (state, now) = load::load(&mut tx, requests, &users).await?;
 
     // 3. Apply the rules (pure), then write the plan: each wallet only if it still holds
-    //    the balance read (or, when none was read, only if no one created it meanwhile).
-    let read = state.balances.clone();
+    //    the figures read (or, when none was read, only if no one created it meanwhile).
+    let read = state.wallets.clone();
     let plan = plan_batch(requests, state, now, new_coupon_code);
-    write_plan(&mut tx, &plan, &read, now).await?;
+    write::write_plan(&mut tx, &plan, &read, now).await?;
     tx.commit().await?;
     Ok(plan.results)
 }
@@ -404,160 +432,6 @@ async fn fence(tx: &mut sqlx::PgConnection, users: &[String], tokens: &[i64]) ->
     .fetch_all(&mut *tx)
     .await?;
     Ok(accepted)
-}
-
-/// Locks and reads the users' wallets and reads the batch's known requests, in one statement.
-async fn load(tx: &mut sqlx::PgConnection, requests: &[Request], users: &[String]) -> Result<LedgerState, LedgerError> {
-    let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
-    let rows = sqlx::query(
-        "WITH locked AS (
-             SELECT user_id, balance FROM wallets WHERE user_id = ANY($1) FOR UPDATE
-         )
-         SELECT 'wallet' AS kind, user_id, balance,
-                NULL::text AS request_id, NULL::text AS op, NULL::numeric AS amount, NULL::text AS result
-         FROM locked
-         UNION ALL
-         SELECT 'known', user_id, NULL, request_id, op, amount, result::text
-         FROM requests WHERE request_id = ANY($2)",
-    )
-    .bind(users)
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await?;
-
-    let mut state = LedgerState::default();
-    for row in rows {
-        let kind: String = row.try_get("kind")?;
-        if kind == "wallet" {
-            let user: String = row.try_get("user_id")?;
-            let balance: Decimal = row.try_get("balance")?;
-            let user = UserId::parse(&user).ok_or_else(|| LedgerError::Corrupt(format!("bad user id {user:?}")))?;
-            let balance = Money::from_decimal(balance)
-                .ok_or_else(|| LedgerError::Corrupt(format!("balance {balance} of {user} is not valid money")))?;
-            state.balances.insert(user, balance);
-        } else {
-            let stored = decode_stored(&row)?;
-            state.known.insert(stored.request.request_id.clone(), stored);
-        }
-    }
-    Ok(state)
-}
-
-fn decode_stored(row: &sqlx::postgres::PgRow) -> Result<StoredRequest, LedgerError> {
-    let corrupt = |what: &str| LedgerError::Corrupt(what.to_owned());
-    let request_id: String = row.try_get("request_id")?;
-    let user_id: String = row.try_get("user_id")?;
-    let op: String = row.try_get("op")?;
-    let amount: Decimal = row.try_get("amount")?;
-    let result: String = row.try_get("result")?;
-    let request = Request {
-        request_id: RequestId::parse(&request_id).ok_or_else(|| corrupt("stored request_id"))?,
-        user_id: UserId::parse(&user_id).ok_or_else(|| corrupt("stored user_id"))?,
-        op: Op::parse(&op).ok_or_else(|| corrupt("stored op"))?,
-        amount: Money::from_decimal(amount).ok_or_else(|| corrupt("stored amount"))?,
-    };
-    let result = serde_json::from_str(&result).map_err(|e| LedgerError::Corrupt(format!("stored result: {e}")))?;
-    Ok(StoredRequest { request, result })
-}
-
-/// The write of [`write_plan`]: one round trip for the whole plan. The data-modifying CTEs
-/// all run, and the foreign keys between them are checked at the end of the statement. The
-/// wallet writes never overwrite blindly: `updated` matches only the balance read, `created`
-/// only a wallet that is still missing; the statement returns how many of them matched.
-const WRITE_PLAN_SQL: &str = "WITH balances AS (
-         SELECT * FROM unnest($1::text[], $2::numeric[], $19::numeric[]) AS b(user_id, balance, read)
-     ), updated AS (
-         UPDATE wallets w SET balance = b.balance, updated_at = now()
-         FROM balances b
-         WHERE w.user_id = b.user_id AND b.read IS NOT NULL AND w.balance = b.read
-         RETURNING w.user_id
-     ), created AS (
-         INSERT INTO wallets (user_id, balance)
-         SELECT user_id, balance FROM balances WHERE read IS NULL
-         ON CONFLICT (user_id) DO NOTHING
-         RETURNING user_id
-     ), stored AS (
-         INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at)
-         SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $10
-         FROM unnest($3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[], $8::text[], $9::text[])
-              AS r(id, user_id, op, amount, status, reason, result)
-     ), entries AS (
-         INSERT INTO ledger_entries (request_id, user_id, delta, balance_after)
-         SELECT * FROM unnest($11::text[], $12::text[], $13::numeric[], $14::numeric[])
-     ), granted AS (
-         INSERT INTO coupons (code, user_id, kind, request_id)
-         SELECT * FROM unnest($15::text[], $16::text[], $17::text[], $18::text[])
-     )
-     SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM created)";
-
-/// Writes a plan in one statement. `read` holds the balances the plan started from: a wallet
-/// is updated only while it still holds that balance, and created only if it still does not
-/// exist; when a wallet fails either test nothing is written ([`LedgerError::WalletChanged`]).
-async fn write_plan(
-    tx: &mut sqlx::PgConnection,
-    plan: &crate::domain::BatchPlan,
-    read: &HashMap<UserId, Money>,
-    now: DateTime<Utc>,
-) -> Result<(), LedgerError> {
-    if plan.new_requests.is_empty() {
-        return Ok(());
-    }
-    let new = &plan.new_requests;
-    let balance_users: Vec<&str> = plan.balances.iter().map(|(u, _)| u.as_str()).collect();
-    let balances: Vec<Decimal> = plan.balances.iter().map(|(_, b)| b.as_decimal()).collect();
-    let read_balances: Vec<Option<Decimal>> =
-        plan.balances.iter().map(|(u, _)| read.get(u).map(|b| b.as_decimal())).collect();
-
-    let ids: Vec<&str> = new.iter().map(|n| n.request.request_id.as_str()).collect();
-    let users: Vec<&str> = new.iter().map(|n| n.request.user_id.as_str()).collect();
-    let ops: Vec<&str> = new.iter().map(|n| n.request.op.as_str()).collect();
-    let amounts: Vec<Decimal> = new.iter().map(|n| n.request.amount.as_decimal()).collect();
-    let statuses: Vec<&str> = new.iter().map(|n| n.result.status.as_str()).collect();
-    let reasons: Vec<Option<&str>> = new.iter().map(|n| n.result.reason.map(|r| r.as_str())).collect();
-    let results: Vec<String> = new
-        .iter()
-        .map(|n| serde_json::to_string(&n.result))
-        .collect::<Result<_, _>>()
-        .map_err(|e| LedgerError::Corrupt(format!("encoding a result: {e}")))?;
-
-    let entries: Vec<_> = new.iter().filter_map(|n| n.entry.map(|e| (n, e))).collect();
-    let entry_ids: Vec<&str> = entries.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
-    let entry_users: Vec<&str> = entries.iter().map(|(n, _)| n.request.user_id.as_str()).collect();
-    let deltas: Vec<Decimal> = entries.iter().map(|(_, e)| Decimal::new(e.delta_cents, 2)).collect();
-    let after: Vec<Decimal> = entries.iter().map(|(_, e)| e.balance_after.as_decimal()).collect();
-
-    let coupons: Vec<_> = new.iter().filter_map(|n| n.result.coupon.as_ref().map(|c| (n, c))).collect();
-    let codes: Vec<&str> = coupons.iter().map(|(_, c)| c.code.as_str()).collect();
-    let coupon_users: Vec<&str> = coupons.iter().map(|(n, _)| n.request.user_id.as_str()).collect();
-    let kinds: Vec<&str> = coupons.iter().map(|(_, c)| c.kind.as_str()).collect();
-    let coupon_ids: Vec<&str> = coupons.iter().map(|(n, _)| n.request.request_id.as_str()).collect();
-
-    let written: i64 = sqlx::query_scalar(WRITE_PLAN_SQL)
-        .bind(&balance_users)
-        .bind(&balances)
-        .bind(&ids)
-        .bind(&users)
-        .bind(&ops)
-        .bind(&amounts)
-        .bind(&statuses)
-        .bind(&reasons)
-        .bind(&results)
-        .bind(now)
-        .bind(&entry_ids)
-        .bind(&entry_users)
-        .bind(&deltas)
-        .bind(&after)
-        .bind(&codes)
-        .bind(&coupon_users)
-        .bind(&kinds)
-        .bind(&coupon_ids)
-        .bind(&read_balances)
-        .fetch_one(&mut *tx)
-        .await?;
-    if written != balance_users.len() as i64 {
-        return Err(LedgerError::WalletChanged { expected: balance_users.len(), written });
-    }
-    Ok(())
 }
 
 /// Per-user final balances, for callers that read many at once (tests, bench, audit).

@@ -24,7 +24,7 @@ use crate::lock::{LockAttempt, LockGrant};
 /// never lapse while its results are published (up to the confirm timeout, longer than a
 /// lock's TTL), and released only after that ("ack before release").
 pub(super) struct HeldLocks {
-    grant: LockGrant,
+    pub(super) grant: LockGrant,
     /// Extends the locks every third of their TTL.
     keeper: tokio::task::JoinHandle<()>,
     /// Set by the keeper when an extension found a lock gone (expired, or Redis lost it).
@@ -32,7 +32,7 @@ pub(super) struct HeldLocks {
 }
 
 impl HeldLocks {
-    fn keep(context: &WorkerContext, grant: LockGrant) -> Self {
+    pub(super) fn keep(context: &WorkerContext, grant: LockGrant) -> Self {
         let lost = Arc::new(AtomicBool::new(false));
         let keeper = tokio::spawn(keep_alive(context.locks.locks().clone(), grant.clone(), lost.clone()));
         HeldLocks { grant, keeper, lost }
@@ -86,8 +86,16 @@ pub(super) async fn process_batch(
     // can send any header value).
     let started_ms = chrono::Utc::now().timestamp_millis();
     let published: Vec<_> = deliveries.iter().map(|d| published_at_ms(&d.properties, started_ms)).collect();
-    let decoded: Vec<Result<Request, InvalidRequest>> =
-        deliveries.iter().map(|d| decode_in_partition(d, context.partitions, partition)).collect();
+    let decoded: Vec<Result<Request, InvalidRequest>> = deliveries
+        .iter()
+        .map(|d| {
+            let mut request = decode_in_partition(d, context.partitions, partition)?;
+            // Where later news of it (a hold's expiry) goes: its reply_to, unless refused.
+            request.reply_to = d.properties.reply_to().as_ref().map(|r| r.as_str().to_owned());
+            request.reply_to.take_if(|r| context.names.is_own_input_queue(r));
+            Ok(request)
+        })
+        .collect();
     let valid: Vec<Request> = decoded.iter().filter_map(|d| d.as_ref().ok().cloned()).collect();
     let redelivered = deliveries.iter().filter(|d| d.redelivered).count();
     if redelivered > 0 {
@@ -209,10 +217,10 @@ fn decode_in_partition(delivery: &Delivery, partitions: u16, partition: u16) -> 
     metrics::counter!("walletq_misrouted_total").increment(1);
     Err(InvalidRequest {
         detail,
+        op: Some(request.op()),
+        amount: request.amount(),
         request_id: Some(request.request_id),
         user_id: Some(request.user_id),
-        op: Some(request.op),
-        amount: Some(request.amount),
     })
 }
 
@@ -229,10 +237,10 @@ pub(super) async fn reject_after_attempts(
     let invalid = match decode_request(&delivery.data) {
         Ok(request) => InvalidRequest {
             detail,
+            op: Some(request.op()),
+            amount: request.amount(),
             request_id: Some(request.request_id),
             user_id: Some(request.user_id),
-            op: Some(request.op),
-            amount: Some(request.amount),
         },
         Err(mut invalid) => {
             invalid.detail = detail;
@@ -359,7 +367,11 @@ fn count_result(result: &RequestResult) {
 }
 
 /// Takes the locks of `users` with bounded, jittered retries.
-async fn acquire(context: &WorkerContext, users: &[UserId], stop: &CancellationToken) -> anyhow::Result<LockGrant> {
+pub(super) async fn acquire(
+    context: &WorkerContext,
+    users: &[UserId],
+    stop: &CancellationToken,
+) -> anyhow::Result<LockGrant> {
     let attempts = context.settings.lock_attempts;
     let started = Instant::now();
     for attempt in 1..=attempts {

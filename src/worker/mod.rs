@@ -5,6 +5,7 @@
 
 mod batch;
 mod endpoints;
+mod expiry;
 mod locking;
 mod ordered;
 mod partition;

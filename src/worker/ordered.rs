@@ -25,6 +25,8 @@ pub(super) enum Next {
     /// The channel failed, or the broker cancelled the consumer, while the connection is up:
     /// open a new consumer.
     Reopen,
+    /// Nothing arrived before the deadline given to [`OrderedConsumer::next_batch_until`].
+    Idle,
 }
 
 /// A consumer of one queue on a channel of its own.
@@ -69,6 +71,22 @@ impl OrderedConsumer {
     /// Waits for one delivery, then takes what the channel has already received, up to
     /// `limit`, without waiting for more. An error means the connection is gone.
     pub(super) async fn next_batch(&mut self, limit: usize, stop: &CancellationToken) -> anyhow::Result<Next> {
+        self.next_batch_until(limit, stop, None).await
+    }
+
+    /// [`OrderedConsumer::next_batch`], or [`Next::Idle`] when nothing arrived by `deadline`.
+    pub(super) async fn next_batch_until(
+        &mut self,
+        limit: usize,
+        stop: &CancellationToken,
+        deadline: Option<tokio::time::Instant>,
+    ) -> anyhow::Result<Next> {
+        let idle = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
         let next = tokio::select! {
             biased;
             _ = stop.cancelled() => {
@@ -76,6 +94,7 @@ impl OrderedConsumer {
                 return Ok(Next::Stopped);
             }
             next = self.consumer.next() => next,
+            _ = idle => return Ok(Next::Idle),
         };
         let connected = self.connection.status().connected();
         let first = match next {

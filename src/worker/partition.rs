@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::WorkerContext;
 use super::batch::{BatchFailure, process_batch, reject_after_attempts};
+use super::expiry::Sweeper;
 use super::ordered::{Next, OrderedConsumer};
 use super::stats::PartitionStats;
 use crate::backoff::pause;
@@ -35,13 +36,16 @@ pub(super) async fn run(
     let mut poison = PoisonTracker::default();
 
     let tag = format!("{}/{index}", context.worker_id);
+    let mut sweeper = Sweeper::new(index);
     'channel: while !stop.is_cancelled() {
         let mut source =
             OrderedConsumer::open(connection.clone(), &queue, context.settings.effective_prefetch(), &tag).await?;
         loop {
+            sweeper.sweep_when_due(&context, source.publisher(), &stop).await;
             let limit = poison.batch_limit(batch_max);
-            let deliveries = match source.next_batch(limit, &stop).await? {
+            let deliveries = match source.next_batch_until(limit, &stop, Some(sweeper.next_at())).await? {
                 Next::Batch(deliveries) => deliveries,
+                Next::Idle => continue,
                 Next::Stopped => return Ok(()),
                 Next::Reopen => {
                     failures = failures.saturating_add(1);

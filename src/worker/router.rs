@@ -154,6 +154,7 @@ async fn route(
             let deliveries = match source.next_batch(limit, stop).await {
                 Ok(Next::Batch(deliveries)) => deliveries,
                 Ok(Next::Stopped) => return Ended::Stopped,
+                Ok(Next::Idle) => continue,
                 Ok(Next::Reopen) => {
                     failures = failures.saturating_add(1);
                     pause(stop, failures, settings.backoff_max_ms).await;

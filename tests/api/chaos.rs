@@ -22,7 +22,7 @@ use lapin::options::{BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOption
 use lapin::types::{AMQPValue, FieldTable};
 use walletq::broker::{Publisher, request_properties};
 use walletq::configuration::{QueueType, TopologySettings};
-use walletq::domain::{Op, Reason, Request, RequestResult, Status};
+use walletq::domain::{Op, Reason, Request, RequestResult, Status, Wallet};
 
 use crate::support::raw_amqp;
 use crate::support::{
@@ -557,9 +557,14 @@ mod detectors {
         let now = chrono::Utc::now();
         let money = |cents| walletq::domain::Money::from_cents(cents).expect("money");
         let results = vec![
-            RequestResult::approved(&requests[0], money(500), None, now),
-            RequestResult::approved(&requests[1], money(300), None, now),
-            RequestResult::rejected(&requests[2], Reason::InsufficientFunds, Some(money(300)), now),
+            RequestResult::approved(&requests[0], Wallet::with_balance(money(500)), None, now),
+            RequestResult::approved(&requests[1], Wallet::with_balance(money(300)), None, now),
+            RequestResult::rejected(
+                &requests[2],
+                Reason::InsufficientFunds,
+                Some(Wallet::with_balance(money(300))),
+                now,
+            ),
         ];
         let stored = results.iter().map(|r| (r.request_id.as_ref().expect("id").as_str().to_owned(), r.clone()));
         (requests, results.clone(), stored.collect())

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use sqlx::{Connection, PgConnection};
-use walletq::domain::{Money, Op, RequestResult, Status, UserId};
+use walletq::domain::{Money, Op, RequestResult, Status, UserId, Wallet};
 use walletq::ledger::{Ledger, LedgerError};
 
+use crate::support::model::cents;
 use crate::support::{CleanupOnDrop, drop_database, eventually, isolated_services, request};
 
 /// Longest wait for the batch to block behind the open transaction.
@@ -28,7 +29,7 @@ async fn ledger_and_raw_connection() -> (Ledger, PgConnection, String) {
 /// and leaves it uncommitted.
 async fn begin_creating_wallet(raw: &mut PgConnection, user: &str, fence: Option<i64>) {
     let deposit = request("a-create", user, Op::Deposit, 10_000);
-    let result = RequestResult::approved(&deposit, deposit.amount, None, Utc::now());
+    let result = RequestResult::approved(&deposit, Wallet::with_balance(cents(10_000)), None, Utc::now());
     let result = serde_json::to_string(&result).expect("a result as JSON");
     sqlx::query("BEGIN").execute(&mut *raw).await.expect("BEGIN");
     if let Some(fence) = fence {

@@ -13,6 +13,7 @@ mod fenced_write;
 mod gateway;
 mod group_commit;
 mod group_locking;
+mod holds;
 mod ledger_timeout;
 mod malformed;
 mod operations;

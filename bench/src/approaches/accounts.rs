@@ -7,7 +7,7 @@ use rust_decimal::Decimal;
 use sqlx::{PgExecutor, PgPool, Row};
 
 use crate::stats::Outcome;
-use walletq::domain::{Money, Op, Request, UserId};
+use walletq::domain::{Command, Money, Request, UserId};
 
 /// One balance per user; like walletq's `wallets`, it can never go negative.
 const SCHEMA: &str = "CREATE TABLE accounts (
@@ -66,10 +66,11 @@ pub async fn write_balance<'e>(executor: impl PgExecutor<'e>, user: &UserId, bal
 
 /// The check of read-check-write: the verdict and, when approved, the new balance.
 pub fn decide(balance: Option<Money>, request: &Request) -> (Outcome, Option<Money>) {
-    let after = match (request.op, balance) {
+    let after = match (&request.command, balance) {
         (_, None) => None,
-        (Op::Withdraw, Some(balance)) => balance.checked_sub(request.amount),
-        (Op::Deposit, Some(balance)) => balance.checked_add(request.amount),
+        (Command::Withdraw { amount }, Some(balance)) => balance.checked_sub(*amount),
+        (Command::Deposit { amount }, Some(balance)) => balance.checked_add(*amount),
+        (_, Some(_)) => None,
     };
     match after {
         Some(after) => (Outcome::Approved, Some(after)),
@@ -90,14 +91,16 @@ pub async fn read_check_write(pool: &PgPool, request: &Request) -> anyhow::Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use walletq::domain::RequestId;
+    use walletq::domain::{Op, RequestId};
 
     fn request(op: Op, cents: i64) -> Request {
+        let amount = Money::from_cents(cents).unwrap();
+        let command = if op == Op::Deposit { Command::Deposit { amount } } else { Command::Withdraw { amount } };
         Request {
             request_id: RequestId::parse("r").unwrap(),
             user_id: UserId::parse("u").unwrap(),
-            op,
-            amount: Money::from_cents(cents).unwrap(),
+            command,
+            reply_to: None,
         }
     }
 

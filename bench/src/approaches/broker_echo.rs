@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::env::Environment;
 use walletq::broker::{self, Publisher, declare_topology, json_properties};
 use walletq::configuration::WorkerSettings;
-use walletq::domain::{Money, RequestResult, decode_request};
+use walletq::domain::{Money, RequestResult, Wallet, decode_request};
 use walletq::worker::{RouterSettings, run_router};
 
 /// The running echo consumers.
@@ -100,7 +100,7 @@ async fn echo(
         let mut confirms = Vec::with_capacity(batch.len());
         for delivery in &batch {
             let result = match decode_request(&delivery.data) {
-                Ok(request) => RequestResult::approved(&request, Money::ZERO, None, now),
+                Ok(request) => RequestResult::approved(&request, Wallet::with_balance(Money::ZERO), None, now),
                 Err(invalid) => RequestResult::invalid(&invalid, now),
             };
             let properties = &delivery.properties;

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 
 use super::Direct;
 use crate::stats::Outcome;
-use walletq::domain::{Op, Request};
+use walletq::domain::{Command, Request};
 
 /// `UPDATE accounts SET balance = balance ± amount WHERE … [AND balance >= amount]`.
 pub struct ConditionalUpdate {
@@ -22,15 +22,19 @@ impl ConditionalUpdate {
 
 impl Direct for ConditionalUpdate {
     async fn execute(&self, request: &Request) -> anyhow::Result<Outcome> {
-        let statement = match request.op {
-            Op::Withdraw => {
-                "UPDATE accounts SET balance = balance - $2 WHERE user_id = $1 AND balance >= $2 RETURNING balance"
+        let (statement, amount) = match request.command {
+            Command::Withdraw { amount } => (
+                "UPDATE accounts SET balance = balance - $2 WHERE user_id = $1 AND balance >= $2 RETURNING balance",
+                amount,
+            ),
+            Command::Deposit { amount } => {
+                ("UPDATE accounts SET balance = balance + $2 WHERE user_id = $1 RETURNING balance", amount)
             }
-            Op::Deposit => "UPDATE accounts SET balance = balance + $2 WHERE user_id = $1 RETURNING balance",
+            _ => anyhow::bail!("the compared approaches only withdraw and deposit"),
         };
         let updated: Option<rust_decimal::Decimal> = sqlx::query_scalar(statement)
             .bind(request.user_id.as_str())
-            .bind(request.amount.as_decimal())
+            .bind(amount.as_decimal())
             .fetch_optional(&self.pool)
             .await
             .context("updating the balance")?;

@@ -3,16 +3,28 @@
 
 use std::collections::HashMap;
 
-use walletq::domain::{Money, Op, Request, RequestId, RequestResult, Status, UserId};
+use walletq::domain::{Command, Money, Op, Request, RequestId, RequestResult, Status, UserId};
 
 /// A valid request.
 pub(crate) fn request(id: impl AsRef<str>, user: &str, op: Op, amount_cents: i64) -> Request {
-    Request {
-        request_id: RequestId::parse(id.as_ref()).expect("request id"),
-        user_id: UserId::parse(user).expect("user id"),
-        op,
-        amount: Money::from_cents(amount_cents).expect("amount"),
-    }
+    let amount = Money::from_cents(amount_cents).expect("amount");
+    let command = match op {
+        Op::Deposit => Command::Deposit { amount },
+        Op::Withdraw => Command::Withdraw { amount },
+        Op::Hold => Command::Hold { amount, timeout_s: walletq::domain::HOLD_TIMEOUT_DEFAULT_S },
+        other => panic!("{} names a hold: build it with Command", other.as_str()),
+    };
+    Request::new(RequestId::parse(id.as_ref()).expect("request id"), UserId::parse(user).expect("user id"), command)
+}
+
+/// A request of any command.
+pub(crate) fn command(id: impl AsRef<str>, user: &str, command: Command) -> Request {
+    Request::new(RequestId::parse(id.as_ref()).expect("request id"), UserId::parse(user).expect("user id"), command)
+}
+
+/// `cents` as money.
+pub(crate) fn cents(cents: i64) -> Money {
+    Money::from_cents(cents).expect("amount")
 }
 
 /// The rules, written again independently and in integer cents, as the oracle.
@@ -25,8 +37,8 @@ impl SequentialModel {
     /// Applies one request; returns (status, reason, balance after in cents).
     pub(crate) fn apply(&mut self, request: &Request) -> (Status, Option<&'static str>, Option<i64>) {
         let user = request.user_id.as_str().to_owned();
-        let amount = request.amount.cents();
-        match (request.op, self.balances.get(&user).copied()) {
+        let amount = request.amount().map_or(0, Money::cents);
+        match (request.op(), self.balances.get(&user).copied()) {
             (Op::Deposit, balance) => {
                 let after = balance.unwrap_or(0) + amount;
                 self.balances.insert(user, after);
@@ -40,6 +52,7 @@ impl SequentialModel {
                 self.balances.insert(user, balance - amount);
                 (Status::Approved, None, Some(balance - amount))
             }
+            (op, _) => panic!("the sequential model knows no {}", op.as_str()),
         }
     }
 

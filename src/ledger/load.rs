@@ -1,0 +1,131 @@
+//! The read of a batch: one statement for the wallets (locked), the known requests, the
+//! holds the batch may touch, and the database's clock.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+
+use super::LedgerError;
+use crate::domain::{
+    Command, Hold, HoldState, LedgerState, Money, Op, Request, RequestId, RequestResult, StoredRequest, UserId, Wallet,
+};
+
+/// Every row kind in one result set: the columns each kind leaves unused are NULL.
+///
+/// The clock is `statement_timestamp()` of this statement, which starts after the fence
+/// statement: if the fence waited for another batch of one of these users, this batch's
+/// time is after that batch committed, so one user's batches get increasing times.
+const LOAD_SQL: &str = "WITH locked AS (
+         SELECT user_id, balance, held FROM wallets WHERE user_id = ANY($1) FOR UPDATE
+     )
+     SELECT 'clock' AS kind, NULL::text AS user_id, NULL::text AS id, NULL::text AS op,
+            NULL::numeric AS amount, NULL::numeric AS figure, NULL::text AS hold_id,
+            NULL::integer AS timeout_s, statement_timestamp() AS at, NULL::text AS note
+     UNION ALL
+     SELECT 'wallet', user_id, NULL, NULL, balance, held, NULL, NULL, NULL, NULL FROM locked
+     UNION ALL
+     SELECT 'known', user_id, request_id, op, amount, NULL, hold_id, timeout_s, NULL, result::text
+     FROM requests WHERE request_id = ANY($2)
+     UNION ALL
+     SELECT 'hold', user_id, hold_id, state, amount, captured, NULL, NULL, expires_at, reply_to
+     FROM holds WHERE hold_id = ANY($3)
+     UNION ALL
+     SELECT 'hold', user_id, hold_id, state, amount, captured, NULL, NULL, expires_at, reply_to
+     FROM holds WHERE user_id = ANY($1) AND state = 'active' AND expires_at <= statement_timestamp()";
+
+/// Locks and reads what the batch needs, in one statement; returns it with the batch's time.
+pub(super) async fn load(
+    tx: &mut sqlx::PgConnection,
+    requests: &[Request],
+    users: &[String],
+) -> Result<(LedgerState, DateTime<Utc>), LedgerError> {
+    let ids: Vec<&str> = requests.iter().map(|r| r.request_id.as_str()).collect();
+    let named: Vec<&str> = requests.iter().filter_map(|r| r.command.hold_id()).map(RequestId::as_str).collect();
+    let rows = sqlx::query(LOAD_SQL).bind(users).bind(&ids).bind(&named).fetch_all(&mut *tx).await?;
+
+    let mut state = LedgerState::default();
+    let mut now = None;
+    for row in rows {
+        let kind: String = row.try_get("kind")?;
+        match kind.as_str() {
+            "clock" => now = Some(row.try_get::<DateTime<Utc>, _>("at")?),
+            "wallet" => {
+                let user = user_of(&row)?;
+                let wallet = Wallet { balance: money(&row, "amount")?, held: money(&row, "figure")? };
+                if wallet.held > wallet.balance {
+                    return Err(LedgerError::Corrupt(format!("{user} holds {} of {}", wallet.held, wallet.balance)));
+                }
+                state.wallets.insert(user, wallet);
+            }
+            "known" => {
+                let stored = decode_stored(&row)?;
+                state.known.insert(stored.request.request_id.clone(), stored);
+            }
+            _ => {
+                let hold = decode_hold(&row)?;
+                state.holds.insert(hold.hold_id.clone(), hold);
+            }
+        }
+    }
+    let now = now.ok_or_else(|| LedgerError::Corrupt("the batch read returned no clock".into()))?;
+    Ok((state, now))
+}
+
+fn corrupt(what: &str) -> LedgerError {
+    LedgerError::Corrupt(format!("stored {what} is not valid"))
+}
+
+fn user_of(row: &PgRow) -> Result<UserId, LedgerError> {
+    let user: String = row.try_get("user_id")?;
+    UserId::parse(&user).ok_or_else(|| corrupt("user_id"))
+}
+
+fn money(row: &PgRow, column: &str) -> Result<Money, LedgerError> {
+    let value: Decimal = row.try_get(column)?;
+    Money::from_decimal(value).ok_or_else(|| corrupt(column))
+}
+
+fn optional_money(row: &PgRow, column: &str) -> Result<Option<Money>, LedgerError> {
+    let value: Option<Decimal> = row.try_get(column)?;
+    value.map(|value| Money::from_decimal(value).ok_or_else(|| corrupt(column))).transpose()
+}
+
+/// A stored request, rebuilt from its columns, with its stored result.
+fn decode_stored(row: &PgRow) -> Result<StoredRequest, LedgerError> {
+    let request_id: String = row.try_get("id")?;
+    let op: String = row.try_get("op")?;
+    let amount = optional_money(row, "amount")?;
+    let hold_id: Option<String> = row.try_get("hold_id")?;
+    let hold_id = hold_id.map(|id| RequestId::parse(&id).ok_or_else(|| corrupt("hold_id"))).transpose()?;
+    let timeout_s: Option<i32> = row.try_get("timeout_s")?;
+    let timeout_s = timeout_s.map(|s| u32::try_from(s).map_err(|_| corrupt("timeout_s"))).transpose()?;
+    let command = match (Op::parse(&op), amount, hold_id, timeout_s) {
+        (Some(Op::Withdraw), Some(amount), None, None) => Command::Withdraw { amount },
+        (Some(Op::Deposit), Some(amount), None, None) => Command::Deposit { amount },
+        (Some(Op::Hold), Some(amount), None, Some(timeout_s)) => Command::Hold { amount, timeout_s },
+        (Some(Op::Capture), amount, Some(hold_id), None) => Command::Capture { hold_id, amount },
+        (Some(Op::Release), None, Some(hold_id), None) => Command::Release { hold_id },
+        _ => return Err(corrupt("request fields")),
+    };
+    let request_id = RequestId::parse(&request_id).ok_or_else(|| corrupt("request_id"))?;
+    let request = Request::new(request_id, user_of(row)?, command);
+    let result: String = row.try_get("note")?;
+    let result: RequestResult =
+        serde_json::from_str(&result).map_err(|e| LedgerError::Corrupt(format!("stored result: {e}")))?;
+    Ok(StoredRequest { request, result: result.with_hold_figures() })
+}
+
+fn decode_hold(row: &PgRow) -> Result<Hold, LedgerError> {
+    let hold_id: String = row.try_get("id")?;
+    let state: String = row.try_get("op")?;
+    Ok(Hold {
+        hold_id: RequestId::parse(&hold_id).ok_or_else(|| corrupt("hold_id"))?,
+        user_id: user_of(row)?,
+        amount: money(row, "amount")?,
+        state: HoldState::parse(&state).ok_or_else(|| corrupt("hold state"))?,
+        captured: optional_money(row, "figure")?,
+        expires_at: row.try_get("at")?,
+        reply_to: row.try_get("note")?,
+    })
+}
