@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Client;
 use crate::configuration::{GatewaySettings, ServiceSettings, TopologySettings, WorkerSettings};
-use crate::domain::{Money, Op, Status, UserId};
+use crate::domain::{self, HOLD_TIMEOUT_MAX_S, Money, RequestId, Status, UserId};
 use crate::gateway::auth::{JwtSecret, mint_token};
 use crate::ledger::{Ledger, Schema};
 use crate::telemetry::{self, LogFormat};
@@ -53,6 +53,12 @@ enum Command {
     Withdraw(SubmitArgs),
     /// Publish a deposit (confirmed); with --wait, print its result.
     Deposit(SubmitArgs),
+    /// Reserve money (the first step of a two-phase withdrawal); with --wait, print its result.
+    Hold(HoldArgs),
+    /// Take a hold's money out of the wallet (all, or --amount of it; the rest is released).
+    Capture(CaptureArgs),
+    /// Give a hold's money back.
+    Release(ReleaseArgs),
     /// Check the ledger's invariants; exits 1 with the offending rows on any violation.
     Audit {
         #[command(flatten)]
@@ -100,7 +106,7 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<OsString>,
     },
-    /// Print a user's balance and coupons.
+    /// Print a user's balance, held and available money, active holds and coupons.
     Balance {
         #[command(flatten)]
         services: ServiceSettings,
@@ -119,6 +125,66 @@ struct SubmitArgs {
     /// Amount as plain decimal text, e.g. 12.34.
     #[arg(long)]
     amount: String,
+    /// Idempotency key; a fresh UUID when omitted.
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Seconds to wait for the result (0: publish only; at most 3600).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    wait: u64,
+}
+
+#[derive(Args, Debug)]
+struct HoldArgs {
+    #[command(flatten)]
+    services: ServiceSettings,
+    /// The wallet's owner.
+    #[arg(long)]
+    user: String,
+    /// Amount to reserve, as plain decimal text, e.g. 12.34.
+    #[arg(long)]
+    amount: String,
+    /// How long the hold lasts unless captured or released first, e.g. 90s, 15m, 2h (1 s to 7 days).
+    #[arg(long, default_value = "15m", value_parser = parse_hold_timeout)]
+    timeout: u32,
+    /// Idempotency key, and the hold's id; a fresh UUID when omitted.
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Seconds to wait for the result (0: publish only; at most 3600).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    wait: u64,
+}
+
+#[derive(Args, Debug)]
+struct CaptureArgs {
+    #[command(flatten)]
+    services: ServiceSettings,
+    /// The wallet's owner.
+    #[arg(long)]
+    user: String,
+    /// The hold: the request id of its `hold`.
+    #[arg(long)]
+    hold: String,
+    /// Amount to take, at most the hold's; the whole hold when omitted.
+    #[arg(long)]
+    amount: Option<String>,
+    /// Idempotency key; a fresh UUID when omitted.
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Seconds to wait for the result (0: publish only; at most 3600).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600))]
+    wait: u64,
+}
+
+#[derive(Args, Debug)]
+struct ReleaseArgs {
+    #[command(flatten)]
+    services: ServiceSettings,
+    /// The wallet's owner.
+    #[arg(long)]
+    user: String,
+    /// The hold: the request id of its `hold`.
+    #[arg(long)]
+    hold: String,
     /// Idempotency key; a fresh UUID when omitted.
     #[arg(long)]
     request_id: Option<String>,
@@ -175,8 +241,28 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("{}", mint_token(&JwtSecret::from_env()?, &user, ttl)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Withdraw(args) => submit(args, Op::Withdraw).await,
-        Command::Deposit(args) => submit(args, Op::Deposit).await,
+        Command::Withdraw(args) => {
+            let amount = parse_amount(&args.amount)?;
+            send(&args.services, &args.user, domain::Command::Withdraw { amount }, args.request_id, args.wait).await
+        }
+        Command::Deposit(args) => {
+            let amount = parse_amount(&args.amount)?;
+            send(&args.services, &args.user, domain::Command::Deposit { amount }, args.request_id, args.wait).await
+        }
+        Command::Hold(args) => {
+            let command = domain::Command::Hold { amount: parse_amount(&args.amount)?, timeout_s: args.timeout };
+            send(&args.services, &args.user, command, args.request_id, args.wait).await
+        }
+        Command::Capture(args) => {
+            let hold_id = parse_hold_id(&args.hold)?;
+            let amount = args.amount.as_deref().map(parse_amount).transpose()?;
+            send(&args.services, &args.user, domain::Command::Capture { hold_id, amount }, args.request_id, args.wait)
+                .await
+        }
+        Command::Release(args) => {
+            let hold_id = parse_hold_id(&args.hold)?;
+            send(&args.services, &args.user, domain::Command::Release { hold_id }, args.request_id, args.wait).await
+        }
         Command::Balance { services, user } => balance(&services, &user).await,
     }
 }
@@ -251,7 +337,9 @@ async fn balance(services: &ServiceSettings, user: &str) -> anyhow::Result<ExitC
         Some(wallet) => println!("{}", serde_json::to_string_pretty(&wallet)?),
         None => println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "user_id": user, "balance": null, "coupons": [] }))?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "user_id": user, "balance": null, "held": null, "available": null, "holds": [], "coupons": []
+            }))?
         ),
     }
     Ok(ExitCode::SUCCESS)
@@ -263,17 +351,39 @@ async fn read_only_ledger(services: &ServiceSettings) -> anyhow::Result<Ledger> 
     Ledger::connect_with(&services.database_url, 1, services.ca_file.as_deref(), Schema::Check).await
 }
 
-async fn submit(args: SubmitArgs, op: Op) -> anyhow::Result<ExitCode> {
-    let amount = Money::parse_amount(&args.amount).map_err(|e| anyhow::anyhow!("amount {:?} {e}", args.amount))?;
-    let services = &args.services;
+fn parse_amount(text: &str) -> anyhow::Result<Money> {
+    Money::parse_amount(text).map_err(|e| anyhow::anyhow!("amount {text:?} {e}"))
+}
+
+fn parse_hold_id(text: &str) -> anyhow::Result<RequestId> {
+    RequestId::parse(text).with_context(|| format!("hold id {text:?} is not 1-64 characters of [A-Za-z0-9._:-]"))
+}
+
+fn parse_hold_timeout(text: &str) -> Result<u32, String> {
+    let timeout = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    u32::try_from(timeout.as_secs())
+        .ok()
+        .filter(|s| (1..=HOLD_TIMEOUT_MAX_S).contains(s) && timeout.subsec_nanos() == 0)
+        .ok_or_else(|| format!("must be whole seconds from 1s to 7days, got {text}"))
+}
+
+/// Publishes a request (confirmed); with `wait` > 0 prints its result, with the exit code of
+/// its status.
+async fn send(
+    services: &ServiceSettings,
+    user: &str,
+    command: domain::Command,
+    request_id: Option<String>,
+    wait: u64,
+) -> anyhow::Result<ExitCode> {
     let client = Client::connect(&services.amqp_url, &services.namespace, services.ca_file.as_deref()).await?;
-    let request = client.request(&args.user, op, amount, args.request_id.as_deref())?;
-    if args.wait == 0 {
+    let request = client.command(user, command, request_id.as_deref())?;
+    if wait == 0 {
         client.submit(&request, None).await?;
         println!("{}", serde_json::json!({ "request_id": request.request_id, "published": true }));
         return Ok(ExitCode::SUCCESS);
     }
-    let wait = Duration::from_secs(args.wait);
+    let wait = Duration::from_secs(wait);
     match client.submit_and_wait_for(&request, wait).await? {
         Some(result) => {
             println!("{}", serde_json::to_string_pretty(&result)?);

@@ -86,7 +86,7 @@ const CHECKS: &[(&str, &str, &str)] = &[
         "SELECT 'entry ' || l.entry_id || ': delta ' || l.delta || ' for ' || r.op || ' of ' || r.amount
          FROM ledger_entries l JOIN requests r ON r.request_id = l.request_id
          LEFT JOIN holds h ON r.op = 'capture' AND h.hold_id = r.hold_id
-         WHERE l.delta IS DISTINCT FROM CASE r.op WHEN 'deposit' THEN r.amount WHEN 'capture' THEN -h.captured
+         WHERE l.delta IS DISTINCT FROM CASE r.op WHEN 'deposit' THEN r.amount WHEN 'capture' THEN -coalesce(r.amount, h.amount)
                                                    ELSE -r.amount END
          ORDER BY l.entry_id LIMIT 20",
     ),
@@ -96,7 +96,9 @@ const CHECKS: &[(&str, &str, &str)] = &[
         "SELECT w.user_id || ': held ' || w.held || ', active holds ' || coalesce(sum(h.amount), 0) || ', balance ' || w.balance
          FROM wallets w LEFT JOIN holds h ON h.user_id = w.user_id AND h.state = 'active'
          GROUP BY w.user_id, w.held, w.balance
-         HAVING w.held <> coalesce(sum(h.amount), 0) OR w.held > w.balance OR w.held < 0
+         HAVING w.held <> coalesce(sum(h.amount), 0) OR w.held < 0
+             -- a negative balance is the first check's finding, not counted twice here
+             OR (w.held > w.balance AND w.balance >= 0)
          ORDER BY w.user_id LIMIT 20",
     ),
     (

@@ -3,11 +3,16 @@
 //! by `session_replication_role = replica`, and the `CHECK`s dropped where the data needs it)
 //! in exactly the way that check guards against, and exactly that check must report it.
 
-use walletq::domain::{Op, Status, UserId};
+use walletq::domain::{Command, Op, RequestId, Status, UserId};
 use walletq::ledger::Ledger;
 use walletq::ledger::audit::audit;
 
+use crate::support::model::{cents, command};
 use crate::support::{CleanupOnDrop, drop_database, isolated_services, request};
+
+fn id(text: &str) -> RequestId {
+    RequestId::parse(text).expect("request id")
+}
 
 /// (the check that must fail, the statements that corrupt the ledger for it)
 const CASES: &[(&str, &[&str])] = &[
@@ -16,6 +21,7 @@ const CASES: &[(&str, &[&str])] = &[
         // A withdrawal from nothing, recorded consistently everywhere but in the sign.
         &[
             "ALTER TABLE wallets DROP CONSTRAINT wallets_balance_check",
+            "ALTER TABLE wallets DROP CONSTRAINT wallets_held_check",
             "ALTER TABLE ledger_entries DROP CONSTRAINT ledger_entries_balance_after_check",
             "INSERT INTO wallets (user_id, balance) VALUES ('neg', -5.00)",
             "INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at)
@@ -37,7 +43,7 @@ const CASES: &[(&str, &[&str])] = &[
         &["UPDATE requests SET result = jsonb_set(result, '{status}', '\"rejected\"') WHERE request_id = 'a-deposit'"],
     ),
     (
-        "every request has at most one ledger entry, and one exactly when approved",
+        "every request has at most one ledger entry, and one exactly when an approved withdrawal, deposit or capture",
         // Rejected in both the column and the result, yet its ledger entry stays.
         &["UPDATE requests SET status = 'rejected', result = jsonb_set(result, '{status}', '\"rejected\"')
            WHERE request_id = 'a-withdraw'"],
@@ -46,6 +52,19 @@ const CASES: &[(&str, &[&str])] = &[
     (
         "every ledger entry moves the request's amount in the request's direction",
         &["UPDATE requests SET amount = amount + 1 WHERE request_id = 'a-withdraw'"],
+    ),
+    (
+        "every wallet's held equals the sum of its active holds, and available is never negative",
+        &["UPDATE wallets SET held = held + 1 WHERE user_id = 'alice'"],
+    ),
+    (
+        "every approved hold has one hold, and a hold is closed at most once, by its own user's approved capture or release",
+        // A released hold forgotten: its approval and its release now point at nothing.
+        &["DELETE FROM holds WHERE hold_id = 'b-hold'"],
+    ),
+    (
+        "a capture takes at most its hold, and writes one ledger entry of what it took",
+        &["UPDATE holds SET captured = captured - 1 WHERE hold_id = 'a-hold'"],
     ),
 ];
 
@@ -58,11 +77,17 @@ async fn consistent_ledger() -> (Ledger, String) {
         request("a-withdraw", "alice", Op::Withdraw, 3_000),
         request("a-too-much", "alice", Op::Withdraw, 100_000),
         request("b-deposit", "bob", Op::Deposit, 5_000),
+        request("a-hold", "alice", Op::Hold, 2_000),
+        command("a-capture", "alice", Command::Capture { hold_id: id("a-hold"), amount: Some(cents(1_500)) }),
+        request("a-hold-open", "alice", Op::Hold, 1_000),
+        request("b-hold", "bob", Op::Hold, 500),
+        command("b-release", "bob", Command::Release { hold_id: id("b-hold") }),
     ];
     let fences = [(UserId::parse("alice").expect("user id"), 1), (UserId::parse("bob").expect("user id"), 1)];
     let results = ledger.apply_batch(&batch, &fences).await.expect("the seed batch");
     let statuses: Vec<Status> = results.iter().map(|r| r.status).collect();
-    assert_eq!(statuses, [Status::Approved, Status::Approved, Status::Rejected, Status::Approved]);
+    assert_eq!(statuses[..4], [Status::Approved, Status::Approved, Status::Rejected, Status::Approved]);
+    assert!(statuses[4..].iter().all(|s| *s == Status::Approved), "{results:?}");
     (ledger, services.namespace)
 }
 
