@@ -198,7 +198,7 @@ def summarize(payouts: list, results: list) -> bool:
         totals[payout.outcome] = totals.get(payout.outcome, Decimal("0.00")) + payout.amount
         note = f"  ({payout.detail})" if payout.detail else ""
         again = " [replayed]" if payout.replayed else ""
-        print(f"{payout.payout_id:<28} {payout.amount:>9} {payout.outcome:<10}{again}{note}")
+        print(f"{payout.payout_id:<28} {payout.amount:>9} {payout.outcome:<10}{again}{note}".rstrip())
     print()
     for outcome in ("paid", "refunded", "expired", "refused", "unfinished"):
         print(f"{outcome:<10} {counts.get(outcome, 0):>4} payouts  {totals.get(outcome, Decimal('0.00')):>10}")
@@ -210,7 +210,7 @@ def summarize(payouts: list, results: list) -> bool:
         last = max(results, key=application_order)
         balance, held = Decimal(last["balance"]), Decimal(last["held"])
         replayed = any(p.replayed for p in payouts)
-        when = "as the first run left it" if replayed else "now"
+        when = "in the stored results (later expiries not included)" if replayed else "now"
         print(f"\nwallet {when}: balance {balance}, held {held}, available {Decimal(last['available'])}")
         if not replayed:
             expected = start - totals.get("paid", Decimal("0.00"))
