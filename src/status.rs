@@ -125,8 +125,9 @@ impl StatusReport {
             let partitions: Vec<String> = w.partitions.iter().map(u16::to_string).collect();
             let _ = writeln!(
                 out,
-                "  {:<28} since {}  partitions [{}]",
+                "  {:<28} v{:<8} since {}  partitions [{}]",
                 w.worker_id,
+                w.version.as_deref().unwrap_or("<0.2.0"),
                 w.started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 partitions.join(",")
             );

@@ -369,6 +369,7 @@ impl Session<'_> {
             started_at: self.started_at,
             heartbeat_at: Utc::now(),
             partitions: owned,
+            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
         };
         let partition_reports: Vec<_> = running.iter().map(|(p, r)| (*p, r.stats.report(&context.worker_id))).collect();
         let live = self.membership.heartbeat(&report, &partition_reports).await;
