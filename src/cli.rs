@@ -10,9 +10,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::Client;
-use crate::configuration::{GatewaySettings, ServiceSettings, TopologySettings, WorkerSettings};
+use crate::configuration::{
+    GatewaySettings, LimitSettings, ServiceSettings, TopologySettings, WorkerSettings, parse_limit_amount,
+};
 use crate::domain::{self, HOLD_TIMEOUT_MAX_S, Money, RequestId, Status, UserId};
 use crate::gateway::auth::{JwtSecret, mint_token};
+use crate::ledger::limits::LimitChange;
 use crate::ledger::{Ledger, Schema};
 use crate::telemetry::{self, LogFormat};
 
@@ -106,12 +109,64 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<OsString>,
     },
-    /// Print a user's balance, held and available money, active holds and coupons.
+    /// Print a user's balance, held and available money, active holds, limits and coupons.
     Balance {
         #[command(flatten)]
         services: ServiceSettings,
         #[arg(long)]
         user: String,
+        #[command(flatten)]
+        limits: LimitSettings,
+    },
+    /// Set, show or clear a user's own withdrawal limits (an operator's command: it needs
+    /// the schema owner's database role; workers, producers and gateway users cannot).
+    #[command(subcommand)]
+    Limits(LimitsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LimitsCommand {
+    /// Set the given limits for a user (the others are kept); applies to batches that start
+    /// after it commits.
+    Set {
+        #[command(flatten)]
+        services: ServiceSettings,
+        /// The wallet's owner.
+        #[arg(long)]
+        user: String,
+        /// Largest single withdrawal or hold, e.g. 500.00.
+        #[arg(long, value_parser = parse_limit_amount)]
+        per_withdrawal: Option<Money>,
+        /// Most money that may leave the wallet in any rolling 24 hours.
+        #[arg(long, value_parser = parse_limit_amount)]
+        daily_amount: Option<Money>,
+        /// Most withdrawals and holds in any rolling 24 hours.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i32::MAX as i64))]
+        daily_count: Option<u32>,
+        /// Why, recorded with the change (for the audit trail).
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Show a user's own limits, the limits in force and what is left of each.
+    Show {
+        #[command(flatten)]
+        services: ServiceSettings,
+        /// The wallet's owner.
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        defaults: LimitSettings,
+    },
+    /// Remove a user's own limits: the defaults apply again.
+    Clear {
+        #[command(flatten)]
+        services: ServiceSettings,
+        /// The wallet's owner.
+        #[arg(long)]
+        user: String,
+        /// Why, recorded with the change.
+        #[arg(long)]
+        note: Option<String>,
     },
 }
 
@@ -263,7 +318,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let hold_id = parse_hold_id(&args.hold)?;
             send(&args.services, &args.user, domain::Command::Release { hold_id }, args.request_id, args.wait).await
         }
-        Command::Balance { services, user } => balance(&services, &user).await,
+        Command::Balance { services, user, limits } => balance(&services, &user, limits).await,
+        Command::Limits(command) => limits(command).await,
     }
 }
 
@@ -329,18 +385,52 @@ async fn serve_gateway(services: &ServiceSettings, gateway: &GatewaySettings) ->
     Ok(ExitCode::SUCCESS)
 }
 
-/// `walletq balance`: the wallet, or a null balance when the user has none.
-async fn balance(services: &ServiceSettings, user: &str) -> anyhow::Result<ExitCode> {
-    let user = UserId::parse(user).context("user id must be 1-64 characters of [A-Za-z0-9._:-]")?;
+/// `walletq balance`: the wallet, or a null balance when the user has none, with its limits.
+async fn balance(services: &ServiceSettings, user: &str, defaults: LimitSettings) -> anyhow::Result<ExitCode> {
+    let user = parse_user(user)?;
+    let ledger = read_only_ledger(services).await?.with_default_limits(defaults.into());
+    let limits = ledger.limits_view(&user).await?;
+    let mut shown = match ledger.wallet(&user).await? {
+        Some(wallet) => serde_json::to_value(&wallet)?,
+        None => serde_json::json!({
+            "user_id": user, "balance": null, "held": null, "available": null, "holds": [], "coupons": []
+        }),
+    };
+    shown["limits"] = serde_json::to_value(&limits)?;
+    println!("{}", serde_json::to_string_pretty(&shown)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_user(user: &str) -> anyhow::Result<UserId> {
+    UserId::parse(user).context("user id must be 1-64 characters of [A-Za-z0-9._:-]")
+}
+
+/// `walletq limits set|show|clear`.
+async fn limits(command: LimitsCommand) -> anyhow::Result<ExitCode> {
+    let (services, user) = match &command {
+        LimitsCommand::Set { services, user, .. }
+        | LimitsCommand::Show { services, user, .. }
+        | LimitsCommand::Clear { services, user, .. } => (services, parse_user(user)?),
+    };
     let ledger = read_only_ledger(services).await?;
-    match ledger.wallet(&user).await? {
-        Some(wallet) => println!("{}", serde_json::to_string_pretty(&wallet)?),
-        None => println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "user_id": user, "balance": null, "held": null, "available": null, "holds": [], "coupons": []
-            }))?
-        ),
+    match command {
+        LimitsCommand::Set { per_withdrawal, daily_amount, daily_count, note, .. } => {
+            let change = LimitChange { per_withdrawal, daily_amount, daily_count };
+            anyhow::ensure!(
+                per_withdrawal.is_some() || daily_amount.is_some() || daily_count.is_some(),
+                "give at least one of --per-withdrawal, --daily-amount, --daily-count"
+            );
+            let own = ledger.set_limits(&user, change, note.as_deref()).await?;
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "user_id": user, "own": own }))?);
+        }
+        LimitsCommand::Show { defaults, .. } => {
+            let view = ledger.with_default_limits(defaults.into()).limits_view(&user).await?;
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "user_id": user, "limits": view }))?);
+        }
+        LimitsCommand::Clear { note, .. } => {
+            ledger.clear_limits(&user, note.as_deref()).await?;
+            println!("{}", serde_json::json!({ "user_id": user, "cleared": true }));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

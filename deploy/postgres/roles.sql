@@ -52,19 +52,22 @@ GRANT USAGE ON SCHEMA public TO :"worker_role";
 
 -- Table grants, exactly: first take everything away, then give back what is needed.
 SELECT format('REVOKE ALL ON TABLE %I FROM %I', t, :'worker_role')
-  FROM unnest(ARRAY['wallets', 'user_fences', 'holds', 'requests', 'ledger_entries', 'coupons', '_sqlx_migrations']) AS t
+  FROM unnest(ARRAY['wallets', 'user_fences', 'holds', 'limit_usage', 'wallet_limits', 'wallet_limit_changes', 'requests',
+                     'ledger_entries', 'coupons', '_sqlx_migrations']) AS t
  WHERE to_regclass(t) IS NOT NULL \gexec
 -- Upserted by every batch (a hold is inserted once, then closed once).
 SELECT format('GRANT SELECT, INSERT, UPDATE ON TABLE %I TO %I', t, :'worker_role')
-  FROM unnest(ARRAY['wallets', 'user_fences', 'holds']) AS t
+  FROM unnest(ARRAY['wallets', 'user_fences', 'holds', 'limit_usage']) AS t
  WHERE to_regclass(t) IS NOT NULL \gexec
 -- Append-only: read and insert, never update or delete.
 SELECT format('GRANT SELECT, INSERT ON TABLE %I TO %I', t, :'worker_role')
   FROM unnest(ARRAY['requests', 'ledger_entries', 'coupons']) AS t
  WHERE to_regclass(t) IS NOT NULL \gexec
--- `--no-migrate` checks that the schema is at the version the binary expects.
+-- `--no-migrate` checks that the schema is at the version the binary expects; the limits
+-- are read by every batch but set only by an operator with the owner's role
+-- (`walletq limits set`), never by a worker, a producer or a gateway user.
 SELECT format('GRANT SELECT ON TABLE %I TO %I', t, :'worker_role')
-  FROM unnest(ARRAY['_sqlx_migrations']) AS t
+  FROM unnest(ARRAY['_sqlx_migrations', 'wallet_limits', 'wallet_limit_changes']) AS t
  WHERE to_regclass(t) IS NOT NULL \gexec
 SELECT format('GRANT USAGE ON SEQUENCE %I TO %I', s, :'worker_role')
   FROM unnest(ARRAY['ledger_entries_entry_id_seq']) AS s

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod group;
 pub mod holds;
+pub mod limits;
 mod load;
 mod write;
 
@@ -23,7 +24,7 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-use crate::domain::{Coupon, Money, Request, RequestId, RequestResult, UserId, Wallet, plan_batch};
+use crate::domain::{Coupon, Limits, Money, Request, RequestId, RequestResult, UserId, Wallet, plan_batch};
 use crate::telemetry::redact_url;
 
 /// Why a batch was not applied. Nothing of it was written.
@@ -127,6 +128,8 @@ pub struct Ledger {
     /// Client-side bound on one `apply_batch` transaction ([`TRANSACTION_TIMEOUT_MS`] unless
     /// [`Ledger::with_transaction_timeout`] changed it).
     transaction_timeout: Duration,
+    /// The limits of every wallet without limits of its own (the worker's `--limit-*` flags).
+    default_limits: Limits,
 }
 
 impl Ledger {
@@ -182,7 +185,11 @@ impl Ledger {
             Schema::Migrate => MIGRATOR.run(&pool).await.context("running database migrations")?,
             Schema::Check => check_migrated(&pool).await?,
         }
-        Ok(Ledger { pool, transaction_timeout: Duration::from_millis(TRANSACTION_TIMEOUT_MS) })
+        Ok(Ledger {
+            pool,
+            transaction_timeout: Duration::from_millis(TRANSACTION_TIMEOUT_MS),
+            default_limits: Limits::default(),
+        })
     }
 
     /// Sets the client-side bound on one [`Ledger::apply_batch`] transaction (default
@@ -191,6 +198,17 @@ impl Ledger {
     pub fn with_transaction_timeout(mut self, timeout: Duration) -> Self {
         self.transaction_timeout = timeout;
         self
+    }
+
+    /// Sets the limits of every wallet that has none of its own (default: none).
+    pub fn with_default_limits(mut self, limits: Limits) -> Self {
+        self.default_limits = limits;
+        self
+    }
+
+    /// The limits of wallets without limits of their own.
+    pub fn default_limits(&self) -> Limits {
+        self.default_limits
     }
 
     /// The connection pool, for reads outside the pipeline.
@@ -210,7 +228,8 @@ impl Ledger {
         fences: &[(UserId, i64)],
     ) -> Result<Vec<RequestResult>, LedgerError> {
         let mut conn = self.pool.acquire().await?;
-        match tokio::time::timeout(self.transaction_timeout, apply_in(&mut conn, requests, fences)).await {
+        let applying = apply_in(&mut conn, requests, fences, self.default_limits);
+        match tokio::time::timeout(self.transaction_timeout, applying).await {
             Ok(outcome) => outcome,
             Err(_) => {
                 // Closing the socket (dropping the detached connection) ends the server's
@@ -376,6 +395,7 @@ async fn apply_in(
     conn: &mut PgConnection,
     requests: &[Request],
     fences: &[(UserId, i64)],
+    default_limits: Limits,
 ) -> Result<Vec<RequestResult>, LedgerError> {
     let mut tx = conn.begin().await?;
 
@@ -401,7 +421,7 @@ async fn apply_in(
     users.extend(fenced);
     users.sort();
     users.dedup();
-    let (state, now) = load::load(&mut tx, requests, &users).await?;
+    let (state, now) = load::load(&mut tx, requests, &users, default_limits).await?;
 
     // 3. Apply the rules (pure), then write the plan: each wallet only if it still holds
     //    the figures read (or, when none was read, only if no one created it meanwhile).

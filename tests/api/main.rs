@@ -15,6 +15,7 @@ mod group_commit;
 mod group_locking;
 mod holds;
 mod ledger_timeout;
+mod limits;
 mod malformed;
 mod operations;
 mod outcomes;
