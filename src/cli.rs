@@ -14,6 +14,7 @@ use crate::configuration::{GatewaySettings, ServiceSettings, TopologySettings, W
 use crate::domain::{Money, Op, Status, UserId};
 use crate::gateway::auth::{JwtSecret, mint_token};
 use crate::ledger::{Ledger, Schema};
+use crate::reach::ServiceError;
 use crate::telemetry::{self, LogFormat};
 
 /// Exit code when a waited-for request was rejected (2 is clap's usage error).
@@ -144,7 +145,11 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("walletq: {error:#}");
+            // A service that cannot be reached is said in one line, with what to check.
+            match ServiceError::find(&error) {
+                Some(unreachable) => eprintln!("walletq: {unreachable}"),
+                None => eprintln!("walletq: {error:#}"),
+            }
             ExitCode::FAILURE
         }
     }
