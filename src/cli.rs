@@ -105,8 +105,45 @@ enum Command {
     Balance {
         #[command(flatten)]
         services: ServiceSettings,
+        /// The wallet's owner (a user id: 1-64 characters of [A-Za-z0-9._:-]).
         #[arg(long)]
         user: String,
+    },
+    /// See and recover the dead-lettered messages of `<namespace>.dead`.
+    Dead {
+        #[command(flatten)]
+        services: ServiceSettings,
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeadCommand {
+    /// List dead letters, oldest first: id, time and reason (x-death), user, request id,
+    /// what is wrong, and the start of the body. The queue is left as it was.
+    List {
+        /// Most messages listed.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one dead letter in full (JSON), by the id `list` shows.
+    Show {
+        /// The id `list` shows.
+        id: String,
+    },
+    /// Publish dead letters again through the requests exchange (with publisher confirms),
+    /// and remove each from the dead-letter queue only once the broker confirmed it.
+    Requeue {
+        /// Ids as `list` shows them.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every message in the queue.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -183,7 +220,42 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Withdraw(args) => submit(args, Op::Withdraw).await,
         Command::Deposit(args) => submit(args, Op::Deposit).await,
         Command::Balance { services, user } => balance(&services, &user).await,
+        Command::Dead { services, command } => dead(&services, command).await,
     }
+}
+
+/// `walletq dead list|show|requeue`.
+async fn dead(services: &ServiceSettings, command: DeadCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DeadCommand::List { limit, json } => {
+            let mut letters = crate::dead::list(services, limit).await?;
+            if json {
+                letters.iter_mut().for_each(|letter| letter.body = None);
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            } else {
+                print!("{}", crate::dead::to_table(&letters));
+            }
+        }
+        DeadCommand::Show { id } => match crate::dead::show(services, &id).await? {
+            Some(letter) => println!("{}", serde_json::to_string_pretty(&letter)?),
+            None => anyhow::bail!(
+                "no dead letter {id:?} in {}.dead (`walletq dead list` shows the ids)",
+                services.namespace
+            ),
+        },
+        DeadCommand::Requeue { ids, all } => {
+            let selection = if all { crate::dead::Selection::All } else { crate::dead::Selection::Ids(ids.clone()) };
+            let requeued = crate::dead::requeue(services, &selection).await?;
+            for letter in &requeued {
+                println!("requeued {} (request {})", letter.id, letter.request_id.as_deref().unwrap_or("-"));
+            }
+            let missing: Vec<&String> = ids.iter().filter(|id| !requeued.iter().any(|l| &l.id == *id)).collect();
+            if !missing.is_empty() {
+                anyhow::bail!("not in {}.dead: {missing:?}", services.namespace);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `walletq worker`: runs until SIGTERM or ctrl-c, then drains the batches in flight for at
@@ -254,12 +326,18 @@ async fn balance(services: &ServiceSettings, user: &str) -> anyhow::Result<ExitC
     let ledger = read_only_ledger(services).await?;
     match ledger.wallet(&user).await? {
         Some(wallet) => println!("{}", serde_json::to_string_pretty(&wallet)?),
-        None => println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "user_id": user, "balance": null, "coupons": [] }))?
-        ),
+        // The same keys, in the same order, as a wallet's.
+        None => println!("{}", serde_json::to_string_pretty(&NoWallet { user_id: &user, balance: None, coupons: [] })?),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `balance` of a user without a wallet: [`crate::ledger::StoredWallet`]'s keys, in order.
+#[derive(serde::Serialize)]
+struct NoWallet<'a> {
+    user_id: &'a UserId,
+    balance: Option<()>,
+    coupons: [(); 0],
 }
 
 /// The ledger for commands that only read: no DDL, so the worker's role (or a read-only

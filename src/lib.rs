@@ -15,13 +15,14 @@
 //! | domain (pure) | [`domain`]: money, requests and their decoding, results, the wallet rules ([`domain::plan_batch`]), partitioning, worker assignment | nothing outside itself: no RabbitMQ, Redis, SQL or clock |
 //! | adapters | [`broker`] (RabbitMQ: topology, confirms), [`lock`] (Redis: fenced user locks), [`membership`] (Redis: heartbeats), [`ledger`] (PostgreSQL: batches, audit), [`telemetry`], [`reach`] (connection failures a user can act on), and the private `backoff`, `tls` and `grouping` (the one machine behind group commit and group locking) | the domain, and plain settings; never the pipeline or an edge |
 //! | pipeline | [`worker`]: the router, one ordered pipeline per partition, group commit and group locking | the domain and the adapters |
-//! | edges | [`cli`] (the `walletq` command), [`gateway`] (HTTP), [`Client`] (producers in Rust), [`status`], [`configuration`] (flags and environment) | everything |
+//! | edges | [`cli`] (the `walletq` command), [`gateway`] (HTTP), [`Client`] (producers in Rust), [`status`], [`dead`] (dead letters), [`configuration`] (flags and environment) | everything |
 //!
 //! docs/ARCHITECTURE.md walks through the flow, the crash table and the module map.
 
 pub mod broker;
 pub mod cli;
 pub mod configuration;
+pub mod dead;
 pub mod domain;
 pub mod gateway;
 pub mod ledger;
@@ -83,7 +84,8 @@ mod layers {
 
     const ADAPTERS: &[&str] =
         &["broker", "lock.rs", "membership.rs", "ledger", "telemetry.rs", "backoff.rs", "tls.rs", "reach.rs"];
-    const EDGES: &[&str] = &["crate::cli", "crate::gateway", "crate::client", "crate::status", "crate::configuration"];
+    const EDGES: &[&str] =
+        &["crate::cli", "crate::gateway", "crate::client", "crate::status", "crate::configuration", "crate::dead"];
 
     #[test]
     fn dependencies_point_inward() {
