@@ -40,61 +40,80 @@ fn with_path(base: &str, user: Option<(&str, &str)>, port: Option<u16>, path: Op
     url.to_string()
 }
 
-#[tokio::test]
-async fn each_unreachable_service_is_one_line_with_its_address_and_the_fix() {
+/// A command, the URL it is given, and what its one line of error must say.
+struct Case {
+    args: Vec<&'static str>,
+    variable: &'static str,
+    url: String,
+    expected: Vec<String>,
+}
+
+/// One case per failure: refused port, unknown role, another service's URL, missing
+/// database (for `balance` and `audit`), refused AMQP login, unknown host, Redis refused.
+fn cases() -> Vec<Case> {
     let database = env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/walletq");
     let amqp = env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
     let redis = env_or("REDIS_URL", "redis://127.0.0.1:6379");
     let closed = free_port();
     let closed_text = format!("127.0.0.1:{closed}");
-    let cases: Vec<(Vec<&str>, (&str, String), Vec<String>)> = vec![
-        (
-            vec!["balance", "--user", "alice"],
+    let case = |args: &[&'static str], (variable, url): (&'static str, String), expected: Vec<String>| Case {
+        args: args.to_vec(),
+        variable,
+        url,
+        expected,
+    };
+    vec![
+        case(
+            &["balance", "--user", "alice"],
             ("DATABASE_URL", with_path(&database, Some(("postgres", SECRET)), Some(closed), None)),
             vec!["PostgreSQL".into(), "connection refused".into(), closed_text.clone(), "DATABASE_URL".into()],
         ),
-        (
-            vec!["audit"],
+        case(
+            &["audit"],
             ("DATABASE_URL", with_path(&database, Some(("nobody", SECRET)), None, None)),
             vec!["PostgreSQL".into(), "login refused for user \"nobody\"".into(), "DATABASE_URL".into()],
         ),
-        (
-            vec!["balance", "--user", "alice"],
+        case(
+            &["balance", "--user", "alice"],
             ("DATABASE_URL", format!("mysql://root:{SECRET}@127.0.0.1:3306/walletq")),
             vec!["not a PostgreSQL URL".into(), "postgres://".into()],
         ),
-        (
-            vec!["balance", "--user", "alice"],
+        case(
+            &["balance", "--user", "alice"],
             ("DATABASE_URL", with_path(&database, None, None, Some("/walletq_never_created_15"))),
             vec!["database \"walletq_never_created_15\" does not exist".into(), "walletq migrate".into()],
         ),
-        (
-            vec!["audit"],
+        case(
+            &["audit"],
             ("DATABASE_URL", with_path(&database, None, None, Some("/walletq_never_created_15"))),
             vec!["walletq migrate".into()],
         ),
-        (
-            vec!["deposit", "--user", "alice", "--amount", "1"],
+        case(
+            &["deposit", "--user", "alice", "--amount", "1"],
             ("AMQP_URL", with_path(&amqp, Some(("guest", SECRET)), None, None)),
             vec!["RabbitMQ".into(), "login refused for user \"guest\"".into(), "AMQP_URL".into()],
         ),
-        (
-            vec!["deposit", "--user", "alice", "--amount", "1"],
+        case(
+            &["deposit", "--user", "alice", "--amount", "1"],
             ("AMQP_URL", with_path(&amqp, None, Some(closed), None)),
             vec!["RabbitMQ".into(), "connection refused".into(), closed_text.clone()],
         ),
-        (
-            vec!["status"],
+        case(
+            &["status"],
             ("REDIS_URL", with_path(&redis, None, Some(closed), None)),
             vec!["Redis".into(), "connection refused".into(), closed_text.clone(), "REDIS_URL".into()],
         ),
-        (
-            vec!["balance", "--user", "alice"],
+        case(
+            &["balance", "--user", "alice"],
             ("DATABASE_URL", format!("postgres://postgres:{SECRET}@no-such-host.invalid:5432/walletq")),
             vec!["cannot resolve the host".into(), "no-such-host.invalid:5432".into()],
         ),
-    ];
-    for (args, (variable, url), expected) in cases {
+    ]
+}
+
+#[tokio::test]
+async fn each_unreachable_service_is_one_line_with_its_address_and_the_fix() {
+    for Case { args, variable, url, expected } in cases() {
         let (code, stderr, took) = walletq(&args, &[(variable, &url)]);
         let case = format!("{args:?} with {variable}={}", url.replace(SECRET, "***"));
         assert_eq!(code, Some(1), "{case}: {stderr}");
