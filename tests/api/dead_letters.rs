@@ -29,6 +29,13 @@ fn json_of(output: &Output) -> Value {
     serde_json::from_slice(&output.stdout).expect("JSON on stdout")
 }
 
+/// Waits until `<ns>.dead` holds `depth` ready messages: messages a `walletq dead` process
+/// fetched and did not ack come back when its connection closes, which a quorum queue
+/// applies a moment after the process has exited.
+async fn until_dead_depth(app: &TestApp, depth: u32, why: &str) {
+    eventually(why, RESULT_TIMEOUT, || async { (dead_depth(app).await == depth).then_some(()) }).await;
+}
+
 async fn dead_depth(app: &TestApp) -> u32 {
     let channel = app.connection.create_channel().await.expect("channel");
     let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
@@ -47,7 +54,7 @@ async fn a_dead_letter_is_listed_shown_requeued_and_applied_and_an_interrupted_r
     app.publish_raw("not-dl-alice", body, Some(&app.reply_queue.clone())).await;
     let refused = app.next_results(1).await.remove(0).1;
     assert_eq!(refused.status, Status::Rejected);
-    eventually("the dead letter", RESULT_TIMEOUT, || async { (dead_depth(&app).await == 1).then_some(()) }).await;
+    until_dead_depth(&app, 1, "the dead letter").await;
 
     let listed = json_of(&walletq(&app, &["dead", "list", "--json"]));
     let letters = listed.as_array().expect("a list");
@@ -70,7 +77,7 @@ async fn a_dead_letter_is_listed_shown_requeued_and_applied_and_an_interrupted_r
 
     let shown = json_of(&walletq(&app, &["dead", "show", &id]));
     assert_eq!(shown["body"].as_str().map(str::as_bytes), Some(&body[..]));
-    assert_eq!(dead_depth(&app).await, 1, "list and show leave the queue as it was");
+    until_dead_depth(&app, 1, "list and show leave the queue as it was").await;
     let unknown = walletq(&app, &["dead", "show", "0000000000000000"]);
     assert_eq!(unknown.status.code(), Some(1));
 
@@ -83,7 +90,7 @@ async fn a_dead_letter_is_listed_shown_requeued_and_applied_and_an_interrupted_r
         .expect("delete the requests exchange");
     let failed = walletq(&app, &["dead", "requeue", &id]);
     assert_eq!(failed.status.code(), Some(1), "{}", String::from_utf8_lossy(&failed.stderr));
-    assert_eq!(dead_depth(&app).await, 1, "a requeue that was not confirmed leaves the message where it was");
+    until_dead_depth(&app, 1, "a requeue that was not confirmed leaves the message where it was").await;
     let setup = app.connection.create_channel().await.expect("channel");
     declare_topology(&setup, &app.names, &app.topology).await.expect("topology again");
 
