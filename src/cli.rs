@@ -17,6 +17,7 @@ use crate::domain::{self, HOLD_TIMEOUT_MAX_S, Money, RequestId, Status, UserId};
 use crate::gateway::auth::{JwtSecret, mint_token};
 use crate::ledger::limits::LimitChange;
 use crate::ledger::{Ledger, Schema};
+use crate::reach::ServiceError;
 use crate::telemetry::{self, LogFormat};
 
 /// Exit code when a waited-for request was rejected (2 is clap's usage error).
@@ -113,6 +114,7 @@ enum Command {
     Balance {
         #[command(flatten)]
         services: ServiceSettings,
+        /// The wallet's owner (a user id: 1-64 characters of [A-Za-z0-9._:-]).
         #[arg(long)]
         user: String,
         #[command(flatten)]
@@ -122,6 +124,13 @@ enum Command {
     /// the schema owner's database role; workers, producers and gateway users cannot).
     #[command(subcommand)]
     Limits(LimitsCommand),
+    /// See and recover the dead-lettered messages of `<namespace>.dead`.
+    Dead {
+        #[command(flatten)]
+        services: ServiceSettings,
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -167,6 +176,35 @@ enum LimitsCommand {
         /// Why, recorded with the change.
         #[arg(long)]
         note: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeadCommand {
+    /// List dead letters, oldest first: id, time and reason (x-death), user, request id,
+    /// what is wrong, and the start of the body. The queue is left as it was.
+    List {
+        /// Most messages listed.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one dead letter in full (JSON), by the id `list` shows.
+    Show {
+        /// The id `list` shows.
+        id: String,
+    },
+    /// Publish dead letters again through the requests exchange (with publisher confirms),
+    /// and remove each from the dead-letter queue only once the broker confirmed it.
+    Requeue {
+        /// Ids as `list` shows them.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every message in the queue.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -265,7 +303,11 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("walletq: {error:#}");
+            // A service that cannot be reached is said in one line, with what to check.
+            match ServiceError::find(&error) {
+                Some(unreachable) => eprintln!("walletq: {unreachable}"),
+                None => eprintln!("walletq: {error:#}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -320,7 +362,42 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Balance { services, user, limits } => balance(&services, &user, limits).await,
         Command::Limits(command) => limits(command).await,
+        Command::Dead { services, command } => dead(&services, command).await,
     }
+}
+
+/// `walletq dead list|show|requeue`.
+async fn dead(services: &ServiceSettings, command: DeadCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DeadCommand::List { limit, json } => {
+            let mut letters = crate::dead::list(services, limit).await?;
+            if json {
+                letters.iter_mut().for_each(|letter| letter.body = None);
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            } else {
+                print!("{}", crate::dead::to_table(&letters));
+            }
+        }
+        DeadCommand::Show { id } => match crate::dead::show(services, &id).await? {
+            Some(letter) => println!("{}", serde_json::to_string_pretty(&letter)?),
+            None => anyhow::bail!(
+                "no dead letter {id:?} in {}.dead (`walletq dead list` shows the ids)",
+                services.namespace
+            ),
+        },
+        DeadCommand::Requeue { ids, all } => {
+            let selection = if all { crate::dead::Selection::All } else { crate::dead::Selection::Ids(ids.clone()) };
+            let requeued = crate::dead::requeue(services, &selection).await?;
+            for letter in &requeued {
+                println!("requeued {} (request {})", letter.id, letter.request_id.as_deref().unwrap_or("-"));
+            }
+            let missing: Vec<&String> = ids.iter().filter(|id| !requeued.iter().any(|l| &l.id == *id)).collect();
+            if !missing.is_empty() {
+                anyhow::bail!("not in {}.dead: {missing:?}", services.namespace);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `walletq worker`: runs until SIGTERM or ctrl-c, then drains the batches in flight for at
@@ -390,14 +467,15 @@ async fn balance(services: &ServiceSettings, user: &str, defaults: LimitSettings
     let user = parse_user(user)?;
     let ledger = read_only_ledger(services).await?.with_default_limits(defaults.into());
     let limits = ledger.limits_view(&user).await?;
-    let mut shown = match ledger.wallet(&user).await? {
-        Some(wallet) => serde_json::to_value(&wallet)?,
-        None => serde_json::json!({
-            "user_id": user, "balance": null, "held": null, "available": null, "holds": [], "coupons": []
-        }),
+    let shown = match ledger.wallet(&user).await? {
+        Some(wallet) => serde_json::to_string_pretty(&WithLimits { wallet, limits })?,
+        None => {
+            let wallet =
+                NoWallet { user_id: &user, balance: None, held: None, available: None, holds: [], coupons: [] };
+            serde_json::to_string_pretty(&WithLimits { wallet, limits })?
+        }
     };
-    shown["limits"] = serde_json::to_value(&limits)?;
-    println!("{}", serde_json::to_string_pretty(&shown)?);
+    println!("{shown}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -433,6 +511,25 @@ async fn limits(command: LimitsCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `balance` of a user without a wallet: [`crate::ledger::StoredWallet`]'s keys, in order.
+#[derive(serde::Serialize)]
+struct NoWallet<'a> {
+    user_id: &'a UserId,
+    balance: Option<()>,
+    held: Option<()>,
+    available: Option<()>,
+    holds: [(); 0],
+    coupons: [(); 0],
+}
+
+/// `balance`'s output: the wallet's keys, then its limits.
+#[derive(serde::Serialize)]
+struct WithLimits<W> {
+    #[serde(flatten)]
+    wallet: W,
+    limits: crate::ledger::limits::LimitsView,
 }
 
 /// The ledger for commands that only read: no DDL, so the worker's role (or a read-only

@@ -158,6 +158,10 @@ pub struct GatewaySettings {
     /// `iat`), e.g. 15m, 24h, 7days; longer-lived tokens are refused (1s to 366days).
     #[arg(long, env = "WALLETQ_JWT_MAX_TTL", default_value = "24h", value_parser = parse_max_ttl)]
     pub jwt_max_ttl: Duration,
+    /// Run no DDL: check the schema is migrated instead of creating and migrating the
+    /// database (for a read-only role; see deploy/postgres/roles.sql).
+    #[arg(long, env = "WALLETQ_NO_MIGRATE")]
+    pub no_migrate: bool,
 }
 
 /// Longest `--jwt-max-ttl` accepted: a year and a day; a token living longer is not a session.

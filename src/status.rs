@@ -120,7 +120,15 @@ impl StatusReport {
                 last.as_deref().unwrap_or("-")
             );
         }
-        let _ = writeln!(out, "\n{} live worker(s):", self.workers.len());
+        if self.workers.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nno worker is alive in namespace {}: nothing is routed or applied until one starts (`walletq worker`)",
+                self.namespace
+            );
+        } else {
+            let _ = writeln!(out, "\n{} live worker(s):", self.workers.len());
+        }
         for w in &self.workers {
             let partitions: Vec<String> = w.partitions.iter().map(u16::to_string).collect();
             let _ = writeln!(

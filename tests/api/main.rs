@@ -6,8 +6,11 @@
 
 mod audit_checks;
 mod chaos;
+mod connection_errors;
 mod crash;
 mod crash_table;
+mod dead_letters;
+mod deploy;
 mod fault;
 mod fenced_write;
 mod gateway;
