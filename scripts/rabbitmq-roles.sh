@@ -3,13 +3,16 @@
 # rabbitmqctl, in one vhost and one namespace. Idempotent: run it again to reset the
 # permissions or rotate a password. See docs/SECURITY.md for why each pattern is what it is.
 #
-#   WALLETQ_PRODUCER_PASSWORD=... WALLETQ_WORKER_PASSWORD=... \
+#   WALLETQ_PRODUCER_PASSWORD=... WALLETQ_WORKER_PASSWORD=... WALLETQ_GATEWAY_PASSWORD=... \
 #     scripts/rabbitmq-roles.sh [--vhost /] [--namespace walletq] \
-#       [--producer walletq-producer] [--worker walletq-worker] [--no-replies] [--bounds]
+#       [--producer walletq-producer] [--worker walletq-worker] [--gateway walletq-gateway] \
+#       [--no-replies] [--bounds]
 #
 #   --no-replies  the producer publishes only (no reply queue of its own): it may then
 #                 configure and read nothing at all.
 #   --bounds      also apply the queue-length policies of docs/LIMITS.md to the namespace.
+#   The gateway (walletq gateway) publishes requests and reads its own server-named reply
+#   queue, nothing else.
 #
 # Passwords are read from the environment and handed to rabbitmqctl on standard input, so
 # they never appear in a process list or in this script's output. A role whose password
@@ -20,6 +23,7 @@ vhost=/
 namespace=walletq
 producer=walletq-producer
 worker=walletq-worker
+gateway=walletq-gateway
 replies=yes
 bounds=no
 while [ $# -gt 0 ]; do
@@ -28,9 +32,10 @@ while [ $# -gt 0 ]; do
 	--namespace) namespace=$2; shift 2 ;;
 	--producer) producer=$2; shift 2 ;;
 	--worker) worker=$2; shift 2 ;;
+	--gateway) gateway=$2; shift 2 ;;
 	--no-replies) replies=no; shift ;;
 	--bounds) bounds=yes; shift ;;
-	-h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+	-h | --help) sed -n '2,20p' "$0"; exit 0 ;;
 	*) echo "rabbitmq-roles: unknown argument $1" >&2; exit 2 ;;
 	esac
 done
@@ -84,6 +89,12 @@ if [ -n "${WALLETQ_WORKER_PASSWORD:-}" ]; then
 		"^${ns}\\.(requests(\\.[0-9]+)?|ingress|dead|results)\$" \
 		"^(${ns}\\.(ingress|requests\\.[0-9]+|dead|results)|amq\\.default)\$" \
 		"^${ns}\\.(requests(\\.[0-9]+)?|ingress|dead)\$"
+fi
+
+if [ -n "${WALLETQ_GATEWAY_PASSWORD:-}" ]; then
+	user "$gateway" "$WALLETQ_GATEWAY_PASSWORD"
+	# Its one exclusive, server-named reply queue (amq.gen-…) and the requests exchange.
+	permissions "$gateway" '^amq\.gen-.*$' "^${ns}\\.requests\$" '^amq\.gen-.*$'
 fi
 
 if [ "$bounds" = yes ]; then

@@ -10,10 +10,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::Client;
-use crate::configuration::{GatewaySettings, ServiceSettings, TopologySettings, WorkerSettings};
+use crate::configuration::{
+    GatewaySettings, LimitSettings, ServiceSettings, TopologySettings, WorkerSettings, parse_limit_amount,
+};
 use crate::domain::{self, HOLD_TIMEOUT_MAX_S, Money, RequestId, Status, UserId};
 use crate::gateway::auth::{JwtSecret, mint_token};
+use crate::ledger::limits::LimitChange;
 use crate::ledger::{Ledger, Schema};
+use crate::reach::ServiceError;
 use crate::telemetry::{self, LogFormat};
 
 /// Exit code when a waited-for request was rejected (2 is clap's usage error).
@@ -106,12 +110,101 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<OsString>,
     },
-    /// Print a user's balance, held and available money, active holds and coupons.
+    /// Print a user's balance, held and available money, active holds, limits and coupons.
     Balance {
         #[command(flatten)]
         services: ServiceSettings,
+        /// The wallet's owner (a user id: 1-64 characters of [A-Za-z0-9._:-]).
         #[arg(long)]
         user: String,
+        #[command(flatten)]
+        limits: LimitSettings,
+    },
+    /// Set, show or clear a user's own withdrawal limits (an operator's command: it needs
+    /// the schema owner's database role; workers, producers and gateway users cannot).
+    #[command(subcommand)]
+    Limits(LimitsCommand),
+    /// See and recover the dead-lettered messages of `<namespace>.dead`.
+    Dead {
+        #[command(flatten)]
+        services: ServiceSettings,
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LimitsCommand {
+    /// Set the given limits for a user (the others are kept); applies to batches that start
+    /// after it commits.
+    Set {
+        #[command(flatten)]
+        services: ServiceSettings,
+        /// The wallet's owner.
+        #[arg(long)]
+        user: String,
+        /// Largest single withdrawal or hold, e.g. 500.00.
+        #[arg(long, value_parser = parse_limit_amount)]
+        per_withdrawal: Option<Money>,
+        /// Most money that may leave the wallet in any rolling 24 hours.
+        #[arg(long, value_parser = parse_limit_amount)]
+        daily_amount: Option<Money>,
+        /// Most withdrawals and holds in any rolling 24 hours.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i32::MAX as i64))]
+        daily_count: Option<u32>,
+        /// Why, recorded with the change (for the audit trail).
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Show a user's own limits, the limits in force and what is left of each.
+    Show {
+        #[command(flatten)]
+        services: ServiceSettings,
+        /// The wallet's owner.
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        defaults: LimitSettings,
+    },
+    /// Remove a user's own limits: the defaults apply again.
+    Clear {
+        #[command(flatten)]
+        services: ServiceSettings,
+        /// The wallet's owner.
+        #[arg(long)]
+        user: String,
+        /// Why, recorded with the change.
+        #[arg(long)]
+        note: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeadCommand {
+    /// List dead letters, oldest first: id, time and reason (x-death), user, request id,
+    /// what is wrong, and the start of the body. The queue is left as it was.
+    List {
+        /// Most messages listed.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one dead letter in full (JSON), by the id `list` shows.
+    Show {
+        /// The id `list` shows.
+        id: String,
+    },
+    /// Publish dead letters again through the requests exchange (with publisher confirms),
+    /// and remove each from the dead-letter queue only once the broker confirmed it.
+    Requeue {
+        /// Ids as `list` shows them.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every message in the queue.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -210,7 +303,11 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli.command)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("walletq: {error:#}");
+            // A service that cannot be reached is said in one line, with what to check.
+            match ServiceError::find(&error) {
+                Some(unreachable) => eprintln!("walletq: {unreachable}"),
+                None => eprintln!("walletq: {error:#}"),
+            }
             ExitCode::FAILURE
         }
     }
@@ -263,8 +360,44 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let hold_id = parse_hold_id(&args.hold)?;
             send(&args.services, &args.user, domain::Command::Release { hold_id }, args.request_id, args.wait).await
         }
-        Command::Balance { services, user } => balance(&services, &user).await,
+        Command::Balance { services, user, limits } => balance(&services, &user, limits).await,
+        Command::Limits(command) => limits(command).await,
+        Command::Dead { services, command } => dead(&services, command).await,
     }
+}
+
+/// `walletq dead list|show|requeue`.
+async fn dead(services: &ServiceSettings, command: DeadCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DeadCommand::List { limit, json } => {
+            let mut letters = crate::dead::list(services, limit).await?;
+            if json {
+                letters.iter_mut().for_each(|letter| letter.body = None);
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+            } else {
+                print!("{}", crate::dead::to_table(&letters));
+            }
+        }
+        DeadCommand::Show { id } => match crate::dead::show(services, &id).await? {
+            Some(letter) => println!("{}", serde_json::to_string_pretty(&letter)?),
+            None => anyhow::bail!(
+                "no dead letter {id:?} in {}.dead (`walletq dead list` shows the ids)",
+                services.namespace
+            ),
+        },
+        DeadCommand::Requeue { ids, all } => {
+            let selection = if all { crate::dead::Selection::All } else { crate::dead::Selection::Ids(ids.clone()) };
+            let requeued = crate::dead::requeue(services, &selection).await?;
+            for letter in &requeued {
+                println!("requeued {} (request {})", letter.id, letter.request_id.as_deref().unwrap_or("-"));
+            }
+            let missing: Vec<&String> = ids.iter().filter(|id| !requeued.iter().any(|l| &l.id == *id)).collect();
+            if !missing.is_empty() {
+                anyhow::bail!("not in {}.dead: {missing:?}", services.namespace);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `walletq worker`: runs until SIGTERM or ctrl-c, then drains the batches in flight for at
@@ -329,20 +462,74 @@ async fn serve_gateway(services: &ServiceSettings, gateway: &GatewaySettings) ->
     Ok(ExitCode::SUCCESS)
 }
 
-/// `walletq balance`: the wallet, or a null balance when the user has none.
-async fn balance(services: &ServiceSettings, user: &str) -> anyhow::Result<ExitCode> {
-    let user = UserId::parse(user).context("user id must be 1-64 characters of [A-Za-z0-9._:-]")?;
+/// `walletq balance`: the wallet, or a null balance when the user has none, with its limits.
+async fn balance(services: &ServiceSettings, user: &str, defaults: LimitSettings) -> anyhow::Result<ExitCode> {
+    let user = parse_user(user)?;
+    let ledger = read_only_ledger(services).await?.with_default_limits(defaults.into());
+    let limits = ledger.limits_view(&user).await?;
+    let shown = match ledger.wallet(&user).await? {
+        Some(wallet) => serde_json::to_string_pretty(&WithLimits { wallet, limits })?,
+        None => {
+            let wallet =
+                NoWallet { user_id: &user, balance: None, held: None, available: None, holds: [], coupons: [] };
+            serde_json::to_string_pretty(&WithLimits { wallet, limits })?
+        }
+    };
+    println!("{shown}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_user(user: &str) -> anyhow::Result<UserId> {
+    UserId::parse(user).context("user id must be 1-64 characters of [A-Za-z0-9._:-]")
+}
+
+/// `walletq limits set|show|clear`.
+async fn limits(command: LimitsCommand) -> anyhow::Result<ExitCode> {
+    let (services, user) = match &command {
+        LimitsCommand::Set { services, user, .. }
+        | LimitsCommand::Show { services, user, .. }
+        | LimitsCommand::Clear { services, user, .. } => (services, parse_user(user)?),
+    };
     let ledger = read_only_ledger(services).await?;
-    match ledger.wallet(&user).await? {
-        Some(wallet) => println!("{}", serde_json::to_string_pretty(&wallet)?),
-        None => println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "user_id": user, "balance": null, "held": null, "available": null, "holds": [], "coupons": []
-            }))?
-        ),
+    match command {
+        LimitsCommand::Set { per_withdrawal, daily_amount, daily_count, note, .. } => {
+            let change = LimitChange { per_withdrawal, daily_amount, daily_count };
+            anyhow::ensure!(
+                per_withdrawal.is_some() || daily_amount.is_some() || daily_count.is_some(),
+                "give at least one of --per-withdrawal, --daily-amount, --daily-count"
+            );
+            let own = ledger.set_limits(&user, change, note.as_deref()).await?;
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "user_id": user, "own": own }))?);
+        }
+        LimitsCommand::Show { defaults, .. } => {
+            let view = ledger.with_default_limits(defaults.into()).limits_view(&user).await?;
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "user_id": user, "limits": view }))?);
+        }
+        LimitsCommand::Clear { note, .. } => {
+            ledger.clear_limits(&user, note.as_deref()).await?;
+            println!("{}", serde_json::json!({ "user_id": user, "cleared": true }));
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `balance` of a user without a wallet: [`crate::ledger::StoredWallet`]'s keys, in order.
+#[derive(serde::Serialize)]
+struct NoWallet<'a> {
+    user_id: &'a UserId,
+    balance: Option<()>,
+    held: Option<()>,
+    available: Option<()>,
+    holds: [(); 0],
+    coupons: [(); 0],
+}
+
+/// `balance`'s output: the wallet's keys, then its limits.
+#[derive(serde::Serialize)]
+struct WithLimits<W> {
+    #[serde(flatten)]
+    wallet: W,
+    limits: crate::ledger::limits::LimitsView,
 }
 
 /// The ledger for commands that only read: no DDL, so the worker's role (or a read-only

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::domain::{Limits, Money};
+
 /// Where the three services are, and which namespace of names this deployment uses.
 #[derive(Args, Debug, Clone)]
 pub struct ServiceSettings {
@@ -108,6 +110,39 @@ pub struct WorkerSettings {
     /// Serve /metrics, /healthz and /readyz on this address (off when unset).
     #[arg(long, env = "WALLETQ_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The limits of wallets without limits of their own.
+    #[command(flatten)]
+    pub limits: LimitSettings,
+}
+
+/// Default withdrawal limits of every wallet (each off unless set); `walletq limits set`
+/// overrides them per user. Give every service (worker, gateway, `walletq balance`) the same.
+#[derive(Args, Debug, Clone, Copy, Default)]
+pub struct LimitSettings {
+    /// Largest single withdrawal or hold, e.g. 500.00.
+    #[arg(long, env = "WALLETQ_LIMIT_PER_WITHDRAWAL", value_parser = parse_limit_amount)]
+    pub limit_per_withdrawal: Option<Money>,
+    /// Most money that may leave a wallet in any rolling 24 hours, e.g. 2000.00.
+    #[arg(long, env = "WALLETQ_LIMIT_DAILY_AMOUNT", value_parser = parse_limit_amount)]
+    pub limit_daily_amount: Option<Money>,
+    /// Most withdrawals and holds of a wallet in any rolling 24 hours.
+    #[arg(long, env = "WALLETQ_LIMIT_DAILY_COUNT", value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit_daily_count: Option<u32>,
+}
+
+impl From<LimitSettings> for Limits {
+    fn from(settings: LimitSettings) -> Self {
+        Limits {
+            per_withdrawal: settings.limit_per_withdrawal,
+            daily_amount: settings.limit_daily_amount,
+            daily_count: settings.limit_daily_count,
+        }
+    }
+}
+
+/// A limit's amount: the rules of a request amount (plain decimal, 2 places, above 0).
+pub fn parse_limit_amount(text: &str) -> Result<Money, String> {
+    Money::parse_amount(text).map_err(|e| e.to_string())
 }
 
 /// Where and how the HTTP gateway serves.
@@ -123,6 +158,10 @@ pub struct GatewaySettings {
     /// `iat`), e.g. 15m, 24h, 7days; longer-lived tokens are refused (1s to 366days).
     #[arg(long, env = "WALLETQ_JWT_MAX_TTL", default_value = "24h", value_parser = parse_max_ttl)]
     pub jwt_max_ttl: Duration,
+    /// Run no DDL: check the schema is migrated instead of creating and migrating the
+    /// database (for a read-only role; see deploy/postgres/roles.sql).
+    #[arg(long, env = "WALLETQ_NO_MIGRATE")]
+    pub no_migrate: bool,
 }
 
 /// Longest `--jwt-max-ttl` accepted: a year and a day; a token living longer is not a session.

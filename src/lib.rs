@@ -13,20 +13,22 @@
 //! | layer | modules | knows |
 //! | --- | --- | --- |
 //! | domain (pure) | [`domain`]: money, requests and their decoding, results, the wallet rules ([`domain::plan_batch`]), partitioning, worker assignment | nothing outside itself: no RabbitMQ, Redis, SQL or clock |
-//! | adapters | [`broker`] (RabbitMQ: topology, confirms), [`lock`] (Redis: fenced user locks), [`membership`] (Redis: heartbeats), [`ledger`] (PostgreSQL: batches, audit), [`telemetry`], and the private `backoff`, `tls` and `grouping` (the one machine behind group commit and group locking) | the domain, and plain settings; never the pipeline or an edge |
+//! | adapters | [`broker`] (RabbitMQ: topology, confirms), [`lock`] (Redis: fenced user locks), [`membership`] (Redis: heartbeats), [`ledger`] (PostgreSQL: batches, audit), [`telemetry`], [`reach`] (connection failures a user can act on), and the private `backoff`, `tls` and `grouping` (the one machine behind group commit and group locking) | the domain, and plain settings; never the pipeline or an edge |
 //! | pipeline | [`worker`]: the router, one ordered pipeline per partition, group commit and group locking | the domain and the adapters |
-//! | edges | [`cli`] (the `walletq` command), [`gateway`] (HTTP), [`Client`] (producers in Rust), [`status`], [`configuration`] (flags and environment) | everything |
+//! | edges | [`cli`] (the `walletq` command), [`gateway`] (HTTP), [`Client`] (producers in Rust), [`status`], [`dead`] (dead letters), [`configuration`] (flags and environment) | everything |
 //!
 //! docs/ARCHITECTURE.md walks through the flow, the crash table and the module map.
 
 pub mod broker;
 pub mod cli;
 pub mod configuration;
+pub mod dead;
 pub mod domain;
 pub mod gateway;
 pub mod ledger;
 pub mod lock;
 pub mod membership;
+pub mod reach;
 pub mod status;
 pub mod telemetry;
 pub mod worker;
@@ -80,8 +82,10 @@ mod layers {
         found
     }
 
-    const ADAPTERS: &[&str] = &["broker", "lock.rs", "membership.rs", "ledger", "telemetry.rs", "backoff.rs", "tls.rs"];
-    const EDGES: &[&str] = &["crate::cli", "crate::gateway", "crate::client", "crate::status", "crate::configuration"];
+    const ADAPTERS: &[&str] =
+        &["broker", "lock.rs", "membership.rs", "ledger", "telemetry.rs", "backoff.rs", "tls.rs", "reach.rs"];
+    const EDGES: &[&str] =
+        &["crate::cli", "crate::gateway", "crate::client", "crate::status", "crate::configuration", "crate::dead"];
 
     #[test]
     fn dependencies_point_inward() {
@@ -92,6 +96,7 @@ mod layers {
             "crate::membership",
             "crate::ledger",
             "crate::telemetry",
+            "crate::reach",
             "crate::backoff",
             "crate::tls",
             "crate::worker",

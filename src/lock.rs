@@ -14,6 +14,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
 use crate::domain::UserId;
+use crate::reach::{Service, ServiceError, Target};
 use crate::telemetry::redact_url;
 
 /// How long a fencing counter outlives its last use. Tokens stay monotonic after it
@@ -76,6 +77,7 @@ pub const REDIS_RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 /// (instead of the system roots).
 pub async fn connect_redis(redis_url: &str, ca_file: Option<&Path>) -> anyhow::Result<ConnectionManager> {
     let shown = redact_url(redis_url);
+    let target = Target::parse(Service::Redis, redis_url, 6379)?;
     let client = match ca_file {
         Some(path) if redis_url.starts_with("rediss://") => {
             let root_cert = Some(crate::tls::read_ca_pem(path)?.into_bytes());
@@ -89,7 +91,23 @@ pub async fn connect_redis(redis_url: &str, ca_file: Option<&Path>) -> anyhow::R
         .set_response_timeout(Some(REDIS_TIMEOUT))
         .set_number_of_retries(REDIS_RECONNECT_RETRIES)
         .set_max_delay(REDIS_RECONNECT_MAX_DELAY);
-    ConnectionManager::new_with_config(client, config).await.with_context(|| format!("connecting to Redis at {shown}"))
+    target.resolve().await?;
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|error| redis_connect_error(&target, &error).into())
+}
+
+/// What a failed Redis connection means, by kind and error code.
+fn redis_connect_error(target: &Target, error: &redis::RedisError) -> ServiceError {
+    if error.is_connection_refusal() {
+        target.io_error(&std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+    } else if error.is_timeout() {
+        target.timed_out(REDIS_TIMEOUT)
+    } else if error.kind() == redis::ErrorKind::AuthenticationFailed || error.code() == Some("WRONGPASS") {
+        target.login_refused()
+    } else {
+        target.other(error)
+    }
 }
 
 /// Locks held for one batch: the users, the random token and each user's fencing token.

@@ -39,6 +39,10 @@ pub struct WorkerReport {
     pub heartbeat_at: DateTime<Utc>,
     /// The partitions it serves now.
     pub partitions: Vec<u16>,
+    /// The walletq version it runs (a rolling upgrade is done when every worker runs the
+    /// new one); `None` for a worker older than 0.2.0, which did not report it.
+    #[serde(default)]
+    pub version: Option<String>,
 }
 
 /// What the owner of a partition says about it.

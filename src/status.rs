@@ -120,13 +120,22 @@ impl StatusReport {
                 last.as_deref().unwrap_or("-")
             );
         }
-        let _ = writeln!(out, "\n{} live worker(s):", self.workers.len());
+        if self.workers.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nno worker is alive in namespace {}: nothing is routed or applied until one starts (`walletq worker`)",
+                self.namespace
+            );
+        } else {
+            let _ = writeln!(out, "\n{} live worker(s):", self.workers.len());
+        }
         for w in &self.workers {
             let partitions: Vec<String> = w.partitions.iter().map(u16::to_string).collect();
             let _ = writeln!(
                 out,
-                "  {:<28} since {}  partitions [{}]",
+                "  {:<28} v{:<8} since {}  partitions [{}]",
                 w.worker_id,
+                w.version.as_deref().unwrap_or("<0.2.0"),
                 w.started_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 partitions.join(",")
             );

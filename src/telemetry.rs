@@ -12,15 +12,27 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber: `RUST_LOG` filter (default `info`), to stderr.
+/// The filter when `RUST_LOG` is unset. lapin's own error lines are off: they repeat, as a
+/// raw protocol dump, what walletq reports in one line (a refused login, a lost connection).
+pub const DEFAULT_LOG_FILTER: &str = "info,lapin=off,sqlx=warn";
+
+/// Installs the global subscriber: `RUST_LOG` filter (default [`DEFAULT_LOG_FILTER`]), to
+/// stderr, coloured only when stderr is a terminal and `NO_COLOR` is unset.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn,sqlx=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let colour = use_colour(std::io::IsTerminal::is_terminal(&std::io::stderr()), std::env::var_os("NO_COLOR"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     // A second init (tests) is harmless: keep the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// Colour only on a terminal, and never when `NO_COLOR` is set to anything but the empty
+/// string (<https://no-color.org>).
+fn use_colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 /// Installs the process-wide Prometheus recorder once and returns its handle; every
@@ -59,6 +71,14 @@ pub fn redact_url(raw: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some("".into())));
+        assert!(!use_colour(true, Some("1".into())));
+        assert!(!use_colour(false, None), "a file or a pipe gets no escapes");
+    }
 
     #[test]
     fn passwords_never_reach_logs() {

@@ -18,6 +18,7 @@ pub use lapin::protocol::AMQPSoftError;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties, DefaultConnectionBuilder};
 
+use crate::reach::{Service, ServiceError, Target};
 use crate::telemetry::redact_url;
 
 /// AMQP heartbeat used when the URL sets none: a lost machine's connection (and so its
@@ -31,8 +32,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// used for `amqps://` URLs; `ca_file` adds CA certificates to the system roots.
 pub async fn connect(amqp_url: &str, connection_name: &str, ca_file: Option<&Path>) -> anyhow::Result<Connection> {
     let shown = redact_url(amqp_url);
-    let mut uri: lapin::uri::AMQPUri =
-        amqp_url.parse().map_err(|e: String| anyhow::anyhow!("parsing the AMQP URL {shown}: {e}"))?;
+    let target = Target::parse(Service::RabbitMq, amqp_url, 5672)?;
+    let mut uri: lapin::uri::AMQPUri = amqp_url.parse().map_err(|reason: String| ServiceError::InvalidUrl {
+        service: Service::RabbitMq,
+        url: shown.clone(),
+        reason,
+    })?;
+    let vhost = uri.vhost.clone();
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(HEARTBEAT_DEFAULT_S);
     }
@@ -43,11 +49,33 @@ pub async fn connect(amqp_url: &str, connection_name: &str, ca_file: Option<&Pat
         .with_uri(uri)
         .with_properties(properties)
         .with_tls_config(tls);
-    tokio::time::timeout(CONNECT_TIMEOUT, builder.connect())
-        .await
-        .map_err(|_| anyhow::anyhow!("no connection within {CONNECT_TIMEOUT:?}"))
-        .and_then(|connected| connected.map_err(anyhow::Error::from))
-        .with_context(|| format!("connecting to RabbitMQ at {shown}"))
+    target.resolve().await?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, builder.connect()).await {
+        Err(_) => Err(target.timed_out(CONNECT_TIMEOUT).into()),
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(connect_error(&target, &vhost, &error).into()),
+    }
+}
+
+/// What a failed AMQP connection means, by variant: a refused login (`ACCESS_REFUSED`, 403)
+/// or virtual host (`NOT_ALLOWED`, 530), a refused TCP connection, or the client's words.
+fn connect_error(target: &Target, vhost: &str, error: &lapin::Error) -> ServiceError {
+    use lapin::protocol::AMQPHardError;
+    match error.kind() {
+        lapin::ErrorKind::IOError(io) => target.io_error(io),
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            // 403 is a "soft" code in the spec; at login it closes the connection.
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => target.login_refused(),
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => ServiceError::VhostRefused {
+                service: Service::RabbitMq,
+                address: target.address(),
+                user: target.user.clone(),
+                vhost: vhost.to_owned(),
+            },
+            _ => target.other(&amqp.get_message().as_str()),
+        },
+        _ => target.other(error),
+    }
 }
 
 /// The broker's soft (channel-level) error code when `error` is one, matched by variant:

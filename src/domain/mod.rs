@@ -2,6 +2,7 @@
 
 pub mod assignment;
 pub mod coupon;
+pub mod limits;
 pub mod money;
 pub mod outcome;
 pub mod partitioning;
@@ -10,11 +11,12 @@ pub mod rules;
 pub mod wallet;
 
 pub use coupon::{Coupon, CouponKind};
+pub use limits::{Limits, Usage};
 pub use money::{Money, MoneyError};
 pub use outcome::{Reason, RequestResult, Status};
 pub use request::{
     Command, HOLD_TIMEOUT_DEFAULT_S, HOLD_TIMEOUT_MAX_S, InvalidRequest, Op, Request, RequestId, UserId,
     decode_request, parse_json_amount,
 };
-pub use rules::{BatchPlan, HoldWrite, LedgerState, StoredRequest, plan_batch};
+pub use rules::{BatchPlan, HoldWrite, LedgerState, StoredRequest, UsageChange, plan_batch};
 pub use wallet::{Hold, HoldState, Wallet};

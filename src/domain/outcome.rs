@@ -48,6 +48,8 @@ pub enum Reason {
     HoldExpired,
     /// A capture of more than the hold's amount.
     AmountExceedsHold,
+    /// A withdrawal or hold over a limit in force (`detail` names it and what is left).
+    LimitExceeded,
 }
 
 impl Reason {
@@ -62,6 +64,7 @@ impl Reason {
             Reason::HoldClosed => "hold_closed",
             Reason::HoldExpired => "hold_expired",
             Reason::AmountExceedsHold => "amount_exceeds_hold",
+            Reason::LimitExceeded => "limit_exceeded",
         }
     }
 }
@@ -239,6 +242,7 @@ mod tests {
             Reason::HoldClosed,
             Reason::HoldExpired,
             Reason::AmountExceedsHold,
+            Reason::LimitExceeded,
         ] {
             assert_eq!(serde_json::to_value(reason).ok(), Some(serde_json::Value::from(reason.as_str())));
         }

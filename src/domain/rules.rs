@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 
 use super::coupon::{Coupon, CouponKind};
+use super::limits::{Limits, Usage};
 use super::money::Money;
-use super::outcome::{Reason, RequestResult};
+use super::outcome::{Reason, RequestResult, Status};
 use super::request::{Command, Request, RequestId, UserId};
 use super::wallet::{Hold, HoldState, Wallet};
 
@@ -34,6 +35,10 @@ pub struct LedgerState {
     /// The holds its captures and releases name, and its users' active holds that are due.
     /// An active hold that is not due and not named can be left out: only `held` counts it.
     pub holds: HashMap<RequestId, Hold>,
+    /// The limits in force for the batch's users (the defaults where a user has none of its own).
+    pub limits: HashMap<UserId, Limits>,
+    /// What left the batch's users' wallets in the current 24-hour window.
+    pub usage: HashMap<UserId, Usage>,
 }
 
 /// A request processed for the first time: it is stored with its result.
@@ -45,6 +50,22 @@ pub struct NewRequest {
     pub result: RequestResult,
     /// The change to the balance and the balance after it, when it moved money.
     pub entry: Option<LedgerEntry>,
+    /// The limits that were in force for an approved withdrawal or hold, when there were
+    /// any (stored with it, for the audit).
+    pub limits: Option<Limits>,
+}
+
+/// A change to a user's limit usage, recorded in the bucket of `at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageChange {
+    /// Whose usage.
+    pub user_id: UserId,
+    /// When the usage happened: now for an approval, the hold's placement for a give-back.
+    pub at: DateTime<Utc>,
+    /// Cents added (negative: given back).
+    pub amount_cents: i64,
+    /// Withdrawals and holds added (negative: given back).
+    pub count: i64,
 }
 
 /// One append-only ledger line.
@@ -80,12 +101,14 @@ pub struct BatchPlan {
     pub wallets: Vec<(UserId, Wallet)>,
     /// The holds placed or closed, in first-touch order; expiries first.
     pub holds: Vec<HoldWrite>,
+    /// The limit usage recorded and given back.
+    pub usage: Vec<UsageChange>,
 }
 
 impl BatchPlan {
     /// True when the plan writes nothing.
     pub fn is_empty(&self) -> bool {
-        self.new_requests.is_empty() && self.holds.is_empty()
+        self.new_requests.is_empty() && self.holds.is_empty() && self.usage.is_empty()
     }
 
     /// The expiry results to publish, with the reply_to of their holds.
@@ -101,11 +124,13 @@ impl BatchPlan {
 /// - a known request_id with the same body is replayed (its stored result, `replayed: true`);
 ///   with a different body it is rejected `conflict` and nothing is stored;
 /// - a deposit creates the wallet when needed, credits it and grants its tier's coupon;
-/// - a withdrawal or a hold from no wallet is rejected `no_wallet`; one larger than the
-///   available money `insufficient_funds`; otherwise it debits, or reserves;
+/// - a withdrawal or a hold from no wallet is rejected `no_wallet`; one over a limit in
+///   force `limit_exceeded` (see [`super::limits`]); one larger than the available money
+///   `insufficient_funds`; otherwise it debits, or reserves, and counts toward the limits;
 /// - a capture or release names a hold of the same user (else `unknown_hold`) that is still
 ///   active (else `hold_closed` or `hold_expired`); a capture takes at most its amount
-///   (else `amount_exceeds_hold`) and releases the rest.
+///   (else `amount_exceeds_hold`) and releases the rest. What a release, an expiry or the
+///   rest of a partial capture frees is given back to the limits' usage.
 ///
 /// A deposit that would push a balance past the supported range is rejected
 /// `invalid_request` rather than overflowing, and stored like the other rejections.
@@ -164,6 +189,7 @@ impl<F: FnMut() -> String> Planner<F> {
             };
             let wallet = Wallet { held: wallet.held.checked_sub(hold.amount).unwrap_or(Money::ZERO), ..wallet };
             self.set_wallet(&hold.user_id, wallet);
+            self.use_limits(&hold.user_id, hold.placed_at, -hold.amount.cents(), -1);
             hold.state = HoldState::Expired;
             let result = RequestResult::expired(&hold, wallet, self.now);
             self.state.holds.insert(hold.hold_id.clone(), hold.clone());
@@ -192,18 +218,25 @@ impl<F: FnMut() -> String> Planner<F> {
         let stored = StoredRequest { request: request.clone(), result: result.clone() };
         self.state.known.insert(request.request_id.clone(), stored);
         self.plan.results.push(result.clone());
-        self.plan.new_requests.push(NewRequest { request: request.clone(), result, entry });
+        let limited = matches!(request.command, Command::Withdraw { .. } | Command::Hold { .. })
+            && result.status == Status::Approved;
+        let limits = self.limits_of(&request.user_id).filter(|l| limited && !l.is_none());
+        self.plan.new_requests.push(NewRequest { request: request.clone(), result, entry, limits });
     }
 
     fn withdraw(&mut self, request: &Request, amount: Money, wallet: Option<Wallet>) -> Applied {
         let Some(wallet) = wallet else {
             return (RequestResult::rejected(request, Reason::NoWallet, None, self.now), None);
         };
+        if let Some(refused) = self.over_limit(request, amount, wallet) {
+            return refused;
+        }
         if wallet.available() < amount {
             return (RequestResult::rejected(request, Reason::InsufficientFunds, Some(wallet), self.now), None);
         }
         let after = Wallet { balance: wallet.balance.checked_sub(amount).unwrap_or(Money::ZERO), ..wallet };
         self.set_wallet(&request.user_id, after);
+        self.use_limits(&request.user_id, self.now, amount.cents(), 1);
         let entry = LedgerEntry { delta_cents: -amount.cents(), balance_after: after.balance };
         (RequestResult::approved(request, after, None, self.now), Some(entry))
     }
@@ -229,11 +262,15 @@ impl<F: FnMut() -> String> Planner<F> {
         let Some(wallet) = wallet else {
             return (RequestResult::rejected(request, Reason::NoWallet, None, self.now), None);
         };
+        if let Some(refused) = self.over_limit(request, amount, wallet) {
+            return refused;
+        }
         if wallet.available() < amount {
             return (RequestResult::rejected(request, Reason::InsufficientFunds, Some(wallet), self.now), None);
         }
         let after = Wallet { held: wallet.held.checked_add(amount).unwrap_or(wallet.balance), ..wallet };
         self.set_wallet(&request.user_id, after);
+        self.use_limits(&request.user_id, self.now, amount.cents(), 1);
         let hold = Hold {
             hold_id: request.request_id.clone(),
             user_id: request.user_id.clone(),
@@ -241,6 +278,7 @@ impl<F: FnMut() -> String> Planner<F> {
             state: HoldState::Active,
             captured: None,
             expires_at: self.now + chrono::Duration::seconds(i64::from(timeout_s)),
+            placed_at: self.now,
             reply_to: request.reply_to.clone(),
         };
         let mut result = RequestResult::approved(request, after, None, self.now);
@@ -281,6 +319,8 @@ impl<F: FnMut() -> String> Planner<F> {
             held: wallet.held.checked_sub(hold.amount).unwrap_or(Money::ZERO),
         };
         self.set_wallet(&request.user_id, after);
+        let freed = hold.amount.cents() - taken.cents();
+        self.use_limits(&request.user_id, hold.placed_at, -freed, if capture { 0 } else { -1 });
         hold.state = if capture { HoldState::Captured } else { HoldState::Released };
         hold.captured = capture.then_some(taken);
         let mut result = RequestResult::approved(request, after, None, self.now);
@@ -290,6 +330,31 @@ impl<F: FnMut() -> String> Planner<F> {
         self.write_hold(hold, false, Some(request.request_id.clone()), None);
         let entry = capture.then(|| LedgerEntry { delta_cents: -taken.cents(), balance_after: after.balance });
         (result, entry)
+    }
+
+    fn limits_of(&self, user: &UserId) -> Option<Limits> {
+        self.state.limits.get(user).copied()
+    }
+
+    /// The `limit_exceeded` rejection of a withdrawal or hold of `amount`, if a limit refuses it.
+    fn over_limit(&self, request: &Request, amount: Money, wallet: Wallet) -> Option<Applied> {
+        let limits = self.limits_of(&request.user_id)?;
+        let usage = self.state.usage.get(&request.user_id).copied().unwrap_or_default();
+        let detail = super::limits::refusal(&limits, &usage, amount)?;
+        let mut result = RequestResult::rejected(request, Reason::LimitExceeded, Some(wallet), self.now);
+        result.detail = Some(detail);
+        Some((result, None))
+    }
+
+    /// Records usage (negative: gives it back) at `at`, when `at` is still in the window.
+    fn use_limits(&mut self, user: &UserId, at: DateTime<Utc>, amount_cents: i64, count: i64) {
+        if amount_cents == 0 && count == 0 {
+            return;
+        }
+        let usage = self.state.usage.entry(user.clone()).or_default();
+        if usage.record(at, amount_cents, count, self.now) {
+            self.plan.usage.push(UsageChange { user_id: user.clone(), at, amount_cents, count });
+        }
     }
 
     fn set_wallet(&mut self, user: &UserId, wallet: Wallet) {
@@ -316,7 +381,6 @@ impl<F: FnMut() -> String> Planner<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::outcome::Status;
     use crate::domain::request::Op;
 
     fn money(text: &str) -> Money {

@@ -74,6 +74,8 @@ pub struct Hold {
     pub captured: Option<Money>,
     /// When it expires if still active: the time it was applied plus its `timeout_s`.
     pub expires_at: DateTime<Utc>,
+    /// When it was applied: its usage of the limits was counted then, and is given back there.
+    pub placed_at: DateTime<Utc>,
     /// Where its expiry result goes (the `reply_to` of the hold request); `None`: the
     /// results queue.
     pub reply_to: Option<String>,

@@ -9,6 +9,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::Client;
+use crate::reach::ServiceError;
 use crate::telemetry::redact_url;
 
 /// Longest a connection attempt may take.
@@ -16,6 +17,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a failed attempt, requests fail fast for this long before the next attempt.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 const UNREACHABLE: &str = "the message broker is unreachable; retry later";
+const LOGIN_REFUSED: &str = "the message broker refused the gateway's login (ACCESS_REFUSED): the gateway's AMQP_URL user, password or \
+     virtual host is wrong; an operator must fix it";
 
 /// A lazily (re)connected, shared broker client.
 pub(super) struct BrokerLink {
@@ -81,11 +84,9 @@ impl BrokerLink {
     /// A new client, once the requests exchange is known to exist: publishing to a missing
     /// exchange would close the publishing channel.
     async fn connect(&self) -> Result<Client, BrokerDown> {
-        let client =
-            Client::connect(&self.amqp_url, &self.namespace, self.ca_file.as_deref()).await.map_err(|error| {
-                tracing::warn!(error = %format!("{error:#}"), "gateway cannot reach the broker");
-                BrokerDown(UNREACHABLE.into())
-            })?;
+        let client = Client::connect(&self.amqp_url, &self.namespace, self.ca_file.as_deref())
+            .await
+            .map_err(|error| broker_down(&error))?;
         let missing = match client.requests_exchange_exists().await {
             Ok(true) => return Ok(client),
             Ok(false) => {
@@ -104,5 +105,24 @@ impl BrokerLink {
     fn connected(&self) -> Option<Arc<Client>> {
         let current = self.current.read().ok()?;
         current.as_ref().filter(|client| client.is_connected()).cloned()
+    }
+}
+
+/// Why a connection failed, logged and said for what it is: a refused login or virtual
+/// host is a configuration error that retrying will not fix, unlike an outage.
+fn broker_down(error: &anyhow::Error) -> BrokerDown {
+    match ServiceError::find(error) {
+        Some(refused @ (ServiceError::LoginRefused { .. } | ServiceError::VhostRefused { .. })) => {
+            tracing::error!(error = %refused, "the broker refused the gateway's login");
+            BrokerDown(LOGIN_REFUSED.into())
+        }
+        Some(unreachable) => {
+            tracing::warn!(error = %unreachable, "gateway cannot reach the broker");
+            BrokerDown(UNREACHABLE.into())
+        }
+        None => {
+            tracing::warn!(error = %format!("{error:#}"), "gateway cannot reach the broker");
+            BrokerDown(UNREACHABLE.into())
+        }
     }
 }

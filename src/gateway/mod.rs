@@ -31,7 +31,7 @@ use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
 use crate::configuration::{GatewaySettings, ServiceSettings};
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Schema};
 use auth::{HasVerifier, JwtSecret, Verifier};
 pub use holds::HoldView;
 pub use http::serve;
@@ -60,7 +60,10 @@ impl HasVerifier for Arc<Shared> {
 /// broker is connected on first use and again after it was lost, so the gateway starts and
 /// answers `503` while the broker is down.
 pub async fn app(services: &ServiceSettings, settings: &GatewaySettings, secret: &JwtSecret) -> anyhow::Result<Router> {
-    let ledger = Ledger::connect(&services.database_url, settings.db_connections, services.ca_file.as_deref()).await?;
+    let schema = if settings.no_migrate { Schema::Check } else { Schema::Migrate };
+    let ledger =
+        Ledger::connect_with(&services.database_url, settings.db_connections, services.ca_file.as_deref(), schema)
+            .await?;
     let link = BrokerLink::new(&services.amqp_url, &services.namespace, services.ca_file.clone());
     if link.client().await.is_err() {
         tracing::warn!("starting without the broker; submissions answer 503 until it is reachable");

@@ -299,8 +299,13 @@ pub(super) async fn publish(
     headers: &HeaderMap,
 ) -> Result<Response, Problem> {
     let key = idempotency_key(headers)?;
+    let repeated = headers.contains_key(&IDEMPOTENCY_KEY);
     let request = Request::new(shared.ids.mint(&user, &key), user, command);
     let wait = preferred_wait(headers);
+    if repeated && let Some(result) = already_applied(shared, &request).await {
+        // A repeated key answers the request's current state, as an idempotent retry does.
+        return Ok(Json(RequestView::done(&request.request_id, result)).into_response());
+    }
 
     let client = shared.link.client().await.map_err(|down| Problem::new(ProblemKind::BrokerUnavailable, down.0))?;
     let unpublished = |error: anyhow::Error| {
@@ -324,6 +329,21 @@ pub(super) async fn publish(
         }
         None => Ok(accepted(&request.request_id, Some(wait))),
     }
+}
+
+/// The stored result of `request` when its id was applied already with the same body (a
+/// retry; compared as the worker compares it), marked as a replay. `None` when it is new, was
+/// sent with another body (the worker answers that with `conflict`), or the database cannot
+/// say: then it is published, which is always safe.
+async fn already_applied(shared: &Shared, request: &Request) -> Option<RequestResult> {
+    let stored = match shared.ledger.stored_request(&request.request_id).await {
+        Ok(stored) => stored?,
+        Err(error) => {
+            tracing::warn!(error = %format!("{error:#}"), "cannot look up a repeated Idempotency-Key; publishing it");
+            return None;
+        }
+    };
+    stored.request.same_body(request).then_some(RequestResult { replayed: true, ..stored.result })
 }
 
 fn accepted(request_id: &RequestId, wait: Option<Duration>) -> Response {

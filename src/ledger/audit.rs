@@ -128,6 +128,41 @@ const CHECKS: &[(&str, &str, &str)] = &[
          WHERE h.state = 'captured' AND (h.captured IS NULL OR h.captured > h.amount OR l.delta IS DISTINCT FROM -h.captured)
          ORDER BY h.hold_id LIMIT 20",
     ),
+    (
+        "no withdrawal or hold broke the limits in force when it was applied, over any 24 hours",
+        "SELECT count(*) FROM requests WHERE limits IS NOT NULL",
+        // For each approved withdrawal or hold stored with its limits, the exact window
+        // (t - 24 h, t] ending at its time t: what left the wallet (withdrawals and holds)
+        // minus what holds closed by t gave back. The batch counts the window's first
+        // minute whole, so it never allows more than this.
+        "WITH limited AS (
+             SELECT request_id, user_id, processed_at AS t, amount, limits FROM requests
+             WHERE limits IS NOT NULL AND status = 'approved' AND op IN ('withdraw', 'hold')
+         ), used AS (
+             SELECT l.*,
+                    (SELECT coalesce(sum(r.amount), 0) FROM requests r
+                     WHERE r.user_id = l.user_id AND r.status = 'approved' AND r.op IN ('withdraw', 'hold')
+                       AND r.processed_at > l.t - interval '24 hours' AND r.processed_at <= l.t)
+                  - (SELECT coalesce(sum(CASE h.state WHEN 'captured' THEN h.amount - h.captured ELSE h.amount END), 0)
+                     FROM holds h
+                     WHERE h.user_id = l.user_id AND h.state <> 'active'
+                       AND h.created_at > l.t - interval '24 hours' AND h.closed_at <= l.t) AS amount_used,
+                    (SELECT count(*) FROM requests r
+                     WHERE r.user_id = l.user_id AND r.status = 'approved' AND r.op IN ('withdraw', 'hold')
+                       AND r.processed_at > l.t - interval '24 hours' AND r.processed_at <= l.t)
+                  - (SELECT count(*) FROM holds h
+                     WHERE h.user_id = l.user_id AND h.state IN ('released', 'expired')
+                       AND h.created_at > l.t - interval '24 hours' AND h.closed_at <= l.t) AS count_used
+             FROM limited l
+         )
+         SELECT request_id || ' of ' || user_id || ': ' || amount || ' asked, ' || amount_used || ' and '
+                || count_used || ' used in 24 h, limits ' || limits::text
+         FROM used
+         WHERE amount > (limits->>'per_withdrawal')::numeric
+            OR amount_used > (limits->>'daily_amount')::numeric
+            OR count_used > (limits->>'daily_count')::bigint
+         ORDER BY t, request_id LIMIT 20",
+    ),
 ];
 
 /// Runs every check in one read-only, repeatable-read snapshot.

@@ -9,6 +9,7 @@
 pub mod audit;
 pub mod group;
 pub mod holds;
+pub mod limits;
 mod load;
 mod write;
 
@@ -23,7 +24,8 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-use crate::domain::{Coupon, Money, Request, RequestId, RequestResult, UserId, Wallet, plan_batch};
+use crate::domain::{Coupon, Limits, Money, Request, RequestId, RequestResult, UserId, Wallet, plan_batch};
+use crate::reach::{Service, ServiceError, Target};
 use crate::telemetry::redact_url;
 
 /// Why a batch was not applied. Nothing of it was written.
@@ -127,6 +129,8 @@ pub struct Ledger {
     /// Client-side bound on one `apply_batch` transaction ([`TRANSACTION_TIMEOUT_MS`] unless
     /// [`Ledger::with_transaction_timeout`] changed it).
     transaction_timeout: Duration,
+    /// The limits of every wallet without limits of its own (the worker's `--limit-*` flags).
+    default_limits: Limits,
 }
 
 impl Ledger {
@@ -144,6 +148,7 @@ impl Ledger {
         schema: Schema,
     ) -> anyhow::Result<Self> {
         let shown = redact_url(database_url);
+        let target = Target::parse(Service::PostgreSql, database_url, 5432)?;
         // Every ledger statement reads or writes by key: never plan a sequential scan. A
         // generic plan cached while a table was small or unanalysed (a fresh database) would
         // otherwise keep scanning the whole table for `= ANY($1)` as it grows, until
@@ -161,9 +166,13 @@ impl Ledger {
             crate::tls::read_ca_pem(ca_file)?;
             options = options.ssl_root_cert(ca_file);
         }
+        target.resolve().await?;
         if schema == Schema::Migrate {
-            create_database_if_missing(&options, &shown).await?;
+            create_database_if_missing(&options, &shown, &target).await?;
         }
+        // One connection first, so a wrong address, user or database is said as such at
+        // once rather than as the pool's acquire timeout.
+        connect_once(&options, &target).await?.close().await.context("closing the first connection")?;
         let port = options.get_port();
         let pool = PgPoolOptions::new()
             .after_connect(move |_, _| {
@@ -182,7 +191,11 @@ impl Ledger {
             Schema::Migrate => MIGRATOR.run(&pool).await.context("running database migrations")?,
             Schema::Check => check_migrated(&pool).await?,
         }
-        Ok(Ledger { pool, transaction_timeout: Duration::from_millis(TRANSACTION_TIMEOUT_MS) })
+        Ok(Ledger {
+            pool,
+            transaction_timeout: Duration::from_millis(TRANSACTION_TIMEOUT_MS),
+            default_limits: Limits::default(),
+        })
     }
 
     /// Sets the client-side bound on one [`Ledger::apply_batch`] transaction (default
@@ -191,6 +204,17 @@ impl Ledger {
     pub fn with_transaction_timeout(mut self, timeout: Duration) -> Self {
         self.transaction_timeout = timeout;
         self
+    }
+
+    /// Sets the limits of every wallet that has none of its own (default: none).
+    pub fn with_default_limits(mut self, limits: Limits) -> Self {
+        self.default_limits = limits;
+        self
+    }
+
+    /// The limits of wallets without limits of their own.
+    pub fn default_limits(&self) -> Limits {
+        self.default_limits
     }
 
     /// The connection pool, for reads outside the pipeline.
@@ -210,7 +234,8 @@ impl Ledger {
         fences: &[(UserId, i64)],
     ) -> Result<Vec<RequestResult>, LedgerError> {
         let mut conn = self.pool.acquire().await?;
-        match tokio::time::timeout(self.transaction_timeout, apply_in(&mut conn, requests, fences)).await {
+        let applying = apply_in(&mut conn, requests, fences, self.default_limits);
+        match tokio::time::timeout(self.transaction_timeout, applying).await {
             Ok(outcome) => outcome,
             Err(_) => {
                 // Closing the socket (dropping the detached connection) ends the server's
@@ -280,17 +305,44 @@ impl Ledger {
 
 /// Creates the URL's database through the `postgres` maintenance database when it is
 /// missing, with the same connection options (TLS included).
-async fn create_database_if_missing(options: &PgConnectOptions, shown: &str) -> anyhow::Result<()> {
+/// One connection outside the pool, bounded by [`CONNECT_TIMEOUT_MS`]; a failure is a
+/// [`ServiceError`] naming the address and the likely fix.
+async fn connect_once(options: &PgConnectOptions, target: &Target) -> Result<PgConnection, ServiceError> {
+    let after = Duration::from_millis(CONNECT_TIMEOUT_MS);
+    match tokio::time::timeout(after, PgConnection::connect_with(options)).await {
+        Err(_) => Err(target.timed_out(after)),
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(connect_error(target, options.get_database(), &error)),
+    }
+}
+
+/// What a failed connection means, by variant and SQLSTATE; the server's message alone
+/// (without sqlx's wrapping) when nothing more specific applies.
+fn connect_error(target: &Target, database: Option<&str>, error: &sqlx::Error) -> ServiceError {
+    match error {
+        sqlx::Error::Io(io) => target.io_error(io),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // invalid_authorization_specification (no such role, pg_hba), invalid_password
+            Some("28000" | "28P01") => target.login_refused(),
+            // invalid_catalog_name
+            Some("3D000") => ServiceError::NoDatabase {
+                service: Service::PostgreSql,
+                address: target.address(),
+                database: database.unwrap_or_default().to_owned(),
+            },
+            _ => target.other(&db.message()),
+        },
+        sqlx::Error::Tls(tls) => target.other(&format!("TLS: {tls}")),
+        other => target.other(other),
+    }
+}
+
+async fn create_database_if_missing(options: &PgConnectOptions, shown: &str, target: &Target) -> anyhow::Result<()> {
     let Some(name) = options.get_database().map(str::to_owned) else {
         return Ok(());
     };
     let admin_options = options.clone().database("postgres");
-    let connecting = PgConnection::connect_with(&admin_options);
-    let mut admin = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connecting)
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT_MS} ms"))
-        .and_then(|connected| Ok(connected?))
-        .with_context(|| format!("connecting to PostgreSQL at {shown}"))?;
+    let mut admin = connect_once(&admin_options, target).await?;
     let exists_sql = "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)";
     let exists: bool = sqlx::query_scalar(exists_sql).bind(&name).fetch_one(&mut admin).await?;
     if !exists {
@@ -376,6 +428,7 @@ async fn apply_in(
     conn: &mut PgConnection,
     requests: &[Request],
     fences: &[(UserId, i64)],
+    default_limits: Limits,
 ) -> Result<Vec<RequestResult>, LedgerError> {
     let mut tx = conn.begin().await?;
 
@@ -401,7 +454,7 @@ async fn apply_in(
     users.extend(fenced);
     users.sort();
     users.dedup();
-    let (state, now) = load::load(&mut tx, requests, &users).await?;
+    let (state, now) = load::load(&mut tx, requests, &users, default_limits).await?;
 
     // 3. Apply the rules (pure), then write the plan: each wallet only if it still holds
     //    the figures read (or, when none was read, only if no one created it meanwhile).

@@ -28,11 +28,13 @@ const WRITE_PLAN_SQL: &str = "WITH balances AS (
          ON CONFLICT (user_id) DO NOTHING
          RETURNING user_id
      ), stored AS (
-         INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at, hold_id, timeout_s)
-         SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $10, r.hold_id, r.timeout_s
+         INSERT INTO requests (request_id, user_id, op, amount, status, reason, result, processed_at, hold_id, timeout_s,
+                               limits)
+         SELECT r.id, r.user_id, r.op, r.amount, r.status, r.reason, r.result::jsonb, $10, r.hold_id, r.timeout_s,
+                r.limits::jsonb
          FROM unnest($3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[], $8::text[], $9::text[],
-                     $22::text[], $23::integer[])
-              AS r(id, user_id, op, amount, status, reason, result, hold_id, timeout_s)
+                     $22::text[], $23::integer[], $38::text[])
+              AS r(id, user_id, op, amount, status, reason, result, hold_id, timeout_s, limits)
      ), entries AS (
          INSERT INTO ledger_entries (request_id, user_id, delta, balance_after)
          SELECT * FROM unnest($11::text[], $12::text[], $13::numeric[], $14::numeric[])
@@ -54,6 +56,15 @@ const WRITE_PLAN_SQL: &str = "WITH balances AS (
               AS c(id, state, captured, closed_by, expiry)
          WHERE holds.hold_id = c.id AND holds.state = 'active'
          RETURNING holds.hold_id
+     ), used AS (
+         INSERT INTO limit_usage (user_id, span_s, bucket_start, amount, count)
+         SELECT u.user_id, s.span_s, date_bin(make_interval(secs => s.span_s), u.at, timestamptz 'epoch'),
+                sum(u.amount), sum(u.count)
+         FROM unnest($39::text[], $40::timestamptz[], $41::numeric[], $42::integer[]) AS u(user_id, at, amount, count)
+              CROSS JOIN (VALUES (60), (3600)) AS s(span_s)
+         GROUP BY 1, 2, 3
+         ON CONFLICT (user_id, span_s, bucket_start) DO UPDATE
+         SET amount = limit_usage.amount + EXCLUDED.amount, count = limit_usage.count + EXCLUDED.count
      )
      SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM created) + (SELECT count(*) FROM closed)";
 
@@ -140,6 +151,11 @@ pub(super) async fn write_plan(
         .map_err(|e| LedgerError::Corrupt(format!("encoding a result: {e}")))?;
     let entries: Vec<_> = new.iter().filter_map(|n| n.entry.map(|e| (n, e))).collect();
     let coupons: Vec<_> = new.iter().filter_map(|n| n.result.coupon.as_ref().map(|c| (n, c))).collect();
+    let limits: Vec<Option<String>> = new
+        .iter()
+        .map(|n| n.limits.as_ref().map(serde_json::to_string).transpose())
+        .collect::<Result<_, _>>()
+        .map_err(|e| LedgerError::Corrupt(format!("encoding limits: {e}")))?;
     let timeouts: Vec<Option<i32>> = new
         .iter()
         .map(|n| match n.request.command {
@@ -186,6 +202,11 @@ pub(super) async fn write_plan(
         .bind(&closed.closed_by)
         .bind(&closed.expiries)
         .bind(&placed.hashes)
+        .bind(&limits)
+        .bind(plan.usage.iter().map(|u| u.user_id.as_str()).collect::<Vec<_>>())
+        .bind(plan.usage.iter().map(|u| u.at).collect::<Vec<_>>())
+        .bind(plan.usage.iter().map(|u| Decimal::new(u.amount_cents, 2)).collect::<Vec<_>>())
+        .bind(plan.usage.iter().map(|u| i32::try_from(u.count).unwrap_or(0)).collect::<Vec<_>>())
         .fetch_one(&mut *tx)
         .await?;
     let expected = wallets.users.len() + closed.ids.len();

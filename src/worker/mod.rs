@@ -128,7 +128,8 @@ async fn connect_services(
     let ca_file = services.ca_file.as_deref();
     let ledger = retry_until_up("PostgreSQL", backoff_max_ms, shutdown, || {
         let schema = if settings.no_migrate { Schema::Check } else { Schema::Migrate };
-        Ledger::connect_with(&services.database_url, settings.db_connections, ca_file, schema)
+        let connecting = Ledger::connect_with(&services.database_url, settings.db_connections, ca_file, schema);
+        async { Ok::<_, anyhow::Error>(connecting.await?.with_default_limits(settings.limits.into())) }
     })
     .await?;
     let locks = retry_until_up("Redis", backoff_max_ms, shutdown, || {
@@ -369,6 +370,7 @@ impl Session<'_> {
             started_at: self.started_at,
             heartbeat_at: Utc::now(),
             partitions: owned,
+            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
         };
         let partition_reports: Vec<_> = running.iter().map(|(p, r)| (*p, r.stats.report(&context.worker_id))).collect();
         let live = self.membership.heartbeat(&report, &partition_reports).await;

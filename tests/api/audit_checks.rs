@@ -66,6 +66,12 @@ const CASES: &[(&str, &[&str])] = &[
         "a capture takes at most its hold, and writes one ledger entry of what it took",
         &["UPDATE holds SET captured = captured - 1 WHERE hold_id = 'a-hold'"],
     ),
+    (
+        "no withdrawal or hold broke the limits in force when it was applied, over any 24 hours",
+        // The withdrawal of 30.00 stored as if a per-withdrawal limit of 1.00 had been in force.
+        &["UPDATE requests SET limits = '{\"per_withdrawal\":\"1.00\",\"daily_amount\":null,\"daily_count\":null}'
+           WHERE request_id = 'a-withdraw'"],
+    ),
 ];
 
 /// A fresh database holding approvals, a rejection and a coupon for two users.

@@ -253,14 +253,23 @@ async fn replaying_an_idempotency_key_returns_the_same_request_and_debits_once()
     assert_eq!(status, StatusCode::OK, "{again}");
     assert_eq!((&again["request_id"], &again["replayed"]), (&json!(request_id), &json!(true)));
     assert_eq!((&again["balance"], &again["processed_at"]), (&first["balance"], &first["processed_at"]));
+    // Without `Prefer: wait`, a key whose request was applied long ago answers its current
+    // state at once: 200 with the stored result, not `202 pending`.
     let keys = [key];
     let replays = (0..10).map(|_| gateway.post("/v1/withdrawals", "dave", r#"{"amount":"4"}"#, &keys));
     for response in futures_util::future::join_all(replays).await {
-        let (status, headers, body) = parts(response).await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-        assert_eq!(header(&headers, "location"), format!("/v1/requests/{request_id}"));
+        let (status, _, body) = parts(response).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!((&body["request_id"], &body["status"]), (&json!(request_id), &json!("approved")));
+        assert_eq!((&body["replayed"], &body["processed_at"]), (&json!(true), &first["processed_at"]));
     }
-    // The replays are behind the next waited request in dave's partition: all applied by then.
+    // A key not applied yet is published and answers 202 until its result is stored.
+    let (status, headers, pending) =
+        parts(gateway.post("/v1/withdrawals", "dave", r#"{"amount":"1"}"#, &[("idempotency-key", "order-2")]).await)
+            .await;
+    assert_eq!((status, &pending["status"]), (StatusCode::ACCEPTED, &json!("pending")), "{pending}");
+    assert!(header(&headers, "location").starts_with("/v1/requests/"));
+    // Sent again with a wait, it is the same request: applied once.
     let (status, _, later) = parts(
         gateway.post("/v1/withdrawals", "dave", r#"{"amount":"1"}"#, &[("idempotency-key", "order-2"), wait]).await,
     )
@@ -815,5 +824,22 @@ async fn an_unconfirmed_publish_answers_503_broker_unavailable_within_the_confir
 
     gateway.stop().await;
     drop(relay);
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_refused_broker_login_is_said_as_such_not_as_an_outage() {
+    let app = spawn_app().await;
+    let mut wrong = url::Url::parse(&app.services.amqp_url).expect("AMQP URL");
+    wrong.set_password(Some("not-the-password")).expect("password");
+    let services = ServiceSettings { amqp_url: wrong.to_string(), ..app.services.clone() };
+    let gateway = spawn_gateway(&services).await;
+    let refused = parts(gateway.post("/v1/deposits", "gina", r#"{"amount":"5"}"#, &[]).await).await;
+    assert_problem(&refused, StatusCode::SERVICE_UNAVAILABLE, "broker-unavailable", "refused the gateway's login");
+    let detail = refused.2["detail"].as_str().unwrap_or_default();
+    assert!(!detail.contains("not-the-password") && !detail.contains("unreachable"), "{detail}");
+    let not_ready = parts(gateway.get("/readyz", "gina").await).await;
+    assert_problem(&not_ready, StatusCode::SERVICE_UNAVAILABLE, "not-ready", "refused the gateway's login");
+    gateway.stop().await;
     app.cleanup().await;
 }

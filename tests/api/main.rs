@@ -6,8 +6,11 @@
 
 mod audit_checks;
 mod chaos;
+mod connection_errors;
 mod crash;
 mod crash_table;
+mod dead_letters;
+mod deploy;
 mod fault;
 mod fenced_write;
 mod gateway;
@@ -15,6 +18,7 @@ mod group_commit;
 mod group_locking;
 mod holds;
 mod ledger_timeout;
+mod limits;
 mod malformed;
 mod operations;
 mod outcomes;

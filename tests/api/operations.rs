@@ -184,3 +184,20 @@ async fn a_worker_serves_metrics_health_readiness_and_status() {
     drop(worker);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn status_says_plainly_when_no_worker_is_alive() {
+    let app = spawn_app_with(TopologySettings { partitions: 2, queue_type: QueueType::Classic }, false).await;
+    let output = Command::new(env!("CARGO_BIN_EXE_walletq"))
+        .args(["status", "--partitions", "2"])
+        .env("AMQP_URL", &app.services.amqp_url)
+        .env("REDIS_URL", &app.services.redis_url)
+        .env("WALLETQ_NAMESPACE", &app.services.namespace)
+        .output()
+        .expect("run walletq status");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let table = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(table.contains("no worker is alive") && table.contains("walletq worker"), "{table}");
+    assert!(!table.contains("live worker(s)"), "{table}");
+    app.cleanup().await;
+}

@@ -140,11 +140,12 @@ fn as_user(database_url: &str, user: &str) -> String {
     url.to_string()
 }
 
-fn run_roles_sql(database_url: &str, migrator: &str, worker: &str) {
+fn run_roles_sql(database_url: &str, migrator: &str, worker: &str, gateway: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/postgres/roles.sql");
     let output = Command::new("psql")
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", database_url, "-f", script])
         .args(["-v", &format!("migrator_role={migrator}"), "-v", &format!("worker_role={worker}")])
+        .args(["-v", &format!("gateway_role={gateway}")])
         .output()
         .expect("run psql");
     assert!(output.status.success(), "roles.sql failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -154,8 +155,9 @@ fn run_roles_sql(database_url: &str, migrator: &str, worker: &str) {
 async fn the_database_worker_role_applies_batches_but_runs_no_ddl_and_deletes_nothing() {
     let services = isolated_services();
     let namespace = services.namespace.clone();
-    let (migrator, worker) = (format!("m_{namespace}"), format!("w_{namespace}"));
-    let _roles = DatabaseRoles { namespace: namespace.clone(), roles: vec![migrator.clone(), worker.clone()] };
+    let (migrator, worker, gateway) = (format!("m_{namespace}"), format!("w_{namespace}"), format!("g_{namespace}"));
+    let roles = vec![migrator.clone(), worker.clone(), gateway.clone()];
+    let _roles = DatabaseRoles { namespace: namespace.clone(), roles };
     let admin_url = services.database_url.clone();
     let admin = sqlx::PgPool::connect(&database_url("postgres")).await.expect("admin connection");
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"walletq_{namespace}\"")))
@@ -165,10 +167,10 @@ async fn the_database_worker_role_applies_batches_but_runs_no_ddl_and_deletes_no
     admin.close().await;
 
     // Roles, then migrate as the migrator, then the table grants.
-    run_roles_sql(&admin_url, &migrator, &worker);
+    run_roles_sql(&admin_url, &migrator, &worker, &gateway);
     let migrated = Ledger::connect(&as_user(&admin_url, &migrator), 1, None).await.expect("the migrator migrates");
     migrated.pool().close().await;
-    run_roles_sql(&admin_url, &migrator, &worker);
+    run_roles_sql(&admin_url, &migrator, &worker, &gateway);
 
     // The worker role: no DDL at connect, batches apply, the audit reads everything.
     let ledger = Ledger::connect_with(&as_user(&admin_url, &worker), 2, None, Schema::Check)
@@ -179,6 +181,29 @@ async fn the_database_worker_role_applies_batches_but_runs_no_ddl_and_deletes_no
     let results = ledger.apply_batch(&batch, &fences).await.expect("the worker role applies a batch");
     assert!(results.iter().all(|r| r.status == Status::Approved), "{results:?}");
     assert!(audit(ledger.pool()).await.expect("the worker role audits").is_clean());
+
+    // The gateway role reads what the gateway shows, and writes nothing at all.
+    let reader = Ledger::connect_with(&as_user(&admin_url, &gateway), 1, None, Schema::Check)
+        .await
+        .expect("the gateway role connects without DDL");
+    let alice = UserId::parse("alice").expect("user");
+    let wallet = reader.wallet(&alice).await.expect("the gateway role reads wallets and coupons");
+    assert_eq!(wallet.map(|w| w.balance.to_string()), Some("200.00".to_owned()));
+    let stored = reader.stored_result(&batch[1].request_id).await.expect("the gateway role reads results");
+    assert_eq!(stored.map(|r| r.status), Some(Status::Approved));
+    for forbidden in [
+        "INSERT INTO wallets (user_id, balance) VALUES ('mallory', 1000)",
+        "UPDATE wallets SET balance = 1000",
+        "SELECT count(*) FROM ledger_entries",
+        "SELECT count(*) FROM user_fences",
+        "CREATE TABLE stolen (id int)",
+    ] {
+        let refused = sqlx::query(forbidden).execute(reader.pool()).await.expect_err(forbidden);
+        let code = refused.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
+        // 42501: insufficient privilege; 25006: read-only transaction.
+        assert!(matches!(code.as_deref(), Some("42501" | "25006")), "{forbidden}: {refused}");
+    }
+    reader.pool().close().await;
 
     // Nothing else: no DDL, no deletes, no rewriting of the append-only tables.
     for forbidden in [
@@ -258,6 +283,7 @@ async fn the_redis_acl_user_is_enough_for_locks_and_membership_and_nothing_else(
         started_at: chrono::Utc::now(),
         heartbeat_at: chrono::Utc::now(),
         partitions: vec![0],
+        version: Some("0.2.0".into()),
     };
     let live = membership.heartbeat(&report, &[]).await.expect("heartbeat");
     assert_eq!(live, vec!["w1".to_owned()]);

@@ -84,6 +84,18 @@ async fn a_hold_is_placed_captured_in_part_read_and_replayed_through_http() {
     // A second capture under another key is refused: one capture per hold.
     let twice = waited(&gateway, &capture, "hana", "", "payout-1:capture-2").await;
     assert_eq!((&twice["status"], &twice["reason"]), (&json!("rejected"), &json!("hold_closed")), "{twice}");
+    // A key repeated with another body is not answered from the stored result: another
+    // timeout, or a capture of another hold, is a conflict, and nothing moves.
+    let longer = waited(&gateway, "/v1/holds", "hana", r#"{"amount":"40","timeout_s":601}"#, "payout-1").await;
+    assert_eq!((&longer["reason"], &longer["replayed"]), (&json!("conflict"), &json!(false)), "{longer}");
+    let other = waited(&gateway, "/v1/holds", "hana", r#"{"amount":"5"}"#, "payout-1b").await;
+    let other_id = other["hold_id"].as_str().expect("hold_id").to_owned();
+    let misnamed =
+        waited(&gateway, &format!("/v1/holds/{other_id}/capture"), "hana", r#"{"amount":"25"}"#, "payout-1:capture")
+            .await;
+    assert_eq!((&misnamed["reason"], &misnamed["replayed"]), (&json!("conflict"), &json!(false)), "{misnamed}");
+    assert_eq!(hold_state(&gateway, &other_id, "hana").await["state"], "active");
+    waited(&gateway, &format!("/v1/holds/{other_id}/release"), "hana", "", "payout-1b:release").await;
 
     let (_, _, wallet) = parts(gateway.get("/v1/wallet", "hana").await).await;
     assert_eq!((&wallet["balance"], &wallet["held"], &wallet["holds"]), (&json!("75.00"), &json!("0.00"), &json!([])));
