@@ -84,9 +84,9 @@ pub struct RequestView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, example = "12.34")]
     pub amount: Option<String>,
-    /// Why a request was rejected: `insufficient_funds`, `no_wallet`, `invalid_request`,
-    /// `conflict`, or for a capture or release `unknown_hold`, `hold_closed`, `hold_expired`,
-    /// `amount_exceeds_hold`.
+    /// Why a request was rejected: `insufficient_funds`, `limit_exceeded`, `no_wallet`,
+    /// `invalid_request`, `conflict`, or for a capture or release `unknown_hold`,
+    /// `hold_closed`, `hold_expired`, `amount_exceeds_hold`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub reason: Option<String>,
