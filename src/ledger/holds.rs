@@ -130,26 +130,7 @@ impl Ledger {
 
     /// The active holds of `user`, soonest to expire first, at most `limit`.
     pub async fn active_holds(&self, user: &UserId, limit: i64) -> anyhow::Result<Vec<ActiveHold>> {
-        let rows = sqlx::query(
-            "SELECT hold_id, amount, expires_at FROM holds WHERE user_id = $1 AND state = 'active'
-             ORDER BY expires_at, hold_id LIMIT $2",
-        )
-        .bind(user.as_str())
-        .bind(limit)
-        .fetch_all(self.pool())
-        .await
-        .context("reading active holds")?;
-        rows.iter()
-            .map(|row| {
-                let hold_id: String = row.try_get("hold_id")?;
-                let amount: Decimal = row.try_get("amount")?;
-                Ok(ActiveHold {
-                    hold_id: RequestId::parse(&hold_id).context("a stored hold_id is not valid")?,
-                    amount: Money::from_decimal(amount).context("a stored hold amount is not valid")?,
-                    expires_at: row.try_get("expires_at")?,
-                })
-            })
-            .collect()
+        read_active_holds(self.pool(), user, limit).await
     }
 
     /// The hold `hold_id` of `user`, whatever its state; `None` when `user` has no such hold
@@ -183,4 +164,32 @@ impl Ledger {
                 .transpose()?,
         }))
     }
+}
+
+/// [`Ledger::active_holds`] on any connection.
+pub(super) async fn read_active_holds<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    user: &UserId,
+    limit: i64,
+) -> anyhow::Result<Vec<ActiveHold>> {
+    let rows = sqlx::query(
+        "SELECT hold_id, amount, expires_at FROM holds WHERE user_id = $1 AND state = 'active'
+         ORDER BY expires_at, hold_id LIMIT $2",
+    )
+    .bind(user.as_str())
+    .bind(limit)
+    .fetch_all(executor)
+    .await
+    .context("reading active holds")?;
+    rows.iter()
+        .map(|row| {
+            let hold_id: String = row.try_get("hold_id")?;
+            let amount: Decimal = row.try_get("amount")?;
+            Ok(ActiveHold {
+                hold_id: RequestId::parse(&hold_id).context("a stored hold_id is not valid")?,
+                amount: Money::from_decimal(amount).context("a stored hold amount is not valid")?,
+                expires_at: row.try_get("expires_at")?,
+            })
+        })
+        .collect()
 }

@@ -265,10 +265,12 @@ impl Ledger {
 
     /// The wallet of `user` with its coupons, or `None` when it has none.
     pub async fn wallet(&self, user: &UserId) -> anyhow::Result<Option<StoredWallet>> {
+        // One connection for the three reads: a busy pool is waited for once.
+        let mut conn = self.pool.acquire().await.context("reading a wallet")?;
         let figures: Option<(Decimal, Decimal)> =
             sqlx::query_as("SELECT balance, held FROM wallets WHERE user_id = $1")
                 .bind(user.as_str())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
                 .await
                 .context("reading a wallet")?;
         let Some((balance, held)) = figures else {
@@ -276,7 +278,7 @@ impl Ledger {
         };
         let rows = sqlx::query("SELECT code, kind FROM coupons WHERE user_id = $1 ORDER BY granted_at, code")
             .bind(user.as_str())
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await
             .context("reading coupons")?;
         let coupons = rows
@@ -291,7 +293,7 @@ impl Ledger {
             balance: Money::from_decimal(balance).context("stored balance is not valid money")?,
             held: Money::from_decimal(held).context("stored held is not valid money")?,
         };
-        let holds = self.active_holds(user, ACTIVE_HOLDS_SHOWN_MAX).await?;
+        let holds = holds::read_active_holds(&mut *conn, user, ACTIVE_HOLDS_SHOWN_MAX).await?;
         Ok(Some(StoredWallet {
             user_id: user.clone(),
             balance: wallet.balance,
