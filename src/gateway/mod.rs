@@ -1,12 +1,13 @@
 //! The HTTP gateway: an asynchronous API in front of the request queue.
 //!
-//! Web and mobile back ends submit withdrawals and deposits for the user of a verified
+//! Web and mobile back ends submit withdrawals, deposits and holds for the user of a verified
 //! bearer token; the gateway publishes them (confirmed) and answers `202` with a request id
 //! to poll, or `200` with the result when asked to wait (`Prefer: wait=N`). One shared
 //! [`crate::Client`] per process multiplexes every waiting request over one reply queue.
 //! See docs/HTTP.md for the API.
 
 pub mod auth;
+mod holds;
 pub mod http;
 pub mod ids;
 mod link;
@@ -32,6 +33,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use crate::configuration::{GatewaySettings, ServiceSettings};
 use crate::ledger::{Ledger, Schema};
 use auth::{HasVerifier, JwtSecret, Verifier};
+pub use holds::HoldView;
 pub use http::serve;
 use ids::RequestIds;
 use link::BrokerLink;
@@ -128,6 +130,10 @@ fn api() -> Routes {
         .add(Verb::Post, "/v1/deposits", routes::post_deposit)
         .add(Verb::Get, "/v1/requests/{id}", routes::get_request)
         .add(Verb::Get, "/v1/wallet", routes::get_wallet)
+        .add(Verb::Post, "/v1/holds", holds::post_hold)
+        .add(Verb::Post, "/v1/holds/{hold_id}/capture", holds::post_capture)
+        .add(Verb::Post, "/v1/holds/{hold_id}/release", holds::post_release)
+        .add(Verb::Get, "/v1/holds/{hold_id}", holds::get_hold)
         .add(Verb::Get, "/healthz", ops::healthz)
         .add(Verb::Get, "/readyz", ops::readyz)
         .add(Verb::Get, "/metrics", ops::metrics)
@@ -183,13 +189,17 @@ async fn count_requests(request: Request, next: Next) -> Response {
 #[openapi(
     info(
         title = "walletq gateway",
-        description = "Asynchronous wallet withdrawals and deposits for the user of a bearer token. See docs/HTTP.md."
+        description = "Asynchronous wallet withdrawals, deposits and holds for the user of a bearer token. See docs/HTTP.md."
     ),
     paths(
         routes::post_withdrawal,
         routes::post_deposit,
         routes::get_request,
         routes::get_wallet,
+        holds::post_hold,
+        holds::post_capture,
+        holds::post_release,
+        holds::get_hold,
         ops::healthz,
         ops::readyz,
         ops::metrics,
@@ -199,6 +209,7 @@ async fn count_requests(request: Request, next: Next) -> Response {
     tags(
         (name = "requests", description = "Submit withdrawals and deposits; read their results"),
         (name = "wallet", description = "The token's user's wallet"),
+        (name = "holds", description = "Two-phase withdrawals: place a hold, capture or release it, read it"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
     )
 )]

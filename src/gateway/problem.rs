@@ -35,6 +35,8 @@ pub enum ProblemKind {
     UnsupportedMediaType,
     /// The amount is not a valid amount of money.
     InvalidAmount,
+    /// A hold's `timeout_s` is not a whole number of seconds in range.
+    InvalidTimeout,
     /// RabbitMQ cannot be reached or did not confirm the publish.
     BrokerUnavailable,
     /// PostgreSQL cannot be reached.
@@ -71,6 +73,9 @@ impl ProblemKind {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "The body must be application/json")
             }
             InvalidAmount => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-amount", "The amount is not acceptable"),
+            InvalidTimeout => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid-timeout", "The hold's timeout is not acceptable")
+            }
             BrokerUnavailable => {
                 (StatusCode::SERVICE_UNAVAILABLE, "broker-unavailable", "The message broker is unavailable")
             }

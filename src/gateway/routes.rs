@@ -1,4 +1,5 @@
-//! The API: submit withdrawals and deposits, read a request's result and the wallet.
+//! The API: submit withdrawals and deposits, read a request's result and the wallet. The
+//! hold routes (`super::holds`) submit through [`publish`] too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use super::ids::IdempotencyKey;
 use super::problem::{Problem, ProblemKind};
 use crate::domain::request::truncate;
 use crate::domain::{Command, Coupon, Op, Request, RequestId, RequestResult, Status, UserId, parse_json_amount};
+use crate::ledger::holds::ActiveHold;
 
 /// Largest request body accepted, in bytes.
 pub const BODY_MAX_BYTES: usize = 16 * 1024;
@@ -74,15 +76,17 @@ pub struct RequestView {
     pub request_id: String,
     /// Pending, approved or rejected.
     pub status: RequestStatus,
-    /// `withdraw` or `deposit`.
+    /// `withdraw`, `deposit`, `hold`, `capture` or `release`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, example = "withdraw")]
     pub op: Option<Op>,
-    /// The amount, as a 2-decimal string.
+    /// The amount, as a 2-decimal string (of a capture: what it took; of a release: the hold's).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, example = "12.34")]
     pub amount: Option<String>,
-    /// Why a request was rejected: `insufficient_funds`, `no_wallet`, `invalid_request` or `conflict`.
+    /// Why a request was rejected: `insufficient_funds`, `limit_exceeded`, `no_wallet`,
+    /// `invalid_request`, `conflict`, or for a capture or release `unknown_hold`,
+    /// `hold_closed`, `hold_expired`, `amount_exceeds_hold`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub reason: Option<String>,
@@ -93,6 +97,21 @@ pub struct RequestView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, example = "287.66")]
     pub balance: Option<String>,
+    /// The sum of the wallet's active holds, beside `balance`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "40.00")]
+    pub held: Option<String>,
+    /// `balance − held`: what a withdrawal or a hold may take.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "247.66")]
+    pub available: Option<String>,
+    /// The hold of a hold, capture or release request: for a hold, its own `request_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub hold_id: Option<String>,
+    /// When the hold of an approved hold request expires unless captured or released first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
     /// The coupon a deposit granted.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<CouponSchema>)]
@@ -115,6 +134,10 @@ impl RequestView {
             reason: None,
             detail: None,
             balance: None,
+            held: None,
+            available: None,
+            hold_id: None,
+            expires_at: None,
             coupon: None,
             replayed: None,
             processed_at: None,
@@ -133,6 +156,10 @@ impl RequestView {
             reason: result.reason.map(|r| r.as_str().to_owned()),
             detail: result.detail,
             balance: result.balance.map(|b| b.to_string()),
+            held: result.held.map(|h| h.to_string()),
+            available: result.available.map(|a| a.to_string()),
+            hold_id: result.hold_id.map(|h| h.as_str().to_owned()),
+            expires_at: result.expires_at,
             coupon: result.coupon,
             replayed: Some(result.replayed),
             processed_at: Some(result.processed_at),
@@ -140,7 +167,7 @@ impl RequestView {
     }
 }
 
-/// A wallet: balance and coupons of the token's user.
+/// A wallet: balance, holds and coupons of the token's user.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct WalletView {
     /// The token's user.
@@ -149,6 +176,14 @@ pub struct WalletView {
     /// `null` until the first deposit creates the wallet.
     #[schema(value_type = Option<String>, example = "300.00")]
     pub balance: Option<String>,
+    /// The sum of the active holds (`null` without a wallet).
+    #[schema(value_type = Option<String>, example = "40.00")]
+    pub held: Option<String>,
+    /// `balance − held`: what a withdrawal or a hold may take (`null` without a wallet).
+    #[schema(value_type = Option<String>, example = "260.00")]
+    pub available: Option<String>,
+    /// The active holds, soonest to expire first (at most 100).
+    pub holds: Vec<ActiveHold>,
     /// The coupons granted to this wallet, oldest first.
     #[schema(value_type = Vec<CouponSchema>)]
     pub coupons: Vec<Coupon>,
@@ -191,7 +226,7 @@ pub(super) async fn post_deposit(
 /// The answers to a submission.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)] // documents the responses built by `submit`
-enum SubmitResponses {
+pub(super) enum SubmitResponses {
     /// Processed within `Prefer: wait` (approved or rejected).
     #[response(status = 200)]
     Processed(RequestView),
@@ -213,7 +248,7 @@ enum SubmitResponses {
     /// Body is not JSON.
     #[response(status = 415, content_type = "application/problem+json")]
     NotJson(Problem),
-    /// Amount not acceptable.
+    /// Amount (or a hold's `timeout_s`) not acceptable.
     #[response(status = 422, content_type = "application/problem+json")]
     BadAmount(Problem),
     /// Header fields over 16 KiB or 100 fields.
@@ -228,7 +263,7 @@ enum SubmitResponses {
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Header)]
 #[allow(dead_code)] // documents the headers read by `submit`
-struct SubmitHeaders {
+pub(super) struct SubmitHeaders {
     /// 1-64 characters of `[A-Za-z0-9._:-]`, scoped to the user: the same key replays the same
     /// request (applied once). A fresh key is made when absent.
     #[param(rename = "Idempotency-Key", example = "order-1234")]
@@ -248,12 +283,23 @@ async fn submit(
     check_content_type(headers)?;
     let body = body.map_err(body_problem)?;
     let amount = parse_amount_body(&body)?;
-    let key = idempotency_key(headers)?;
-    let repeated = headers.contains_key(&IDEMPOTENCY_KEY);
     let command = match op {
         Op::Deposit => Command::Deposit { amount },
         _ => Command::Withdraw { amount },
     };
+    publish(shared, user, command, headers).await
+}
+
+/// Publishes `command` for `user` under the request id minted from the user and the
+/// `Idempotency-Key`; answers `202`, or `200` with the result within `Prefer: wait`.
+pub(super) async fn publish(
+    shared: &Shared,
+    user: UserId,
+    command: Command,
+    headers: &HeaderMap,
+) -> Result<Response, Problem> {
+    let key = idempotency_key(headers)?;
+    let repeated = headers.contains_key(&IDEMPOTENCY_KEY);
     let request = Request::new(shared.ids.mint(&user, &key), user, command);
     let wait = preferred_wait(headers);
     if repeated && let Some(result) = already_applied(shared, &request).await {
@@ -286,21 +332,18 @@ async fn submit(
 }
 
 /// The stored result of `request` when its id was applied already with the same body (a
-/// retry), marked as a replay. `None` when it is new, was sent with another body (the
-/// worker answers that with `conflict`), or the database cannot say: then it is published,
-/// which is always safe.
+/// retry; compared as the worker compares it), marked as a replay. `None` when it is new, was
+/// sent with another body (the worker answers that with `conflict`), or the database cannot
+/// say: then it is published, which is always safe.
 async fn already_applied(shared: &Shared, request: &Request) -> Option<RequestResult> {
-    let stored = match shared.ledger.stored_result(&request.request_id).await {
+    let stored = match shared.ledger.stored_request(&request.request_id).await {
         Ok(stored) => stored?,
         Err(error) => {
             tracing::warn!(error = %format!("{error:#}"), "cannot look up a repeated Idempotency-Key; publishing it");
             return None;
         }
     };
-    let same = stored.user_id.as_ref() == Some(&request.user_id)
-        && stored.op == Some(request.op())
-        && stored.amount == request.amount();
-    same.then_some(RequestResult { replayed: true, ..stored })
+    stored.request.same_body(request).then_some(RequestResult { replayed: true, ..stored.result })
 }
 
 fn accepted(request_id: &RequestId, wait: Option<Duration>) -> Response {
@@ -351,7 +394,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<IdempotencyKey, Problem> {
     }
 }
 
-fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
+pub(super) fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };
@@ -366,7 +409,7 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Problem> {
     }
 }
 
-fn body_problem(rejection: BytesRejection) -> Problem {
+pub(super) fn body_problem(rejection: BytesRejection) -> Problem {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         Problem::new(ProblemKind::BodyTooLarge, format!("the body is over the {BODY_MAX_BYTES}-byte limit"))
     } else {
@@ -438,11 +481,11 @@ pub(super) async fn get_request(
     }
 }
 
-/// Get the token's user's wallet: balance and coupons.
+/// Get the token's user's wallet: balance, held, available, active holds and coupons.
 #[utoipa::path(
     get, path = "/v1/wallet", tag = "wallet",
     responses(
-        (status = 200, description = "The wallet (balance null before the first deposit)", body = WalletView),
+        (status = 200, description = "The wallet (figures null before the first deposit)", body = WalletView),
         (status = 401, description = "Missing, invalid or expired token", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Database unavailable (see Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
@@ -454,10 +497,22 @@ pub(super) async fn get_wallet(
 ) -> Result<Json<WalletView>, Problem> {
     let wallet = shared.ledger.wallet(&user).await.map_err(database_problem)?;
     Ok(Json(match wallet {
-        Some(wallet) => {
-            WalletView { user_id: user, balance: Some(wallet.balance.to_string()), coupons: wallet.coupons }
-        }
-        None => WalletView { user_id: user, balance: None, coupons: Vec::new() },
+        Some(wallet) => WalletView {
+            user_id: user,
+            balance: Some(wallet.balance.to_string()),
+            held: Some(wallet.held.to_string()),
+            available: Some(wallet.available.to_string()),
+            holds: wallet.holds,
+            coupons: wallet.coupons,
+        },
+        None => WalletView {
+            user_id: user,
+            balance: None,
+            held: None,
+            available: None,
+            holds: Vec::new(),
+            coupons: Vec::new(),
+        },
     }))
 }
 

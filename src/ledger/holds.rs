@@ -1,5 +1,5 @@
 //! Holds outside a batch: finding the due ones and the expiry results still to publish (the
-//! partition's sweeper), and listing a wallet's active holds.
+//! partition's sweeper), listing a wallet's active holds, and reading one hold.
 //!
 //! A partition finds its own users' holds by `user_hash` (see
 //! [`crate::domain::partitioning::user_hash`]), stored with each hold: PostgreSQL computes
@@ -12,7 +12,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::Ledger;
-use crate::domain::{Money, RequestId, RequestResult, UserId};
+use crate::domain::{HoldState, Money, RequestId, RequestResult, UserId};
 
 /// The stored `user_hash` (an i64 with the u64 hash's bits) as the u64 it is, modulo the
 /// partition count `$1`, equals the partition `$2`.
@@ -30,6 +30,28 @@ pub struct ActiveHold {
     pub amount: Money,
     /// When it expires unless captured or released first.
     pub expires_at: DateTime<Utc>,
+}
+
+/// A hold as stored, active or closed, as `GET /v1/holds/{hold_id}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredHold {
+    /// The hold's id (its `hold` request's id).
+    pub hold_id: RequestId,
+    /// The money it reserves (or reserved).
+    pub amount: Money,
+    /// Active, captured, released or expired, as last written (an active hold past its
+    /// `expires_at` is expired by the next batch or sweep of its partition).
+    pub state: HoldState,
+    /// What its capture took; `Some` exactly when captured.
+    pub captured: Option<Money>,
+    /// When the hold was placed.
+    pub created_at: DateTime<Utc>,
+    /// When it expires (or expired) unless captured or released first.
+    pub expires_at: DateTime<Utc>,
+    /// When it was captured, released or expired; `None` while active.
+    pub closed_at: Option<DateTime<Utc>>,
+    /// The capture or release request that closed it; `None` while active or when expired.
+    pub closed_by: Option<RequestId>,
 }
 
 /// An expiry result not yet published.
@@ -109,6 +131,38 @@ impl Ledger {
     /// The active holds of `user`, soonest to expire first, at most `limit`.
     pub async fn active_holds(&self, user: &UserId, limit: i64) -> anyhow::Result<Vec<ActiveHold>> {
         read_active_holds(self.pool(), user, limit).await
+    }
+
+    /// The hold `hold_id` of `user`, whatever its state; `None` when `user` has no such hold
+    /// (never placed, refused, not applied yet, or another user's).
+    pub async fn hold(&self, user: &UserId, hold_id: &RequestId) -> anyhow::Result<Option<StoredHold>> {
+        let row = sqlx::query(
+            "SELECT amount, state, captured, created_at, expires_at, closed_at, closed_by FROM holds
+             WHERE hold_id = $1 AND user_id = $2",
+        )
+        .bind(hold_id.as_str())
+        .bind(user.as_str())
+        .fetch_optional(self.pool())
+        .await
+        .context("reading a hold")?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let money = |value: Decimal| Money::from_decimal(value).context("a stored hold amount is not valid");
+        let state: String = row.try_get("state")?;
+        let closed_by: Option<String> = row.try_get("closed_by")?;
+        Ok(Some(StoredHold {
+            hold_id: hold_id.clone(),
+            amount: money(row.try_get("amount")?)?,
+            state: HoldState::parse(&state).with_context(|| format!("a stored hold state {state:?} is not valid"))?,
+            captured: row.try_get::<Option<Decimal>, _>("captured")?.map(money).transpose()?,
+            created_at: row.try_get("created_at")?,
+            expires_at: row.try_get("expires_at")?,
+            closed_at: row.try_get("closed_at")?,
+            closed_by: closed_by
+                .map(|id| RequestId::parse(&id).context("a stored closed_by is not a valid request id"))
+                .transpose()?,
+        }))
     }
 }
 

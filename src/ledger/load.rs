@@ -1,12 +1,13 @@
 //! The read of a batch: one statement for the wallets (locked), the known requests, the
-//! holds the batch may touch, and the database's clock.
+//! holds the batch may touch, and the database's clock. Also one stored request, outside a
+//! batch, for the gateway's repeated Idempotency-Keys.
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
-use super::LedgerError;
+use super::{Ledger, LedgerError};
 use crate::domain::{
     Command, Hold, HoldState, LedgerState, Limits, Money, Op, Request, RequestId, RequestResult, StoredRequest, Usage,
     UserId, Wallet,
@@ -131,6 +132,21 @@ fn money(row: &PgRow, column: &str) -> Result<Money, LedgerError> {
 fn optional_money(row: &PgRow, column: &str) -> Result<Option<Money>, LedgerError> {
     let value: Option<Decimal> = row.try_get(column)?;
     value.map(|value| Money::from_decimal(value).ok_or_else(|| corrupt(column))).transpose()
+}
+
+impl Ledger {
+    /// The request `request_id` as first stored, with its result, if it was processed: what
+    /// a batch compares a repeated id with ([`Request::same_body`]).
+    pub async fn stored_request(&self, request_id: &RequestId) -> anyhow::Result<Option<StoredRequest>> {
+        let row = sqlx::query(
+            "SELECT user_id, request_id AS id, op, amount, hold_id, timeout_s, result::text AS note
+             FROM requests WHERE request_id = $1",
+        )
+        .bind(request_id.as_str())
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.as_ref().map(decode_stored).transpose()?)
+    }
 }
 
 /// A stored request, rebuilt from its columns, with its stored result.

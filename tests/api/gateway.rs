@@ -20,6 +20,8 @@ use walletq::gateway::auth::{Claims, JwtSecret, mint_token};
 use crate::fault::Relay;
 use crate::support::{RESULT_TIMEOUT, TestApp, spawn_app};
 
+mod holds;
+
 const PROBLEM_JSON: &str = "application/problem+json";
 /// The operation keys of an OpenAPI path item.
 const HTTP_METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
@@ -620,7 +622,7 @@ async fn health_metrics_and_the_openapi_document_match_the_router() {
 
     // And the router really serves each of them (no fallback 404 or 405).
     for (method, path) in &served {
-        let url = gateway.url(&path.replace("{id}", "some-id"));
+        let url = gateway.url(&path.replace("{id}", "some-id").replace("{hold_id}", "some-id"));
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let response = http.request(method, url).bearer_auth(gateway.token("gina")).send().await.expect("request");
         let (status, _, body) = parts(response).await;

@@ -191,6 +191,11 @@ async fn the_database_worker_role_applies_batches_but_runs_no_ddl_and_deletes_no
     assert_eq!(wallet.map(|w| w.balance.to_string()), Some("200.00".to_owned()));
     let stored = reader.stored_result(&batch[1].request_id).await.expect("the gateway role reads results");
     assert_eq!(stored.map(|r| r.status), Some(Status::Approved));
+    // A repeated Idempotency-Key reads the stored request; GET /v1/holds/{hold_id} a hold.
+    let request = reader.stored_request(&batch[1].request_id).await.expect("the gateway role reads requests");
+    assert_eq!(request.map(|r| r.request), Some(batch[1].clone()));
+    let hold = reader.hold(&alice, &batch[1].request_id).await.expect("the gateway role reads holds");
+    assert_eq!(hold, None, "a deposit is no hold");
     for forbidden in [
         "INSERT INTO wallets (user_id, balance) VALUES ('mallory', 1000)",
         "UPDATE wallets SET balance = 1000",
