@@ -162,6 +162,10 @@ pub struct GatewaySettings {
     /// database (for a read-only role; see deploy/postgres/roles.sql).
     #[arg(long, env = "WALLETQ_NO_MIGRATE")]
     pub no_migrate: bool,
+    /// The limits of wallets without limits of their own, as the workers have them: shown
+    /// by `GET /v1/wallet` (the workers enforce them).
+    #[command(flatten)]
+    pub limits: LimitSettings,
 }
 
 /// Longest `--jwt-max-ttl` accepted: a year and a day; a token living longer is not a session.

@@ -63,7 +63,8 @@ pub async fn app(services: &ServiceSettings, settings: &GatewaySettings, secret:
     let schema = if settings.no_migrate { Schema::Check } else { Schema::Migrate };
     let ledger =
         Ledger::connect_with(&services.database_url, settings.db_connections, services.ca_file.as_deref(), schema)
-            .await?;
+            .await?
+            .with_default_limits(settings.limits.into());
     let link = BrokerLink::new(&services.amqp_url, &services.namespace, services.ca_file.clone());
     if link.client().await.is_err() {
         tracing::warn!("starting without the broker; submissions answer 503 until it is reachable");

@@ -22,6 +22,7 @@ use super::problem::{Problem, ProblemKind};
 use crate::domain::request::truncate;
 use crate::domain::{Command, Coupon, Op, Request, RequestId, RequestResult, Status, UserId, parse_json_amount};
 use crate::ledger::holds::ActiveHold;
+use crate::ledger::limits::LimitsView;
 
 /// Largest request body accepted, in bytes.
 pub const BODY_MAX_BYTES: usize = 16 * 1024;
@@ -187,6 +188,8 @@ pub struct WalletView {
     /// The coupons granted to this wallet, oldest first.
     #[schema(value_type = Vec<CouponSchema>)]
     pub coupons: Vec<Coupon>,
+    /// The withdrawal limits in force and what is left of each (docs/PROTOCOL.md, Limits).
+    pub limits: LimitsView,
 }
 
 /// Submit a withdrawal from the token's user's wallet.
@@ -496,6 +499,7 @@ pub(super) async fn get_wallet(
     User(user): User,
 ) -> Result<Json<WalletView>, Problem> {
     let wallet = shared.ledger.wallet(&user).await.map_err(database_problem)?;
+    let limits = shared.ledger.limits_view(&user).await.map_err(database_problem)?;
     Ok(Json(match wallet {
         Some(wallet) => WalletView {
             user_id: user,
@@ -504,6 +508,7 @@ pub(super) async fn get_wallet(
             available: Some(wallet.available.to_string()),
             holds: wallet.holds,
             coupons: wallet.coupons,
+            limits,
         },
         None => WalletView {
             user_id: user,
@@ -512,6 +517,7 @@ pub(super) async fn get_wallet(
             available: None,
             holds: Vec::new(),
             coupons: Vec::new(),
+            limits,
         },
     }))
 }

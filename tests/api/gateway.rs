@@ -41,7 +41,8 @@ async fn spawn_gateway(services: &ServiceSettings) -> TestGateway {
     let secret = JwtSecret::new(secret_text.clone()).expect("a long enough secret");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
     let address = listener.local_addr().expect("local address");
-    let settings = GatewaySettings { listen: address, db_connections: 4, ..GatewaySettings::default() };
+    let limits = walletq::configuration::LimitSettings { limit_daily_count: Some(50), ..Default::default() };
+    let settings = GatewaySettings { listen: address, db_connections: 4, limits, ..GatewaySettings::default() };
     let app = walletq::gateway::app(services, &settings, &secret).await.expect("gateway app");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(walletq::gateway::serve(listener, app, shutdown.clone().cancelled_owned()));
@@ -172,6 +173,12 @@ async fn submissions_are_accepted_then_applied_for_the_tokens_user_only() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(wallet["balance"], "299.90");
     assert_eq!(wallet["coupons"].as_array().map(Vec::len), Some(1));
+    // The limits in force (the gateway's defaults: a daily count of 50) and what is left.
+    assert_eq!(
+        (&wallet["limits"]["in_force"]["daily_count"], &wallet["limits"]["used_count"]),
+        (&json!(50), &json!(1))
+    );
+    assert_eq!(wallet["limits"]["left_count"], 49, "{wallet}");
 
     // Bob can neither read Alice's request nor see or spend her wallet.
     let stolen = parts(gateway.get(&location, "bob").await).await;
