@@ -51,4 +51,6 @@ CREATE TABLE holds (
 CREATE INDEX holds_active_user_idx ON holds (user_id, expires_at) WHERE state = 'active';
 -- The sweeper's scan for due holds and for expiry results not yet published.
 CREATE INDEX holds_active_due_idx ON holds (expires_at) WHERE state = 'active';
+-- The audit's limit check: a user's holds placed in a 24-hour window.
+CREATE INDEX holds_user_created_idx ON holds (user_id, created_at);
 CREATE INDEX holds_unsent_idx ON holds (closed_at) WHERE state = 'expired' AND NOT expiry_sent;
