@@ -128,6 +128,31 @@ impl<'a> HoldColumns<'a> {
     }
 }
 
+/// The request columns that need encoding: results and limits as JSON, hold timeouts.
+struct Encoded {
+    results: Vec<String>,
+    limits: Vec<Option<String>>,
+    timeouts: Vec<Option<i32>>,
+}
+
+impl Encoded {
+    fn of(plan: &BatchPlan) -> Result<Self, LedgerError> {
+        let new = &plan.new_requests;
+        let results: Result<Vec<String>, _> = new.iter().map(|n| serde_json::to_string(&n.result)).collect();
+        let limits: Result<Vec<Option<String>>, _> =
+            new.iter().map(|n| n.limits.as_ref().map(serde_json::to_string).transpose()).collect();
+        let timeouts = new
+            .iter()
+            .map(|n| match n.request.command {
+                Command::Hold { timeout_s, .. } => i32::try_from(timeout_s).ok(),
+                _ => None,
+            })
+            .collect();
+        let encoding = |e: serde_json::Error| LedgerError::Corrupt(format!("encoding a result or limits: {e}"));
+        Ok(Encoded { results: results.map_err(encoding)?, limits: limits.map_err(encoding)?, timeouts })
+    }
+}
+
 /// Writes a plan in one statement. `read` holds the wallets the plan started from: a wallet
 /// is updated only while it still holds those figures, and created only if it still does
 /// not exist; a hold is closed only while still active. When any of them fails its test
@@ -144,25 +169,9 @@ pub(super) async fn write_plan(
     let new = &plan.new_requests;
     let wallets = WalletColumns::of(&plan.wallets, read);
     let (placed, closed) = HoldColumns::of(plan)?;
-    let results: Vec<String> = new
-        .iter()
-        .map(|n| serde_json::to_string(&n.result))
-        .collect::<Result<_, _>>()
-        .map_err(|e| LedgerError::Corrupt(format!("encoding a result: {e}")))?;
+    let encoded = Encoded::of(plan)?;
     let entries: Vec<_> = new.iter().filter_map(|n| n.entry.map(|e| (n, e))).collect();
     let coupons: Vec<_> = new.iter().filter_map(|n| n.result.coupon.as_ref().map(|c| (n, c))).collect();
-    let limits: Vec<Option<String>> = new
-        .iter()
-        .map(|n| n.limits.as_ref().map(serde_json::to_string).transpose())
-        .collect::<Result<_, _>>()
-        .map_err(|e| LedgerError::Corrupt(format!("encoding limits: {e}")))?;
-    let timeouts: Vec<Option<i32>> = new
-        .iter()
-        .map(|n| match n.request.command {
-            Command::Hold { timeout_s, .. } => i32::try_from(timeout_s).ok(),
-            _ => None,
-        })
-        .collect();
 
     let written: i64 = sqlx::query_scalar(WRITE_PLAN_SQL)
         .bind(&wallets.users)
@@ -173,7 +182,7 @@ pub(super) async fn write_plan(
         .bind(new.iter().map(|n| n.request.amount().map(|a| a.as_decimal())).collect::<Vec<_>>())
         .bind(new.iter().map(|n| n.result.status.as_str()).collect::<Vec<_>>())
         .bind(new.iter().map(|n| n.result.reason.map(|r| r.as_str())).collect::<Vec<_>>())
-        .bind(&results)
+        .bind(&encoded.results)
         .bind(now)
         .bind(entries.iter().map(|(n, _)| n.request.request_id.as_str()).collect::<Vec<_>>())
         .bind(entries.iter().map(|(n, _)| n.request.user_id.as_str()).collect::<Vec<_>>())
@@ -187,7 +196,7 @@ pub(super) async fn write_plan(
         .bind(&wallets.held)
         .bind(&wallets.read_held)
         .bind(new.iter().map(|n| n.request.command.hold_id().map(|id| id.as_str())).collect::<Vec<_>>())
-        .bind(&timeouts)
+        .bind(&encoded.timeouts)
         .bind(&placed.ids)
         .bind(&placed.users)
         .bind(&placed.amounts)
@@ -202,7 +211,7 @@ pub(super) async fn write_plan(
         .bind(&closed.closed_by)
         .bind(&closed.expiries)
         .bind(&placed.hashes)
-        .bind(&limits)
+        .bind(&encoded.limits)
         .bind(plan.usage.iter().map(|u| u.user_id.as_str()).collect::<Vec<_>>())
         .bind(plan.usage.iter().map(|u| u.at).collect::<Vec<_>>())
         .bind(plan.usage.iter().map(|u| Decimal::new(u.amount_cents, 2)).collect::<Vec<_>>())
