@@ -171,7 +171,9 @@ fn hold_step() -> impl Strategy<Value = Step> {
         1 => Just(None),
         1 => Just(Some(HOLD_TIMEOUT_MAX_S)),
     ];
-    (0..USERS, amount_cents(), timeout).prop_map(|(user, cents, timeout)| Step::Hold { user, cents, timeout })
+    // Mostly small: a hold needs available money, and captures need approved holds.
+    let cents = prop_oneof![6 => 1i64..=5_000, 1 => amount_cents()];
+    (0..USERS, cents, timeout).prop_map(|(user, cents, timeout)| Step::Hold { user, cents, timeout })
 }
 
 fn close_step() -> impl Strategy<Value = Step> {
