@@ -450,6 +450,16 @@ async fn wait_for_expiries(pool: &sqlx::PgPool) -> bool {
     }
 }
 
+/// Lets the last short holds expire and their results go out while the workers still run,
+/// then reads every result back. Returns whether the expiries settled, and the results.
+async fn settle_and_read(app: &TestApp, replies: &str) -> (bool, Vec<RequestResult>) {
+    let settled = wait_for_expiries(&app.pool).await;
+    let (hold_states, _) = holds_and_wallets(&app.pool).await;
+    let expired = hold_states.values().filter(|s| *s == "expired").count();
+    let expected = (REQUESTS + MISROUTED, expired);
+    (settled, read_results(&app.services.amqp_url, replies, expected, Duration::from_secs(60)).await)
+}
+
 /// The stored state of every hold, and every wallet's balance and held in cents.
 async fn holds_and_wallets(pool: &sqlx::PgPool) -> (HashMap<String, String>, Vec<(String, i64, i64)>) {
     let states: Vec<(String, String)> =
@@ -628,12 +638,7 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
         }
     }
     let resent = publishing.await.expect("publisher");
-    // The last short holds expire, and their results go out, while the workers still run.
-    let expiries_settled = wait_for_expiries(&app.pool).await;
-    let (hold_states, _) = holds_and_wallets(&app.pool).await;
-    let expired = hold_states.values().filter(|s| *s == "expired").count();
-    let expected = (REQUESTS + MISROUTED, expired);
-    let results = read_results(&app.services.amqp_url, &replies, expected, Duration::from_secs(60)).await;
+    let (expiries_settled, results) = settle_and_read(&app, &replies).await;
     drop(workers);
 
     let stored = app.stored_results().await;
