@@ -4,6 +4,11 @@
 //! Latency is end to end: from the moment a request is due (taken, or scheduled under
 //! `--rate`, so a late start counts against the approach) to its verdict — the call's
 //! return for direct approaches, the result's arrival on the reply queue for queued ones.
+//!
+//! A request that follows another (a payout's capture, see [`crate::workload::Workload::after`])
+//! is not taken by a client: it falls due when the result of the one it follows arrives
+//! approved, and a pool of as many publishers as there are clients sends it then, as a
+//! payout service sends its capture once the hold is approved and the bank has paid.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -13,7 +18,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use indicatif::ProgressBar;
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::approaches::Direct;
@@ -51,6 +56,8 @@ pub struct Measured {
 /// State shared by the clients of one run.
 struct Run {
     requests: Arc<Vec<Request>>,
+    /// The requests the clients take, in order (all but those that follow another).
+    order: Vec<usize>,
     next: AtomicUsize,
     start: Instant,
     rate: Option<f64>,
@@ -61,10 +68,13 @@ struct Run {
 }
 
 impl Run {
-    fn new(requests: Arc<Vec<Request>>, load: &Load, progress: ProgressBar) -> Self {
+    /// A run of `requests`; the clients take those `after` does not make follow another.
+    fn new(requests: Arc<Vec<Request>>, after: &[Option<usize>], load: &Load, progress: ProgressBar) -> Self {
+        let order = (0..requests.len()).filter(|&i| after.get(i).copied().flatten().is_none()).collect();
         Run {
             recorder: Mutex::new(Recorder::new(requests.len())),
             requests,
+            order,
             next: AtomicUsize::new(0),
             start: Instant::now(),
             rate: load.rate,
@@ -76,13 +86,11 @@ impl Run {
 
     /// The next request and when it is due; waits until then under `--rate`.
     async fn take(&self) -> Option<(usize, Instant)> {
-        let index = self.next.fetch_add(1, Ordering::Relaxed);
-        if index >= self.requests.len() {
-            return None;
-        }
+        let position = self.next.fetch_add(1, Ordering::Relaxed);
+        let index = *self.order.get(position)?;
         let due = match self.rate {
             Some(rate) => {
-                let due = self.start + Duration::from_secs_f64(index as f64 / rate);
+                let due = self.start + Duration::from_secs_f64(position as f64 / rate);
                 tokio::time::sleep_until(due.into()).await;
                 due
             }
@@ -134,7 +142,7 @@ pub async fn drive_direct<A: Direct>(
     load: &Load,
     progress: ProgressBar,
 ) -> Measured {
-    let run = Arc::new(Run::new(requests, load, progress));
+    let run = Arc::new(Run::new(requests, &[], load, progress));
     let mut clients = JoinSet::new();
     for _ in 0..load.clients.max(1) {
         let (run, approach) = (run.clone(), approach.clone());
@@ -158,9 +166,20 @@ struct ResultStatus {
     status: Status,
 }
 
+/// Requests that fall due when the result of the one they follow arrives: `(index, due)`.
+type FollowUps = mpsc::UnboundedSender<(usize, Instant)>;
+
 /// Reads the results on the run's reply queue and completes their requests, timed from
-/// when each fell due (`due_ns`).
-async fn collect_results(mut consumer: lapin::Consumer, run: Arc<Run>, due_ns: Arc<Vec<AtomicU64>>, verdicts: bool) {
+/// when each fell due (`due_ns`). A request that follows an approved one (`follow[i]`) is
+/// handed to `follow_ups` then; one that follows a refused one is never sent (a payout
+/// service does not capture a hold it did not get) and counts as refused.
+async fn collect_results(
+    mut consumer: lapin::Consumer,
+    run: Arc<Run>,
+    due_ns: Arc<Vec<AtomicU64>>,
+    verdicts: bool,
+    (follow, follow_ups): (Vec<Option<usize>>, FollowUps),
+) {
     while let Some(Ok(delivery)) = consumer.next().await {
         let correlation = delivery.properties.correlation_id().as_ref().map(|c| c.as_str().to_owned());
         let Some(index) = correlation.as_deref().and_then(request_index) else {
@@ -182,6 +201,32 @@ async fn collect_results(mut consumer: lapin::Consumer, run: Arc<Run>, due_ns: A
             }
         };
         run.complete(index, outcome, run.start + Duration::from_nanos(due));
+        if let Some(next) = follow.get(index).copied().flatten() {
+            match outcome {
+                Outcome::Rejected => run.complete(next, Outcome::Rejected, Instant::now()),
+                _ => {
+                    let _ = follow_ups.send((next, Instant::now()));
+                }
+            }
+        }
+    }
+}
+
+/// Publishes the requests handed over as they fall due, until the channel closes.
+async fn publish_follow_ups(
+    publisher: Publisher,
+    run: Arc<Run>,
+    due_ns: Arc<Vec<AtomicU64>>,
+    (exchange, reply_queue): (String, String),
+    queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(usize, Instant)>>>,
+) {
+    loop {
+        let Some((index, due)) = queue.lock().await.recv().await else { return };
+        let since_start = u64::try_from((due - run.start).as_nanos()).unwrap_or(NOT_SENT - 1);
+        due_ns[index].store(since_start, Ordering::Release);
+        if let Err(error) = publisher.publish_request(&exchange, &run.requests[index], Some(&reply_queue)).await {
+            run.fail(&error);
+        }
     }
 }
 
@@ -204,14 +249,34 @@ async fn wait_until_settled(run: &Run, total: u64) {
     }
 }
 
+/// The connections and `count` confirming publishers over them ([`CLIENTS_PER_CONNECTION`]
+/// publishers per connection).
+async fn open_publishers(
+    amqp_url: &str,
+    ca_file: Option<&Path>,
+    count: u32,
+) -> anyhow::Result<(Vec<lapin::Connection>, Vec<Publisher>)> {
+    let mut connections = Vec::new();
+    for _ in 0..count.div_ceil(CLIENTS_PER_CONNECTION) {
+        connections.push(broker::connect(amqp_url, "walletq bench publishers", ca_file).await?);
+    }
+    let mut publishers = Vec::new();
+    for n in 0..count {
+        publishers.push(Publisher::open(&connections[(n / CLIENTS_PER_CONNECTION) as usize]).await?);
+    }
+    Ok((connections, publishers))
+}
+
 /// Publishes `requests` to the partitioning exchange of `names` with `load.clients`
 /// confirming publishers, and collects the results from a reply queue of its own.
-/// `verdicts`: whether results carry a verdict (false for the broker echo).
+/// `verdicts`: whether results carry a verdict (false for the broker echo). The requests
+/// that follow another (`after`) are published by as many more publishers, each when the
+/// result of the one it follows arrives.
 pub async fn drive_queued(
     amqp_url: &str,
     ca_file: Option<&Path>,
     names: &Names,
-    requests: Arc<Vec<Request>>,
+    (requests, after): (Arc<Vec<Request>>, &[Option<usize>]),
     load: &Load,
     progress: ProgressBar,
     verdicts: bool,
@@ -221,22 +286,31 @@ pub async fn drive_queued(
     let (reply_queue, consumer) = broker::open_reply_queue(&replies).await?;
 
     let clients = load.clients.max(1);
-    let mut connections = Vec::new();
-    for _ in 0..clients.div_ceil(CLIENTS_PER_CONNECTION) {
-        connections.push(broker::connect(amqp_url, "walletq bench publishers", ca_file).await?);
-    }
-    let mut publishers = Vec::new();
-    for client in 0..clients {
-        publishers.push(Publisher::open(&connections[(client / CLIENTS_PER_CONNECTION) as usize]).await?);
-    }
+    let follows = after.iter().any(Option::is_some);
+    let (connections, mut publishers) =
+        open_publishers(amqp_url, ca_file, if follows { 2 * clients } else { clients }).await?;
+    let followers = publishers.split_off(clients as usize);
 
-    let run = Arc::new(Run::new(requests, load, progress));
+    let run = Arc::new(Run::new(requests, after, load, progress));
     // When each request fell due, in nanoseconds since the start.
     let due_ns: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(NOT_SENT)).collect());
-
-    let collector = tokio::spawn(collect_results(consumer, run.clone(), due_ns.clone(), verdicts));
+    let mut follow = vec![None; after.len()];
+    for (j, i) in after.iter().enumerate() {
+        if let Some(i) = *i {
+            follow[i] = Some(j);
+        }
+    }
+    let (follow_ups, queue) = mpsc::unbounded_channel();
+    let collector =
+        tokio::spawn(collect_results(consumer, run.clone(), due_ns.clone(), verdicts, (follow, follow_ups)));
 
     let exchange = names.requests_exchange();
+    let queue = Arc::new(tokio::sync::Mutex::new(queue));
+    let mut follow_up_tasks = JoinSet::new();
+    for publisher in followers {
+        let target = (exchange.clone(), reply_queue.clone());
+        follow_up_tasks.spawn(publish_follow_ups(publisher, run.clone(), due_ns.clone(), target, queue.clone()));
+    }
     let mut senders = JoinSet::new();
     for publisher in publishers {
         let (run, due_ns, exchange, reply_queue) = (run.clone(), due_ns.clone(), exchange.clone(), reply_queue.clone());
@@ -254,11 +328,13 @@ pub async fn drive_queued(
     while senders.join_next().await.is_some() {}
 
     wait_until_settled(&run, total).await;
+    follow_up_tasks.abort_all();
     for connection in connections {
         let _ = connection.close(200, "OK".into()).await;
     }
     let _ = replies.close(200, "OK".into()).await;
     collector.abort();
     let _ = collector.await;
+    while follow_up_tasks.join_next().await.is_some() {}
     Ok(run.finish())
 }

@@ -145,6 +145,14 @@ pub async fn run(args: &BenchArgs, mut on_run: impl FnMut(&RunReport)) -> anyhow
     let workload = Arc::new(workload::generate(args.scenario, args.users(), args.requests, args.seed));
     let machine = Machine::describe(env::service_versions(&args.services).await);
     let mut runs = Vec::new();
+    if args.scenario == Scenario::Payout {
+        if let Some(direct) = args.approaches().into_iter().find(|a| !a.is_queued()) {
+            anyhow::bail!(
+                "the payout scenario runs through the queues only (walletq, broker-echo), not {}",
+                direct.name()
+            );
+        }
+    }
     for approach in args.approaches() {
         let env = Environment::fresh(&args.services, &args.topology)?;
         tracing::info!(approach = approach.name(), namespace = env.names.namespace(), "bench run starting");
@@ -231,7 +239,7 @@ impl Run<'_> {
             &self.env.services.amqp_url,
             self.env.services.ca_file.as_deref(),
             &self.env.names,
-            Arc::new(self.workload.requests.clone()),
+            (Arc::new(self.workload.requests.clone()), &self.workload.after),
             &self.load,
             progress_bar(self.args, approach),
             approach.moves_money(),
@@ -340,6 +348,8 @@ fn build_report(
         first_error: measured.first_error,
         elapsed_s: recorder.elapsed().as_secs_f64(),
         throughput_rps: recorder.throughput_rps(),
+        withdrawals_rps: recorder.throughput_rps() * workload.withdrawals() as f64
+            / workload.requests.len().max(1) as f64,
         latency: recorder.latency(),
         approved: verdicts.then(|| recorder.approved()),
         rejected: verdicts.then(|| recorder.rejected()),

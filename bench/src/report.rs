@@ -43,6 +43,9 @@ pub struct RunReport {
     pub elapsed_s: f64,
     /// Answered requests per second.
     pub throughput_rps: f64,
+    /// Withdrawals per second: the throughput times the share of withdrawals (withdraw and
+    /// capture requests) among the requests. A payout is two requests and one withdrawal.
+    pub withdrawals_rps: f64,
     /// End-to-end latency percentiles.
     pub latency: LatencySummary,
     /// Verdict counts (absent for the broker echo, which gives none).
@@ -188,6 +191,7 @@ pub fn run_table(run: &RunReport, style: TableStyle) -> Table {
     }
     row("elapsed", format!("{:.2} s", run.elapsed_s));
     row("throughput", format!("{} req/s", format_rate(run.throughput_rps)));
+    row("withdrawals", format!("{} /s", format_rate(run.withdrawals_rps)));
     let l = &run.latency;
     row(
         "latency p50 / p90 / p99",
@@ -278,6 +282,7 @@ mod tests {
             first_error: None,
             elapsed_s: 1.0,
             throughput_rps: rps,
+            withdrawals_rps: rps,
             latency: LatencySummary { p50_ms: 1.234, p99_ms: 45.67, ..LatencySummary::default() },
             approved: correctness.as_ref().map(|_| 500),
             rejected: correctness.as_ref().map(|_| 500),

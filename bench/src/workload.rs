@@ -18,6 +18,10 @@ pub enum Scenario {
     Hot,
     /// Deposits (a third) and withdrawals (two thirds) of 1.00–20.00 over users holding 20.00 each.
     Mixed,
+    /// Two-phase withdrawals of 1.00 over the `spread` users (funded as there): each payout
+    /// is a hold, then its capture, published when the hold's approval arrives. `--requests`
+    /// counts messages, so a run makes half as many withdrawals as `spread`.
+    Payout,
 }
 
 /// Withdrawal amount of the `spread` and `hot` scenarios, in cents.
@@ -33,7 +37,7 @@ impl Scenario {
     /// The number of users when `--users` is not given.
     pub fn default_users(self) -> u32 {
         match self {
-            Scenario::Spread => 10_000,
+            Scenario::Spread | Scenario::Payout => 10_000,
             Scenario::Hot => 1,
             Scenario::Mixed => 1_000,
         }
@@ -45,9 +49,14 @@ impl Scenario {
             Scenario::Spread => "spread",
             Scenario::Hot => "hot",
             Scenario::Mixed => "mixed",
+            Scenario::Payout => "payout",
         }
     }
 }
+
+/// How long a payout's hold lasts, in seconds: far longer than the run, so only its
+/// capture closes it.
+pub const PAYOUT_HOLD_TIMEOUT_S: u32 = 600;
 
 /// Opening balances and the requests, in submission order.
 #[derive(Debug, Clone)]
@@ -58,25 +67,38 @@ pub struct Workload {
     pub opening: Vec<(UserId, Money)>,
     /// The requests, in submission order.
     pub requests: Vec<Request>,
+    /// `after[j] = Some(i)`: request `j` is not taken by the clients but published once
+    /// request `i`'s result arrived approved (a payout's capture after its hold).
+    pub after: Vec<Option<usize>>,
+}
+
+impl Workload {
+    /// Withdrawals among the requests: withdraw and capture requests (a hold moves no money).
+    pub fn withdrawals(&self) -> usize {
+        self.requests.iter().filter(|r| matches!(r.command, Command::Withdraw { .. } | Command::Capture { .. })).count()
+    }
 }
 
 /// Generates the workload of `scenario`: `users` wallets (ignored by `hot`) and `requests` requests.
 pub fn generate(scenario: Scenario, users: u32, requests: u32, seed: u64) -> Workload {
     let users = if scenario == Scenario::Hot { 1 } else { users.max(1) };
     let opening_cents = match scenario {
-        Scenario::Spread => SPREAD_OPENING_CENTS,
+        Scenario::Spread | Scenario::Payout => SPREAD_OPENING_CENTS,
         Scenario::Hot => i64::from(requests / 2) * UNIT_CENTS,
         Scenario::Mixed => MIXED_OPENING_CENTS,
     };
     let user_ids: Vec<UserId> = (0..users).map(user_id).collect();
     let opening = user_ids.iter().map(|u| (u.clone(), cents(opening_cents))).collect();
+    if scenario == Scenario::Payout {
+        return payouts(opening, &user_ids, requests, seed);
+    }
 
     let mut rng = SmallRng::seed_from_u64(seed);
-    let requests = (0..requests)
+    let requests: Vec<Request> = (0..requests)
         .map(|i| {
             let user = user_ids[rng.random_range(0..user_ids.len())].clone();
             let (op, amount_cents) = match scenario {
-                Scenario::Spread | Scenario::Hot => (Op::Withdraw, UNIT_CENTS),
+                Scenario::Spread | Scenario::Hot | Scenario::Payout => (Op::Withdraw, UNIT_CENTS),
                 Scenario::Mixed => {
                     let op = if rng.random_range(0..3) == 0 { Op::Deposit } else { Op::Withdraw };
                     (op, rng.random_range(MIXED_AMOUNT_CENTS))
@@ -87,7 +109,32 @@ pub fn generate(scenario: Scenario, users: u32, requests: u32, seed: u64) -> Wor
             Request::new(request_id(i), user, command)
         })
         .collect();
-    Workload { scenario, opening, requests }
+    let after = vec![None; requests.len()];
+    Workload { scenario, opening, requests, after }
+}
+
+/// `requests / 2` payouts of [`UNIT_CENTS`] (a hold, then its capture of the same amount) over
+/// `user_ids`; an odd last request is a lone withdrawal.
+fn payouts(opening: Vec<(UserId, Money)>, user_ids: &[UserId], requests: u32, seed: u64) -> Workload {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let amount = cents(UNIT_CENTS);
+    let mut out = Vec::with_capacity(requests as usize);
+    let mut after = Vec::with_capacity(requests as usize);
+    for i in (0..requests).step_by(2) {
+        let user = user_ids[rng.random_range(0..user_ids.len())].clone();
+        if i + 1 == requests {
+            out.push(Request::new(request_id(i), user, Command::Withdraw { amount }));
+            after.push(None);
+            break;
+        }
+        let hold = Command::Hold { amount, timeout_s: PAYOUT_HOLD_TIMEOUT_S };
+        out.push(Request::new(request_id(i), user.clone(), hold));
+        after.push(None);
+        let capture = Command::Capture { hold_id: request_id(i), amount: Some(amount) };
+        out.push(Request::new(request_id(i + 1), user, capture));
+        after.push(Some(i as usize));
+    }
+    Workload { scenario: Scenario::Payout, opening, requests: out, after }
 }
 
 /// The id of request `index`: also its correlation id, so a result leads back to its request.
@@ -136,6 +183,25 @@ mod tests {
         let deposits = workload.requests.iter().filter(|r| r.op() == Op::Deposit).count();
         assert!((800..1_200).contains(&deposits), "{deposits} deposits");
         assert!(workload.requests.iter().all(|r| MIXED_AMOUNT_CENTS.contains(&r.amount().map_or(0, Money::cents))));
+    }
+
+    #[test]
+    fn payout_captures_each_hold_after_it_for_the_same_user_and_amount() {
+        let workload = generate(Scenario::Payout, 100, 1_001, 5);
+        assert_eq!(workload.requests.len(), 1_001);
+        assert_eq!(workload.withdrawals(), 501, "500 captures and the odd lone withdrawal");
+        for (j, request) in workload.requests.iter().enumerate() {
+            match (&request.command, workload.after[j]) {
+                (Command::Capture { hold_id, amount }, Some(i)) => {
+                    let hold = &workload.requests[i];
+                    assert!(i < j && hold.request_id == *hold_id && hold.user_id == request.user_id);
+                    assert_eq!((hold.op(), *amount, hold.amount()), (Op::Hold, Some(cents(UNIT_CENTS)), *amount));
+                }
+                (Command::Hold { .. } | Command::Withdraw { .. }, None) => {}
+                other => panic!("request {j}: {other:?}"),
+            }
+        }
+        assert_eq!(workload.opening.len(), 100);
     }
 
     #[test]

@@ -178,15 +178,22 @@ struct Planner<F> {
 type Applied = (RequestResult, Option<LedgerEntry>);
 
 impl<F: FnMut() -> String> Planner<F> {
-    /// Expires every due hold, oldest `expires_at` first.
+    /// Expires every due hold of the batch's users (those whose wallet the state has),
+    /// oldest `expires_at` first. A due hold of another user, loaded because a capture or
+    /// release names it, is not this batch's to expire: its wallet is neither read nor
+    /// locked; the request naming it is refused `unknown_hold` anyway.
     fn expire_due(&mut self) {
-        let mut due: Vec<Hold> = self.state.holds.values().filter(|h| h.is_due(self.now)).cloned().collect();
+        let wallets = &self.state.wallets;
+        let mut due: Vec<Hold> = self
+            .state
+            .holds
+            .values()
+            .filter(|h| h.is_due(self.now) && wallets.contains_key(&h.user_id))
+            .cloned()
+            .collect();
         due.sort_by(|a, b| (a.expires_at, &a.hold_id).cmp(&(b.expires_at, &b.hold_id)));
         for mut hold in due {
-            let Some(wallet) = self.state.wallets.get(&hold.user_id).copied() else {
-                debug_assert!(false, "hold {} of a user without a wallet", hold.hold_id);
-                continue;
-            };
+            let Some(wallet) = self.state.wallets.get(&hold.user_id).copied() else { continue };
             let wallet = Wallet { held: wallet.held.checked_sub(hold.amount).unwrap_or(Money::ZERO), ..wallet };
             self.set_wallet(&hold.user_id, wallet);
             self.use_limits(&hold.user_id, hold.placed_at, -hold.amount.cents(), -1);
@@ -599,5 +606,22 @@ mod tests {
         assert_eq!(expiries[0].0.op, Some(Op::Expire));
         assert_eq!(expiries[0].0.available, Some(money("100")));
         assert_eq!(after.wallets, vec![(user("u"), Wallet::with_balance(money("100")))]);
+    }
+
+    /// Found by the property test (`properties.rs`): a capture naming another user's due
+    /// hold, in a batch without that user, tripped a debug assertion (a hold "of a user
+    /// without a wallet"): the batch tried to expire a hold whose wallet it had not read.
+    #[test]
+    fn a_due_hold_of_another_user_named_by_a_capture_is_refused_and_not_expired() {
+        let placed_at = Utc::now();
+        let first = plan_at(&[request("h", "owner", Op::Hold, "30")], with_wallet("owner", "100"), placed_at);
+        let hold = first.holds[0].hold.clone();
+        let mut state = with_wallet("thief", "5");
+        state.holds.insert(hold.hold_id.clone(), hold.clone());
+
+        let plan = plan_at(&[capture("c", "thief", "h", None)], state, hold.expires_at);
+        assert_eq!(plan.results[0].reason, Some(Reason::UnknownHold));
+        assert!(plan.holds.is_empty(), "the owner's hold is left to the owner's batches: {:?}", plan.holds);
+        assert!(plan.wallets.is_empty());
     }
 }

@@ -5,6 +5,14 @@
 //! is not its user arrives. Nothing may be lost, applied twice or applied out of per-user
 //! order; every result is read back from the reply queue and checked.
 //!
+//! The traffic has two-phase withdrawals too: holds (half of them of 1 to 3 s, which the
+//! outages let expire, half of an hour), captures (whole, part, or more than the hold) and
+//! releases of the user's recent holds. Whether a capture beat its hold's expiry depends on
+//! timing, so the sequential model is told the time each request was applied (its stored
+//! `processed_at`, the database's clock that also decides expiries). At the end no hold was
+//! both captured (or released) and expired, no figure went negative, and every expired hold's
+//! `expire` result arrived on the reply queue.
+//!
 //! The seed is random and printed; `CHAOS_SEED=<n>` replays a run's workload and fault order.
 //!
 //! It restarts shared services, so it must not run beside other tests: it is `#[ignore]`d in
@@ -12,7 +20,7 @@
 //! (`cargo test --test api -- --ignored chaos::`). Its detectors' unit tests (`detectors::*`)
 //! run with the others.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,12 +30,12 @@ use lapin::options::{BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOption
 use lapin::types::{AMQPValue, FieldTable};
 use walletq::broker::{Publisher, request_properties};
 use walletq::configuration::{QueueType, TopologySettings};
-use walletq::domain::{Op, Reason, Request, RequestResult, Status, Wallet};
+use walletq::domain::{Command as Cmd, Money, Op, Reason, Request, RequestId, RequestResult, Status, Wallet};
 
 use crate::support::raw_amqp;
 use crate::support::{
-    CleanupOnDrop, Lcg, SequentialModel, TestApp, WorkerProcess, free_port, http_get, mixed_requests, request,
-    spawn_app_with, spawn_worker_process_with,
+    CleanupOnDrop, Lcg, SequentialModel, TestApp, WorkerProcess, command, free_port, http_get, request, spawn_app_with,
+    spawn_worker_process_with,
 };
 
 const REQUESTS: usize = 20_000;
@@ -42,6 +50,54 @@ const PUBLISH_RATE_PER_SEC: u64 = 1_000;
 const REDIS_OUTAGE: Duration = Duration::from_secs(10);
 /// How long one worker stays frozen: past its 2 s lock TTL and the 3 s membership TTL.
 const FREEZE: Duration = Duration::from_secs(6);
+/// The timeout of a long hold: it never expires during the run.
+const LONG_HOLD_S: u32 = 3_600;
+/// Recent holds per user that a capture or release may name.
+const RECENT_HOLDS: usize = 4;
+/// How long the expiry of the last short holds, and the publication of every expiry
+/// result, may take once every request is stored.
+const EXPIRY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// `count` deterministic requests over `users` users named `c-<n>`: deposits, withdrawals,
+/// holds (short or long), and captures and releases of one of the user's recent holds.
+fn workload(count: usize, users: u64, seed: u64) -> Vec<Request> {
+    let mut rng = Lcg(seed);
+    let mut recent: HashMap<u64, Vec<(RequestId, i64)>> = HashMap::new();
+    (0..count)
+        .map(|i| {
+            let n = rng.next_below(users);
+            let (id, user) = (format!("c-{i}"), format!("c-{n}"));
+            let cents = 1 + rng.next_below(10_000) as i64;
+            let holds = recent.entry(n).or_default();
+            let roll = rng.next_below(100);
+            let named = (!holds.is_empty()).then(|| holds[rng.next_below(holds.len() as u64) as usize].clone());
+            let chosen = match (roll, named) {
+                (0..35, _) | (72.., None) => Cmd::Deposit { amount: money(cents) },
+                (35..55, _) => Cmd::Withdraw { amount: money(cents) },
+                (55..72, _) => {
+                    let timeout_s = if rng.next_below(2) == 0 { 1 + rng.next_below(3) as u32 } else { LONG_HOLD_S };
+                    holds.push((RequestId::parse(&id).expect("id"), cents));
+                    if holds.len() > RECENT_HOLDS {
+                        holds.remove(0);
+                    }
+                    Cmd::Hold { amount: money(cents), timeout_s }
+                }
+                (72..90, Some((hold_id, held))) => {
+                    // A third whole, the rest a part of it, or up to a tenth more (refused).
+                    let amount =
+                        (rng.next_below(3) != 0).then(|| money(1 + rng.next_below((held + held / 10) as u64) as i64));
+                    Cmd::Capture { hold_id, amount }
+                }
+                (_, Some((hold_id, _))) => Cmd::Release { hold_id },
+            };
+            command(id, &user, chosen)
+        })
+        .collect()
+}
+
+fn money(cents: i64) -> Money {
+    Money::from_cents(cents).expect("amount")
+}
 
 fn run(program: &str, args: &[&str]) {
     let status = Command::new(program).args(args).status().unwrap_or_else(|e| panic!("running {program}: {e}"));
@@ -221,22 +277,29 @@ async fn sustained_redis_outage(pool: &sqlx::PgPool, workers: &[Worker], faults:
     faults.outages += 1;
 }
 
-/// Reads results from `queue` until every request id in `ids` has at least one, or the
-/// deadline passes. Returns them in arrival order.
-async fn read_results(amqp_url: &str, queue: &str, ids: usize, deadline: Duration) -> Vec<RequestResult> {
+/// Reads results from `queue` until `ids` request ids and `expiries` holds' `expire`
+/// results have at least one each, or the deadline passes. Returns them in arrival order.
+async fn read_results(
+    amqp_url: &str,
+    queue: &str,
+    (ids, expiries): (usize, usize),
+    deadline: Duration,
+) -> Vec<RequestResult> {
     let connection = walletq::broker::connect(amqp_url, "chaos results", None).await.expect("broker");
     let channel = connection.create_channel().await.expect("channel");
     let options = BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() };
     let mut consumer =
         channel.basic_consume(queue.into(), "".into(), options, FieldTable::default()).await.expect("consume");
     let mut results = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    let (mut seen, mut expired) = (HashSet::new(), HashSet::new());
     let until = tokio::time::Instant::now() + deadline;
-    while seen.len() < ids {
+    while seen.len() < ids || expired.len() < expiries {
         let Ok(Some(Ok(delivery))) = tokio::time::timeout_at(until, consumer.next()).await else { break };
         let result: RequestResult = serde_json::from_slice(&delivery.data).expect("a result body");
         if let Some(id) = &result.request_id {
             seen.insert(id.as_str().to_owned());
+        } else if let (Some(Op::Expire), Some(hold)) = (result.op, &result.hold_id) {
+            expired.insert(hold.as_str().to_owned());
         }
         results.push(result);
     }
@@ -274,6 +337,140 @@ impl Findings {
     }
 }
 
+/// What the run's holds say, each count able to be non-zero (see the tests below).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct HoldFindings {
+    /// Holds closed more than once: captured or released and also expired (an `expire`
+    /// result read, or the stored state), or closed by two approved requests.
+    closed_twice: usize,
+    /// Results (stored or read, `expire` ones included) whose `held` is above the balance or
+    /// whose `available` is not `balance − held` (money cannot be negative: such a figure
+    /// would not even decode), and wallets whose `held` is negative or above the balance.
+    bad_figures: usize,
+    /// Holds stored as expired whose `expire` result never arrived.
+    expiry_missing: usize,
+    /// The first few findings, described, to print on failure.
+    examples: Vec<String>,
+}
+
+impl HoldFindings {
+    fn note(&mut self, description: impl FnOnce() -> String) {
+        const EXAMPLES_MAX: usize = 10;
+        if self.examples.len() < EXAMPLES_MAX {
+            self.examples.push(description());
+        }
+    }
+}
+
+/// True when a result's wallet figures hang together: all absent, or `held ≤ balance` and
+/// `available = balance − held`.
+fn figures_hold_together(result: &RequestResult) -> bool {
+    match (result.balance, result.held, result.available) {
+        (None, None, None) => true,
+        (Some(balance), Some(held), Some(available)) => {
+            held <= balance && available.cents() == balance.cents() - held.cents()
+        }
+        _ => false,
+    }
+}
+
+/// Checks the holds: stored results, results read (with the `expire` ones), the stored
+/// state of every hold (`hold_id` → state) and every wallet (user, balance and held in cents).
+fn analyse_holds(
+    stored: &HashMap<String, RequestResult>,
+    results: &[RequestResult],
+    hold_states: &HashMap<String, String>,
+    wallets: &[(String, i64, i64)],
+) -> HoldFindings {
+    let mut findings = HoldFindings::default();
+    let mut closers: HashMap<&str, usize> = HashMap::new();
+    let mut expire_results: HashSet<&str> = HashSet::new();
+    for result in stored.values().chain(results) {
+        if !figures_hold_together(result) {
+            findings.bad_figures += 1;
+            findings.note(|| format!("figures do not hang together: {result:?}"));
+        }
+    }
+    for result in stored.values().filter(|r| r.status == Status::Approved) {
+        if let (Some(Op::Capture | Op::Release), Some(hold)) = (result.op, &result.hold_id) {
+            *closers.entry(hold.as_str()).or_default() += 1;
+        }
+    }
+    for result in results.iter().filter(|r| r.op == Some(Op::Expire)) {
+        expire_results.extend(result.hold_id.as_ref().map(RequestId::as_str));
+    }
+    for (&hold, &count) in &closers {
+        let expired = expire_results.contains(hold) || hold_states.get(hold).is_some_and(|s| s == "expired");
+        if count > 1 || expired {
+            findings.closed_twice += 1;
+            findings.note(|| format!("hold {hold}: {count} approved captures or releases, expired {expired}"));
+        }
+    }
+    // An expire result of a hold no request closed, which is not stored as expired.
+    for &hold in expire_results.iter().filter(|h| !closers.contains_key(*h)) {
+        if hold_states.get(hold).is_none_or(|s| s != "expired") {
+            findings.closed_twice += 1;
+            findings.note(|| format!("hold {hold}: an expire result, stored state {:?}", hold_states.get(hold)));
+        }
+    }
+    for (hold, _) in hold_states.iter().filter(|(_, state)| *state == "expired") {
+        if !expire_results.contains(hold.as_str()) {
+            findings.expiry_missing += 1;
+            findings.note(|| format!("hold {hold} expired: no expire result arrived"));
+        }
+    }
+    for (user, balance, held) in wallets {
+        if *held < 0 || held > balance {
+            findings.bad_figures += 1;
+            findings.note(|| format!("wallet {user}: balance {balance}, held {held}"));
+        }
+    }
+    findings
+}
+
+/// Waits until no short hold is left to expire and every expiry result was published (the
+/// workers still run), at most [`EXPIRY_DEADLINE`]. True when it happened.
+async fn wait_for_expiries(pool: &sqlx::PgPool) -> bool {
+    let deadline = Instant::now() + EXPIRY_DEADLINE;
+    loop {
+        let pending: Option<i64> = sqlx::query_scalar(
+            "SELECT count(*) FROM holds
+             WHERE (state = 'active' AND expires_at < now() + interval '1 minute') OR (state = 'expired' AND NOT expiry_sent)",
+        )
+        .fetch_one(pool)
+        .await
+        .ok();
+        if pending == Some(0) {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Lets the last short holds expire and their results go out while the workers still run,
+/// then reads every result back. Returns whether the expiries settled, and the results.
+async fn settle_and_read(app: &TestApp, replies: &str) -> (bool, Vec<RequestResult>) {
+    let settled = wait_for_expiries(&app.pool).await;
+    let (hold_states, _) = holds_and_wallets(&app.pool).await;
+    let expired = hold_states.values().filter(|s| *s == "expired").count();
+    let expected = (REQUESTS + MISROUTED, expired);
+    (settled, read_results(&app.services.amqp_url, replies, expected, Duration::from_secs(60)).await)
+}
+
+/// The stored state of every hold, and every wallet's balance and held in cents.
+async fn holds_and_wallets(pool: &sqlx::PgPool) -> (HashMap<String, String>, Vec<(String, i64, i64)>) {
+    let states: Vec<(String, String)> =
+        sqlx::query_as("SELECT hold_id, state FROM holds").fetch_all(pool).await.expect("holds");
+    let wallets = sqlx::query_as("SELECT user_id, (balance * 100)::bigint, (held * 100)::bigint FROM wallets")
+        .fetch_all(pool)
+        .await
+        .expect("wallets");
+    (states.into_iter().collect(), wallets)
+}
+
 /// Checks every valid request (in publish order) against the results read back (in
 /// arrival order), the stored results and a sequential model.
 fn analyse(requests: &[Request], results: &[RequestResult], stored: &HashMap<String, RequestResult>) -> Findings {
@@ -289,6 +486,7 @@ fn analyse(requests: &[Request], results: &[RequestResult], stored: &HashMap<Str
                 s.status == result.status
                     && s.reason == result.reason
                     && s.balance == result.balance
+                    && s.held == result.held
                     && s.processed_at == result.processed_at
             });
             if !same {
@@ -302,7 +500,9 @@ fn analyse(requests: &[Request], results: &[RequestResult], stored: &HashMap<Str
     let mut last_arrival_of_user: HashMap<&str, usize> = HashMap::new();
     for r in requests {
         let id = r.request_id.as_str();
-        let (status, reason, balance) = model.apply(r);
+        // Applied at its stored time: the model expires the holds due by then first.
+        let (status, reason, balance) = model.apply_at(r, stored.get(id).map(|s| s.processed_at));
+        let held = model.held_of(r.user_id.as_str());
         let (Some(result), Some(&arrived)) = (stored.get(id), first_arrival.get(id)) else {
             findings.lost += 1;
             let (is_stored, answered) = (stored.contains_key(id), first_arrival.contains_key(id));
@@ -315,18 +515,21 @@ fn analyse(requests: &[Request], results: &[RequestResult], stored: &HashMap<Str
         }
         let matches = result.status == status
             && result.reason.map(|x| x.as_str()) == reason
-            && result.balance.map(|b| b.cents()) == balance;
+            && result.balance.map(|b| b.cents()) == balance
+            && result.held.map(|h| h.cents()) == balance.map(|_| held)
+            && (r.op() != Op::Hold || status != Status::Approved || result.expires_at == model.expires_at(id));
         let previous = last_arrival_of_user.insert(r.user_id.as_str(), arrived);
         let in_order = previous.is_none_or(|p| p < arrived);
         if !matches || !in_order {
             findings.out_of_order += 1;
             findings.note(|| {
                 format!(
-                    "{id} of {}: stored {:?}/{:?}/{:?}, model {status:?}/{reason:?}/{balance:?}; first result at {arrived}, the user's previous at {previous:?}",
+                    "{id} of {}: stored {:?}/{:?}/{:?} held {:?}, model {status:?}/{reason:?}/{balance:?} held {held}; first result at {arrived}, the user's previous at {previous:?}",
                     r.user_id.as_str(),
                     result.status,
                     result.reason.map(|x| x.as_str()),
                     result.balance.map(|b| b.cents()),
+                    result.held.map(|h| h.cents()),
                 )
             });
         }
@@ -391,7 +594,7 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
     let seed = seed();
     let _ = writeln!(std::io::stderr(), "chaos: seed {seed} (CHAOS_SEED={seed} replays this run)");
     let app = spawn_app_with(TopologySettings { partitions: 16, queue_type: QueueType::Quorum }, false).await;
-    let requests = mixed_requests("c", REQUESTS, USERS, 4, 10_000, seed);
+    let requests = workload(REQUESTS, USERS, seed);
     let mut rng = Lcg(seed ^ 0x9e37_79b9_7f4a_7c15);
     let replies = format!("{}.chaos-replies", app.names.namespace());
     declare_replies(&app, &replies).await;
@@ -435,13 +638,18 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
         }
     }
     let resent = publishing.await.expect("publisher");
-    let results = read_results(&app.services.amqp_url, &replies, REQUESTS + MISROUTED, Duration::from_secs(60)).await;
+    let (expiries_settled, results) = settle_and_read(&app, &replies).await;
     drop(workers);
 
     let stored = app.stored_results().await;
     let mut findings = analyse(&requests, &results, &stored);
-    let approved =
-        requests.iter().filter(|r| stored.get(r.request_id.as_str()).is_some_and(|s| s.status == Status::Approved));
+    // One ledger entry per approved deposit, withdrawal or capture (a hold or release moves
+    // no money).
+    let moves_money = |r: &&Request| matches!(r.op(), Op::Deposit | Op::Withdraw | Op::Capture);
+    let approved = requests
+        .iter()
+        .filter(moves_money)
+        .filter(|r| stored.get(r.request_id.as_str()).is_some_and(|s| s.status == Status::Approved));
     let approved = approved.count() as i64;
     let entries: i64 =
         sqlx::query_scalar("SELECT count(*) FROM ledger_entries").fetch_one(&app.pool).await.expect("entries");
@@ -468,23 +676,35 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
     .await
     .expect("count");
 
+    let (hold_states, wallets) = holds_and_wallets(&app.pool).await;
+    let hold_summary = hold_summary(&hold_states, expiries_settled);
+    let holds = analyse_holds(&stored, &results, &hold_states, &wallets);
+
     let Findings { lost, applied_twice, out_of_order, replay_mismatch, examples } = findings;
-    for example in &examples {
+    for example in examples.iter().chain(&holds.examples) {
         let _ = writeln!(std::io::stderr(), "chaos finding: {example}");
     }
     let summary = format!(
         "chaos: {REQUESTS} requests, {} kills, {} outages, {} poison messages, {misrouted_refused} of {MISROUTED} misrouted refused, \
          {dead} dead-lettered, {lost} lost, {applied_twice} applied twice, {out_of_order} out of order \
-         ({replay_mismatch} replays differing, {} results read, {resent} messages re-sent, seed {seed}, {:.1} s)",
+         ({replay_mismatch} replays differing, {} results read, {resent} messages re-sent, seed {seed}, {:.1} s); \
+         {hold_summary}, {} closed twice, {} with bad figures, {} expire results missing",
         faults.kills,
         faults.outages,
         faults.poisons,
         results.len(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        holds.closed_twice,
+        holds.bad_figures,
+        holds.expiry_missing,
     );
     // Straight to the terminal, past the test harness's capture, so CI shows the figures.
     let _ = writeln!(std::io::stderr(), "{summary}");
     assert_eq!((lost, applied_twice, out_of_order, replay_mismatch), (0, 0, 0, 0), "{summary}");
+    assert!(expiries_settled, "every short hold expired or closed, every expiry result published: {summary}");
+    assert_eq!((holds.closed_twice, holds.bad_figures, holds.expiry_missing), (0, 0, 0), "{summary}");
+    assert!(hold_states.values().any(|s| s == "expired"), "some holds expired: {summary}");
+    assert!(hold_states.values().any(|s| s == "captured"), "some holds were captured: {summary}");
     assert_eq!(stored.len(), REQUESTS, "exactly one stored result per valid request: {summary}");
     assert_eq!(entries, approved, "one ledger entry per approved request");
     assert!(audit.is_clean(), "audit: {audit:?}");
@@ -498,6 +718,19 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
         "only the poison messages and the misrouted copies are dead-lettered ({dead_min} to {dead_max}): {summary}"
     );
     app.cleanup().await;
+}
+
+/// Holds by stored state, for the summary line.
+fn hold_summary(hold_states: &HashMap<String, String>, settled: bool) -> String {
+    let count = |state: &str| hold_states.values().filter(|s| *s == state).count();
+    format!(
+        "{} holds ({} captured, {} released, {} expired, {} active; expiries settled {settled})",
+        hold_states.len(),
+        count("captured"),
+        count("released"),
+        count("expired"),
+        count("active")
+    )
 }
 
 /// A durable quorum queue for the run's results: it survives the broker restart.
@@ -616,5 +849,101 @@ mod detectors {
         replay.balance = walletq::domain::Money::from_cents(1);
         results.push(replay);
         assert_eq!(analyse(&requests, &results, &stored).replay_mismatch, 1);
+    }
+
+    /// A deposit of 5.00, a 1 s hold of 2.00 and its whole capture, applied at `t`, `t` and
+    /// `t + capture_after`: the stored results as the rules give them, and the hold's state.
+    fn hold_setup(capture_after: chrono::Duration) -> (Vec<Request>, Vec<RequestResult>, HashMap<String, String>) {
+        let money = |cents| walletq::domain::Money::from_cents(cents).expect("money");
+        let hold_id = RequestId::parse("h-2").expect("id");
+        let requests = vec![
+            request("h-1", "u", Op::Deposit, 500),
+            command("h-2", "u", Cmd::Hold { amount: money(200), timeout_s: 1 }),
+            command("h-3", "u", Cmd::Capture { hold_id: hold_id.clone(), amount: None }),
+        ];
+        let t = chrono::Utc::now();
+        let wallet = |balance, held| Wallet { balance: money(balance), held: money(held) };
+        let mut hold = RequestResult::approved(&requests[1], wallet(500, 200), None, t);
+        hold.hold_id = Some(hold_id);
+        hold.expires_at = Some(t + chrono::Duration::seconds(1));
+        let (capture, state) = if capture_after < chrono::Duration::seconds(1) {
+            let mut capture = RequestResult::approved(&requests[2], wallet(300, 0), None, t + capture_after);
+            capture.amount = Some(money(200));
+            (capture, "captured")
+        } else {
+            let wallet = Some(wallet(500, 0));
+            (RequestResult::rejected(&requests[2], Reason::HoldExpired, wallet, t + capture_after), "expired")
+        };
+        let deposit = RequestResult::approved(&requests[0], wallet(500, 0), None, t);
+        let states = HashMap::from([("h-2".to_owned(), state.to_owned())]);
+        (requests, vec![deposit, hold, capture], states)
+    }
+
+    fn by_id(results: &[RequestResult]) -> HashMap<String, RequestResult> {
+        results.iter().map(|r| (r.request_id.as_ref().expect("id").as_str().to_owned(), r.clone())).collect()
+    }
+
+    #[test]
+    fn the_model_lets_a_capture_before_the_expiry_win_and_refuses_one_at_or_after_it() {
+        for after in [chrono::Duration::milliseconds(999), chrono::Duration::seconds(1), chrono::Duration::seconds(3)] {
+            let (requests, results, _) = hold_setup(after);
+            assert_eq!(analyse(&requests, &results, &by_id(&results)), Findings::default(), "capture after {after}");
+        }
+        // The ledger's answer for the other side of the expiry is found.
+        let (requests, _, _) = hold_setup(chrono::Duration::seconds(2));
+        let (_, mut wrong, _) = hold_setup(chrono::Duration::milliseconds(500));
+        wrong[2].processed_at += chrono::Duration::seconds(2);
+        assert_eq!(analyse(&requests, &wrong, &by_id(&wrong)).out_of_order, 1);
+    }
+
+    #[test]
+    fn a_correct_hold_run_finds_nothing() {
+        for after in [chrono::Duration::milliseconds(500), chrono::Duration::seconds(2)] {
+            let (_, mut results, states) = hold_setup(after);
+            let wallets = vec![("u".to_owned(), 500, 0)];
+            if states["h-2"] == "expired" {
+                results.push(expire_result(&results[1]));
+            }
+            assert_eq!(analyse_holds(&by_id(&results[..3]), &results, &states, &wallets), HoldFindings::default());
+        }
+    }
+
+    /// The `expire` result of the hold whose result is `hold`.
+    fn expire_result(hold: &RequestResult) -> RequestResult {
+        RequestResult {
+            request_id: None,
+            op: Some(Op::Expire),
+            held: walletq::domain::Money::from_cents(0),
+            available: hold.balance,
+            ..hold.clone()
+        }
+    }
+
+    #[test]
+    fn a_hold_captured_and_expired_is_closed_twice() {
+        let (_, mut results, mut states) = hold_setup(chrono::Duration::milliseconds(500));
+        let stored = by_id(&results);
+        results.push(expire_result(&results[1]));
+        assert_eq!(analyse_holds(&stored, &results, &states, &[]).closed_twice, 1, "an expire result read");
+        results.pop();
+        states.insert("h-2".into(), "expired".into());
+        let findings = analyse_holds(&stored, &results, &states, &[]);
+        assert_eq!(findings.closed_twice, 1, "stored as expired");
+    }
+
+    #[test]
+    fn an_expired_hold_without_its_expire_result_is_missing() {
+        let (_, results, states) = hold_setup(chrono::Duration::seconds(2));
+        assert_eq!(analyse_holds(&by_id(&results), &results, &states, &[]).expiry_missing, 1);
+    }
+
+    #[test]
+    fn held_above_the_balance_or_available_off_are_bad_figures() {
+        let (_, mut results, states) = hold_setup(chrono::Duration::milliseconds(500));
+        let stored = by_id(&results);
+        assert_eq!(analyse_holds(&stored, &results, &states, &[("u".into(), 100, 101)]).bad_figures, 1);
+        assert_eq!(analyse_holds(&stored, &results, &states, &[("u".into(), 100, -1)]).bad_figures, 1);
+        results[1].available = results[1].balance;
+        assert_eq!(analyse_holds(&stored, &results, &states, &[]).bad_figures, 1);
     }
 }

@@ -64,3 +64,42 @@ fn compare_reports_every_approach_and_only_the_naive_one_can_be_wrong() {
     assert!(svg.starts_with("<svg") && svg.contains("7 walletq"), "an SVG naming the approaches");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--scenario payout` through walletq: every hold is approved and then captured (the
+/// capture published once the hold's approval arrived), the books balance, and the report
+/// counts one withdrawal per two requests. A direct approach refuses the scenario.
+#[test]
+fn payout_holds_then_captures_every_withdrawal() {
+    let dir = std::env::temp_dir().join(format!("walletq-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let json = dir.join("report.json");
+    let run = |approach: &str| {
+        Command::new(env!("CARGO_BIN_EXE_walletq-bench"))
+            .args(["--scenario", "payout", "--users", "20", "--requests", "300", "--clients", "10"])
+            .args(["--partitions", "2", "--queue-type", "classic", "--quiet", "--approach", approach])
+            .arg("--json")
+            .arg(&json)
+            .env("DATABASE_URL", env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/walletq"))
+            .env("AMQP_URL", env_or("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"))
+            .env("REDIS_URL", env_or("REDIS_URL", "redis://127.0.0.1:6379"))
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run walletq-bench")
+    };
+    let output = run("walletq");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "bench failed: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).expect("the JSON report")).expect("JSON");
+    let run_report = &report["runs"][0];
+    assert_eq!((run_report["completed"].as_u64(), run_report["errors"].as_u64()), (Some(300), Some(0)));
+    assert_eq!((run_report["approved"].as_u64(), run_report["rejected"].as_u64()), (Some(300), Some(0)));
+    assert_eq!(run_report["correctness"]["balances_correct"], true, "{}", run_report["correctness"]);
+    let (requests, withdrawals) = (run_report["throughput_rps"].as_f64(), run_report["withdrawals_rps"].as_f64());
+    assert!(requests.zip(withdrawals).is_some_and(|(r, w)| w > 0.0 && (r - 2.0 * w).abs() < 1e-6 * r), "{run_report}");
+
+    let refused = run("select-for-update");
+    assert!(!refused.status.success(), "a direct approach cannot run payouts");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("payout"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

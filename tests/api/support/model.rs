@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
+
 use walletq::domain::{Command, Money, Op, Request, RequestId, RequestResult, Status, UserId};
 
 /// A valid request.
@@ -28,36 +30,129 @@ pub(crate) fn cents(cents: i64) -> Money {
 }
 
 /// The rules, written again independently and in integer cents, as the oracle.
+///
+/// Holds expire on the database's clock, which a test does not control: [`Self::apply_at`]
+/// takes the time the request was applied (its stored `processed_at`) and first expires the
+/// user's holds due by then, as the batch that applied it did (or a sweep before it: the
+/// figures are the same). [`Self::apply`] knows no time: its holds never expire.
 #[derive(Default)]
 pub(crate) struct SequentialModel {
     balances: HashMap<String, i64>,
+    /// The sum of the active holds, per user with a wallet.
+    held: HashMap<String, i64>,
+    /// The approved holds by id.
+    holds: HashMap<String, ModelHold>,
 }
 
+/// A hold as the sequential model sees it.
+struct ModelHold {
+    user: String,
+    cents: i64,
+    /// `None` while active; else how it was closed.
+    closed: Option<Closed>,
+    /// When it expires, when the model knows the time.
+    expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    /// Captured or released.
+    ByRequest,
+    Expired,
+}
+
+/// The model's verdict: (status, reason, balance after in cents).
+pub(crate) type Verdict = (Status, Option<&'static str>, Option<i64>);
+
 impl SequentialModel {
-    /// Applies one request; returns (status, reason, balance after in cents).
-    pub(crate) fn apply(&mut self, request: &Request) -> (Status, Option<&'static str>, Option<i64>) {
+    /// Applies one request, with no clock (holds never expire).
+    pub(crate) fn apply(&mut self, request: &Request) -> Verdict {
+        self.apply_at(request, None)
+    }
+
+    /// Applies one request applied at `at` (when known), after expiring the user's holds due
+    /// by then.
+    pub(crate) fn apply_at(&mut self, request: &Request, at: Option<DateTime<Utc>>) -> Verdict {
         let user = request.user_id.as_str().to_owned();
+        if let Some(at) = at {
+            self.expire_due(&user, at);
+        }
         let amount = request.amount().map_or(0, Money::cents);
-        match (request.op(), self.balances.get(&user).copied()) {
-            (Op::Deposit, balance) => {
+        let available = self.balances.get(&user).map(|b| b - self.held_of(&user));
+        match (&request.command, self.balances.get(&user).copied()) {
+            (Command::Deposit { .. }, balance) => {
                 let after = balance.unwrap_or(0) + amount;
                 self.balances.insert(user, after);
                 (Status::Approved, None, Some(after))
             }
-            (Op::Withdraw, None) => (Status::Rejected, Some("no_wallet"), None),
-            (Op::Withdraw, Some(balance)) if balance < amount => {
+            (Command::Withdraw { .. } | Command::Hold { .. }, None) => (Status::Rejected, Some("no_wallet"), None),
+            (Command::Withdraw { .. } | Command::Hold { .. }, Some(balance)) if available < Some(amount) => {
                 (Status::Rejected, Some("insufficient_funds"), Some(balance))
             }
-            (Op::Withdraw, Some(balance)) => {
+            (Command::Withdraw { .. }, Some(balance)) => {
                 self.balances.insert(user, balance - amount);
                 (Status::Approved, None, Some(balance - amount))
             }
-            (op, _) => panic!("the sequential model knows no {}", op.as_str()),
+            (Command::Hold { timeout_s, .. }, Some(balance)) => {
+                *self.held.entry(user.clone()).or_default() += amount;
+                let expires_at = at.map(|at| at + chrono::Duration::seconds(i64::from(*timeout_s)));
+                let hold = ModelHold { user, cents: amount, closed: None, expires_at };
+                self.holds.insert(request.request_id.as_str().to_owned(), hold);
+                (Status::Approved, None, Some(balance))
+            }
+            (Command::Capture { hold_id, .. } | Command::Release { hold_id }, balance) => {
+                self.close(request, hold_id.as_str(), balance)
+            }
         }
+    }
+
+    fn close(&mut self, request: &Request, hold_id: &str, balance: Option<i64>) -> Verdict {
+        let user = request.user_id.as_str();
+        let (Some(hold), Some(balance)) = (self.holds.get_mut(hold_id).filter(|h| h.user == user), balance) else {
+            return (Status::Rejected, Some("unknown_hold"), balance);
+        };
+        match hold.closed {
+            None => {}
+            Some(Closed::ByRequest) => return (Status::Rejected, Some("hold_closed"), Some(balance)),
+            Some(Closed::Expired) => return (Status::Rejected, Some("hold_expired"), Some(balance)),
+        }
+        let taken = match request.command {
+            Command::Capture { amount, .. } => amount.map_or(hold.cents, Money::cents),
+            _ => 0,
+        };
+        if taken > hold.cents {
+            return (Status::Rejected, Some("amount_exceeds_hold"), Some(balance));
+        }
+        hold.closed = Some(Closed::ByRequest);
+        *self.held.entry(user.to_owned()).or_default() -= hold.cents;
+        self.balances.insert(user.to_owned(), balance - taken);
+        (Status::Approved, None, Some(balance - taken))
+    }
+
+    /// Expires the active holds of `user` due at `at`.
+    fn expire_due(&mut self, user: &str, at: DateTime<Utc>) {
+        let mut expired = 0;
+        for hold in self.holds.values_mut().filter(|h| h.user == user && h.closed.is_none()) {
+            if hold.expires_at.is_some_and(|e| e <= at) {
+                hold.closed = Some(Closed::Expired);
+                expired += hold.cents;
+            }
+        }
+        *self.held.entry(user.to_owned()).or_default() -= expired;
     }
 
     pub(crate) fn balance(&self, user: &str) -> Option<i64> {
         self.balances.get(user).copied()
+    }
+
+    /// The sum of the user's active holds, as the model knows it.
+    pub(crate) fn held_of(&self, user: &str) -> i64 {
+        self.held.get(user).copied().unwrap_or(0)
+    }
+
+    /// When the hold `hold_id` expires, as the model computed it.
+    pub(crate) fn expires_at(&self, hold_id: &str) -> Option<DateTime<Utc>> {
+        self.holds.get(hold_id).and_then(|h| h.expires_at)
     }
 }
 
