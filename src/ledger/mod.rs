@@ -161,6 +161,10 @@ impl Ledger {
                 ("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_TIMEOUT_MS.to_string()),
                 ("enable_seqscan", "off".to_owned()),
                 ("plan_cache_mode", "force_generic_plan".to_owned()),
+                // With sequential scans priced out, a statement that has no usable index (an
+                // audit check, an operator's read) gets an enormous cost estimate, and JIT
+                // would compile it (~200 ms each time): never worth it for these statements.
+                ("jit", "off".to_owned()),
             ]);
         if let Some(ca_file) = ca_file {
             crate::tls::read_ca_pem(ca_file)?;

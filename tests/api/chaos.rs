@@ -34,8 +34,8 @@ use walletq::domain::{Command as Cmd, Money, Op, Reason, Request, RequestId, Req
 
 use crate::support::raw_amqp;
 use crate::support::{
-    CleanupOnDrop, Lcg, SequentialModel, TestApp, WorkerProcess, command, free_port, http_get, request, spawn_app_with,
-    spawn_worker_process_with,
+    CleanupOnDrop, Lcg, ModelLimits, SequentialModel, TestApp, WorkerProcess, command, free_port, http_get, request,
+    spawn_app_with, spawn_worker_process_with,
 };
 
 const REQUESTS: usize = 20_000;
@@ -93,6 +93,33 @@ fn workload(count: usize, users: u64, seed: u64) -> Vec<Request> {
             command(id, &user, chosen)
         })
         .collect()
+}
+
+/// Every fifth user has limits of its own, which part of its traffic runs into; `walletq
+/// audit` then checks every stored 24-hour window against them, and the model predicts each
+/// `limit_exceeded`.
+const LIMITED_EVERY: u64 = 5;
+const LIMITS: ModelLimits =
+    ModelLimits { per_withdrawal: Some(8_000), daily_amount: Some(60_000), daily_count: Some(15) };
+
+/// The users with limits of their own.
+fn limited_users() -> impl Iterator<Item = String> {
+    (0..USERS).step_by(LIMITED_EVERY as usize).map(|n| format!("c-{n}"))
+}
+
+/// Sets [`LIMITS`] in the ledger for [`limited_users`].
+async fn set_limits(app: &TestApp) {
+    let ledger = walletq::ledger::Ledger::connect(&app.services.database_url, 1, None).await.expect("ledger");
+    let change = walletq::ledger::limits::LimitChange {
+        per_withdrawal: LIMITS.per_withdrawal.map(money),
+        daily_amount: LIMITS.daily_amount.map(money),
+        daily_count: LIMITS.daily_count.and_then(|n| u32::try_from(n).ok()),
+    };
+    for user in limited_users() {
+        let user = walletq::domain::UserId::parse(&user).expect("user id");
+        ledger.set_limits(&user, change, Some("chaos")).await.expect("set limits");
+    }
+    ledger.pool().close().await;
 }
 
 fn money(cents: i64) -> Money {
@@ -476,6 +503,9 @@ async fn holds_and_wallets(pool: &sqlx::PgPool) -> (HashMap<String, String>, Vec
 fn analyse(requests: &[Request], results: &[RequestResult], stored: &HashMap<String, RequestResult>) -> Findings {
     let mut findings = Findings::default();
     let mut model = SequentialModel::default();
+    for user in limited_users() {
+        model.set_limits(&user, LIMITS);
+    }
     let mut first_arrival: HashMap<&str, usize> = HashMap::new();
     let mut applications: HashMap<&str, usize> = HashMap::new();
     for (position, result) in results.iter().enumerate() {
@@ -609,6 +639,7 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
         outgoing.insert(at, Outgoing { routing_key: format!("mis-{n}"), request: misrouted });
     }
 
+    set_limits(&app).await;
     // Worker logs at error only: the outages make every worker warn many times a second.
     let spawn = || {
         let metrics = format!("127.0.0.1:{}", free_port());

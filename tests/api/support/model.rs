@@ -42,6 +42,20 @@ pub(crate) struct SequentialModel {
     held: HashMap<String, i64>,
     /// The approved holds by id.
     holds: HashMap<String, ModelHold>,
+    /// Users' own limits, in cents: (per withdrawal, daily amount, daily count).
+    limits: HashMap<String, ModelLimits>,
+    /// What counts against the daily limits, per user: (cents, count). A test runs well
+    /// within 24 hours, so everything since its start is in the window.
+    usage: HashMap<String, (i64, i64)>,
+}
+
+/// A user's limits as the model sees them: (per withdrawal, daily amount) in cents, and the
+/// daily count.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct ModelLimits {
+    pub(crate) per_withdrawal: Option<i64>,
+    pub(crate) daily_amount: Option<i64>,
+    pub(crate) daily_count: Option<i64>,
 }
 
 /// A hold as the sequential model sees it.
@@ -65,6 +79,27 @@ enum Closed {
 pub(crate) type Verdict = (Status, Option<&'static str>, Option<i64>);
 
 impl SequentialModel {
+    /// Gives `user` its own limits (the test sets the same in the ledger).
+    pub(crate) fn set_limits(&mut self, user: &str, limits: ModelLimits) {
+        self.limits.insert(user.to_owned(), limits);
+    }
+
+    /// True when a limit of `user` refuses a withdrawal or hold of `cents`.
+    fn over_limit(&self, user: &str, cents: i64) -> bool {
+        let Some(limits) = self.limits.get(user) else { return false };
+        let (used, count) = self.usage.get(user).copied().unwrap_or((0, 0));
+        limits.per_withdrawal.is_some_and(|max| cents > max)
+            || limits.daily_count.is_some_and(|max| count + 1 > max)
+            || limits.daily_amount.is_some_and(|max| used + cents > max)
+    }
+
+    /// Counts (negative: gives back) usage of the daily limits.
+    fn use_limits(&mut self, user: &str, cents: i64, count: i64) {
+        let usage = self.usage.entry(user.to_owned()).or_default();
+        usage.0 += cents;
+        usage.1 += count;
+    }
+
     /// Applies one request, with no clock (holds never expire).
     pub(crate) fn apply(&mut self, request: &Request) -> Verdict {
         self.apply_at(request, None)
@@ -86,14 +121,19 @@ impl SequentialModel {
                 (Status::Approved, None, Some(after))
             }
             (Command::Withdraw { .. } | Command::Hold { .. }, None) => (Status::Rejected, Some("no_wallet"), None),
+            (Command::Withdraw { .. } | Command::Hold { .. }, Some(balance)) if self.over_limit(&user, amount) => {
+                (Status::Rejected, Some("limit_exceeded"), Some(balance))
+            }
             (Command::Withdraw { .. } | Command::Hold { .. }, Some(balance)) if available < Some(amount) => {
                 (Status::Rejected, Some("insufficient_funds"), Some(balance))
             }
             (Command::Withdraw { .. }, Some(balance)) => {
+                self.use_limits(&user, amount, 1);
                 self.balances.insert(user, balance - amount);
                 (Status::Approved, None, Some(balance - amount))
             }
             (Command::Hold { timeout_s, .. }, Some(balance)) => {
+                self.use_limits(&user, amount, 1);
                 *self.held.entry(user.clone()).or_default() += amount;
                 let expires_at = at.map(|at| at + chrono::Duration::seconds(i64::from(*timeout_s)));
                 let hold = ModelHold { user, cents: amount, closed: None, expires_at };
@@ -124,21 +164,27 @@ impl SequentialModel {
             return (Status::Rejected, Some("amount_exceeds_hold"), Some(balance));
         }
         hold.closed = Some(Closed::ByRequest);
+        // A release gives the whole hold back, amount and count; a capture the rest of it.
+        let release = matches!(request.command, Command::Release { .. });
+        let freed = hold.cents - taken;
         *self.held.entry(user.to_owned()).or_default() -= hold.cents;
+        self.use_limits(user, -freed, if release { -1 } else { 0 });
         self.balances.insert(user.to_owned(), balance - taken);
         (Status::Approved, None, Some(balance - taken))
     }
 
     /// Expires the active holds of `user` due at `at`.
     fn expire_due(&mut self, user: &str, at: DateTime<Utc>) {
-        let mut expired = 0;
+        let (mut expired, mut count) = (0, 0);
         for hold in self.holds.values_mut().filter(|h| h.user == user && h.closed.is_none()) {
             if hold.expires_at.is_some_and(|e| e <= at) {
                 hold.closed = Some(Closed::Expired);
                 expired += hold.cents;
+                count += 1;
             }
         }
         *self.held.entry(user.to_owned()).or_default() -= expired;
+        self.use_limits(user, -expired, -count);
     }
 
     pub(crate) fn balance(&self, user: &str) -> Option<i64> {
