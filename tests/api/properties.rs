@@ -481,7 +481,22 @@ struct Model {
     /// The approved holds, by id.
     holds: HashMap<String, ModelHold>,
     stored: HashMap<String, (Request, RequestResult)>,
+    /// Users' own limits. A case lasts seconds of real time and its clock moves only the
+    /// holds, so all of a case's usage is inside the 24-hour window.
+    limits: HashMap<String, CaseLimits>,
+    /// (cents, count) counted against the daily limits, per user.
+    usage: HashMap<String, (i64, i64)>,
 }
+
+/// The limits the first user of every case has of its own, in cents (and a count).
+#[derive(Debug, Clone, Copy)]
+struct CaseLimits {
+    per_withdrawal: i64,
+    daily_amount: i64,
+    daily_count: i64,
+}
+
+const CASE_LIMITS: CaseLimits = CaseLimits { per_withdrawal: 15_000, daily_amount: 40_000, daily_count: 6 };
 
 fn coupon_for(cents: i64) -> Option<CouponKind> {
     if cents >= 50_000 {
@@ -523,6 +538,29 @@ fn outcome(
 }
 
 impl Model {
+    /// Which limit refuses a withdrawal or hold of `cents` by `user`, by the name its
+    /// `detail` starts with (largest first, then count, then amount, as documented).
+    fn refusing_limit(&self, user: &str, cents: i64) -> Option<&'static str> {
+        let limits = self.limits.get(user)?;
+        let (used, count) = self.usage.get(user).copied().unwrap_or((0, 0));
+        if cents > limits.per_withdrawal {
+            Some("per_withdrawal")
+        } else if count + 1 > limits.daily_count {
+            Some("daily_count")
+        } else if used + cents > limits.daily_amount {
+            Some("daily_amount")
+        } else {
+            None
+        }
+    }
+
+    /// Counts (negative: gives back) usage of the daily limits.
+    fn use_limits(&mut self, user: &str, cents: i64, count: i64) {
+        let usage = self.usage.entry(user.to_owned()).or_default();
+        usage.0 += cents;
+        usage.1 += count;
+    }
+
     /// Moves the model's clock `seconds` forward, as the test moved the stored `expires_at`
     /// of every active hold back.
     fn advance(&mut self, seconds: u32) {
@@ -546,6 +584,8 @@ impl Model {
             let hold = self.holds.get_mut(&id).expect("a due hold");
             let wallet = self.wallets.get_mut(&hold.user).expect("a hold's wallet");
             wallet.1 -= hold.cents;
+            let usage = self.usage.entry(hold.user.clone()).or_default();
+            (usage.0, usage.1) = (usage.0 - hold.cents, usage.1 - 1);
             let (balance, held) = *wallet;
             hold.state = HoldState::Expired;
             hold.closed_at = now;
@@ -588,6 +628,12 @@ impl Model {
             return Ok(());
         }
         let mut expected = self.apply(request, now);
+        if let (Some(Reason::LimitExceeded), Some(limit)) = (expected.reason, expected.detail.take()) {
+            let detail = result.detail.clone().unwrap_or_default();
+            prop_assert!(detail.starts_with(&limit), "{} refused by {}: {:?}", id, limit, result);
+            LIMIT_REFUSALS.fetch_add(1, Ordering::Relaxed);
+            expected.detail = result.detail.clone();
+        }
         let kinds = (result.coupon.as_ref().map(|c| c.kind), expected.coupon.as_ref().map(|c| c.kind));
         prop_assert_eq!(kinds.0, kinds.1, "coupon of {}", id);
         expected.coupon.clone_from(&result.coupon);
@@ -611,14 +657,23 @@ impl Model {
                 result
             }
             (Command::Withdraw { .. } | Command::Hold { .. }, None) => rejected(Reason::NoWallet, None),
+            (Command::Withdraw { .. } | Command::Hold { .. }, Some(_))
+                if self.refusing_limit(&user, cents).is_some() =>
+            {
+                // The detail is checked by its start, the refusing limit's name (kept here).
+                let limit = self.refusing_limit(&user, cents).map(str::to_owned);
+                RequestResult { detail: limit, ..rejected(Reason::LimitExceeded, wallet) }
+            }
             (Command::Withdraw { .. } | Command::Hold { .. }, Some((balance, held))) if balance - held < cents => {
                 rejected(Reason::InsufficientFunds, wallet)
             }
             (Command::Withdraw { .. }, Some((balance, held))) => {
+                self.use_limits(&user, cents, 1);
                 self.wallets.insert(user, (balance - cents, held));
                 outcome(request, Status::Approved, None, Some((balance - cents, held)), now)
             }
             (Command::Hold { timeout_s, .. }, Some((balance, held))) => {
+                self.use_limits(&user, cents, 1);
                 self.wallets.insert(user.clone(), (balance, held + cents));
                 let expires_at = now + chrono::Duration::seconds(i64::from(*timeout_s));
                 let hold = ModelHold {
@@ -675,7 +730,9 @@ impl Model {
         hold.closed_at = Some(now);
         let after = (balance - taken, held - hold.cents);
         let amount = money(if capture { taken } else { hold.cents });
+        let freed = (hold.cents - taken, if capture { 0 } else { 1 });
         self.wallets.insert(request.user_id.as_str().to_owned(), after);
+        self.use_limits(request.user_id.as_str(), -freed.0, -freed.1);
         RequestResult { amount: Some(amount), expires_at, ..outcome(request, Status::Approved, None, Some(after), now) }
     }
 
@@ -693,6 +750,8 @@ impl Model {
 }
 
 static CASE: AtomicU64 = AtomicU64::new(0);
+/// Requests the model expected a limit to refuse, over every case: the run must meet some.
+static LIMIT_REFUSALS: AtomicU64 = AtomicU64::new(0);
 
 /// Where a case's batches go, and what it reads the database with.
 struct Target<'a> {
@@ -750,6 +809,15 @@ async fn run_case(target: &Target<'_>, steps: &[Step], cuts: &[usize]) -> Result
     let items = items(case, steps);
     let users: Vec<String> = (0..USERS).map(|n| format!("p{case}-u{n}")).collect();
     let mut model = Model::default();
+    // The first user has limits of its own; the others have none (the ledger has no defaults).
+    let change = walletq::ledger::limits::LimitChange {
+        per_withdrawal: Some(money(CASE_LIMITS.per_withdrawal)),
+        daily_amount: Some(money(CASE_LIMITS.daily_amount)),
+        daily_count: u32::try_from(CASE_LIMITS.daily_count).ok(),
+    };
+    let first = UserId::parse(&users[0]).ok_or_else(|| fail("user id"))?;
+    target.ledger.set_limits(&first, change, Some("property test")).await.map_err(fail)?;
+    model.limits.insert(users[0].clone(), CASE_LIMITS);
     let mut rest: &[Item] = &items;
     let mut cut = cuts.iter().cycle();
     while let Some(first) = rest.first() {
@@ -962,6 +1030,9 @@ fn ledger_matches_the_model_for_random_sequences() {
     if let Err(failure) = outcome {
         panic!("{failure}");
     }
+    let refusals = LIMIT_REFUSALS.load(Ordering::Relaxed);
+    assert!(refusals > 0, "no case ran into a limit");
+    eprintln!("properties: {refusals} requests refused by a limit, as the model predicted");
 }
 
 #[test]
