@@ -13,7 +13,7 @@
 //! | layer | modules | knows |
 //! | --- | --- | --- |
 //! | domain (pure) | [`domain`]: money, requests and their decoding, results, the wallet rules ([`domain::plan_batch`]), partitioning, worker assignment | nothing outside itself: no RabbitMQ, Redis, SQL or clock |
-//! | adapters | [`broker`] (RabbitMQ: topology, confirms), [`lock`] (Redis: fenced user locks), [`membership`] (Redis: heartbeats), [`ledger`] (PostgreSQL: batches, audit), [`telemetry`], and the private `backoff`, `tls` and `grouping` (the one machine behind group commit and group locking) | the domain, and plain settings; never the pipeline or an edge |
+//! | adapters | [`broker`] (RabbitMQ: topology, confirms), [`lock`] (Redis: fenced user locks), [`membership`] (Redis: heartbeats), [`redis_link`] (Redis: one server or the master Sentinel names), [`ledger`] (PostgreSQL: batches, audit), [`telemetry`], and the private `backoff`, `tls` and `grouping` (the one machine behind group commit and group locking) | the domain, and plain settings; never the pipeline or an edge |
 //! | pipeline | [`worker`]: the router, one ordered pipeline per partition, group commit and group locking | the domain and the adapters |
 //! | edges | [`cli`] (the `walletq` command), [`gateway`] (HTTP), [`Client`] (producers in Rust), [`status`], [`configuration`] (flags and environment) | everything |
 //!
@@ -27,6 +27,7 @@ pub mod gateway;
 pub mod ledger;
 pub mod lock;
 pub mod membership;
+pub mod redis_link;
 pub mod status;
 pub mod telemetry;
 pub mod worker;
@@ -80,7 +81,7 @@ mod layers {
         found
     }
 
-    const ADAPTERS: &[&str] = &["broker", "lock.rs", "membership.rs", "ledger", "telemetry.rs", "backoff.rs", "tls.rs"];
+    const ADAPTERS: &[&str] = &["broker", "lock.rs", "membership.rs", "redis_link.rs", "ledger", "telemetry.rs", "backoff.rs", "tls.rs"];
     const EDGES: &[&str] = &["crate::cli", "crate::gateway", "crate::client", "crate::status", "crate::configuration"];
 
     #[test]

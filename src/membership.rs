@@ -10,7 +10,6 @@ use std::path::Path;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use redis::Script;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 use crate::lock::connect_redis;
@@ -59,7 +58,7 @@ pub struct PartitionReport {
 /// This worker's membership.
 #[derive(Clone)]
 pub struct Membership {
-    redis: ConnectionManager,
+    redis: crate::redis_link::RedisLink,
     namespace: String,
     worker_id: String,
     member_ttl_ms: u64,
