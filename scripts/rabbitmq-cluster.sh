@@ -89,7 +89,7 @@ cmd_up() {
 	ensure_installed
 	id rabbitmq >/dev/null 2>&1 || fail "no rabbitmq user"
 	[ -r /var/lib/rabbitmq/.erlang.cookie ] || fail "no Erlang cookie in /var/lib/rabbitmq"
-	rm -rf "$CLUSTER_DIR"
+	cmd_down # what an earlier run left behind
 	mkdir -p "$CLUSTER_DIR"
 	chmod 755 "$CLUSTER_DIR"
 	local started=$SECONDS n

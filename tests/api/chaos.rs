@@ -223,7 +223,7 @@ async fn sustained_redis_outage(pool: &sqlx::PgPool, workers: &[Worker], faults:
 
 /// Reads results from `queue` until every request id in `ids` has at least one, or the
 /// deadline passes. Returns them in arrival order.
-async fn read_results(amqp_url: &str, queue: &str, ids: usize, deadline: Duration) -> Vec<RequestResult> {
+pub(crate) async fn read_results(amqp_url: &str, queue: &str, ids: usize, deadline: Duration) -> Vec<RequestResult> {
     let connection = walletq::broker::connect(amqp_url, "chaos results", None).await.expect("broker");
     let channel = connection.create_channel().await.expect("channel");
     let options = BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() };
@@ -250,18 +250,18 @@ async fn read_results(amqp_url: &str, queue: &str, ids: usize, deadline: Duratio
 
 /// What the run's results say, each count able to be non-zero (see the tests below).
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Findings {
+pub(crate) struct Findings {
     /// Requests with no stored result, or whose result never arrived.
-    lost: usize,
+    pub(crate) lost: usize,
     /// Requests answered as applied (not a replay) more than once.
-    applied_twice: usize,
+    pub(crate) applied_twice: usize,
     /// Requests whose stored result is not the sequential model's, or whose first result
     /// arrived before that of a request of the same user published earlier.
-    out_of_order: usize,
+    pub(crate) out_of_order: usize,
     /// Replayed results that differ from the stored result.
-    replay_mismatch: usize,
+    pub(crate) replay_mismatch: usize,
     /// The first few findings, described, to print on failure.
-    examples: Vec<String>,
+    pub(crate) examples: Vec<String>,
 }
 
 impl Findings {
@@ -276,7 +276,7 @@ impl Findings {
 
 /// Checks every valid request (in publish order) against the results read back (in
 /// arrival order), the stored results and a sequential model.
-fn analyse(requests: &[Request], results: &[RequestResult], stored: &HashMap<String, RequestResult>) -> Findings {
+pub(crate) fn analyse(requests: &[Request], results: &[RequestResult], stored: &HashMap<String, RequestResult>) -> Findings {
     let mut findings = Findings::default();
     let mut model = SequentialModel::default();
     let mut first_arrival: HashMap<&str, usize> = HashMap::new();
