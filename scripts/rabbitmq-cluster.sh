@@ -8,6 +8,7 @@
 #   scripts/rabbitmq-cluster.sh kill N      SIGKILL node N (1-3): the beam process, no shutdown
 #   scripts/rabbitmq-cluster.sh start N     start node N again; it rejoins the cluster
 #   scripts/rabbitmq-cluster.sh leaders     "<queue> <node index>" for every quorum queue leader
+#   scripts/rabbitmq-cluster.sh queues      every queue: leader, members online, depth, unacked, consumers
 #   scripts/rabbitmq-cluster.sh url         the comma-separated AMQP_URL of the 3 nodes
 #
 # Node N is walletq-cN@localhost, AMQP port $CLUSTER_AMQP_BASE+N, distribution port
@@ -36,6 +37,11 @@ ctl() { # ctl N ARGS...
 	local n=$1
 	shift
 	runuser -u rabbitmq -- env HOME=/var/lib/rabbitmq rabbitmqctl -n "$(node_name "$n")" "$@"
+}
+ctl_within() { # ctl_within SECONDS N ARGS...
+	local seconds=$1 n=$2
+	shift 2
+	timeout "$seconds" runuser -u rabbitmq -- env HOME=/var/lib/rabbitmq rabbitmqctl -n "$(node_name "$n")" "$@"
 }
 
 ensure_installed() {
@@ -112,7 +118,7 @@ cmd_down() {
 	for n in "${NODES[@]}"; do
 		pid=$(node_pid "$n") || continue
 		[ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || continue
-		timeout 30 ctl "$n" stop >/dev/null 2>&1 || kill -9 "$pid" 2>/dev/null || true
+		ctl_within 30 "$n" stop >/dev/null 2>&1 || kill -9 "$pid" 2>/dev/null || true
 	done
 	# Anything left of our nodes (never the system node: matched by our node names).
 	for n in "${NODES[@]}"; do
@@ -137,12 +143,21 @@ cmd_start() {
 
 # Leaders of the quorum queues, asked of the first node that answers.
 cmd_leaders() {
-	local n
+	local n out
 	for n in "${NODES[@]}"; do
-		if out=$(timeout 30 ctl "$n" list_queues -q --no-table-headers name leader type 2>/dev/null); then
+		if out=$(ctl_within 30 "$n" list_queues -q --no-table-headers name leader type 2>/dev/null); then
 			awk '$3 == "quorum" { sub(/^walletq-c/, "", $2); sub(/@.*/, "", $2); print $1, $2 }' <<<"$out"
 			return
 		fi
+	done
+	fail "no node answered list_queues"
+}
+
+# Every queue with its leader, members online, depth, unacked and consumers (diagnostics).
+cmd_queues() {
+	local n
+	for n in "${NODES[@]}"; do
+		ctl_within 30 "$n" list_queues -q name leader online messages_ready messages_unacknowledged consumers 2>/dev/null && return
 	done
 	fail "no node answered list_queues"
 }
@@ -162,6 +177,7 @@ down) cmd_down ;;
 kill) cmd_kill "${2:?node 1-3}" ;;
 start) cmd_start "${2:?node 1-3}" ;;
 leaders) cmd_leaders ;;
+queues) cmd_queues ;;
 url) cmd_url ;;
 *) fail "usage: $0 up|down|kill N|start N|leaders|url" ;;
 esac

@@ -81,7 +81,8 @@ mod layers {
         found
     }
 
-    const ADAPTERS: &[&str] = &["broker", "lock.rs", "membership.rs", "redis_link.rs", "ledger", "telemetry.rs", "backoff.rs", "tls.rs"];
+    const ADAPTERS: &[&str] =
+        &["broker", "lock.rs", "membership.rs", "redis_link.rs", "ledger", "telemetry.rs", "backoff.rs", "tls.rs"];
     const EDGES: &[&str] = &["crate::cli", "crate::gateway", "crate::client", "crate::status", "crate::configuration"];
 
     #[test]

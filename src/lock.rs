@@ -81,7 +81,9 @@ pub async fn connect_redis(redis_url: &str, ca_file: Option<&Path>) -> anyhow::R
     let shown = redact_url(redis_url);
     if redis_url.starts_with(SENTINEL_SCHEME) {
         let config = SentinelConfig::parse(redis_url).with_context(|| format!("parsing Redis URL {shown}"))?;
-        return RedisLink::sentinel(config, REDIS_TIMEOUT).await.with_context(|| format!("connecting to Redis at {shown}"));
+        return RedisLink::sentinel(config, REDIS_TIMEOUT)
+            .await
+            .with_context(|| format!("connecting to Redis at {shown}"));
     }
     let client = match ca_file {
         Some(path) if redis_url.starts_with("rediss://") => {

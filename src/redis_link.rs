@@ -57,7 +57,9 @@ impl RedisLink {
             timeout,
             state: tokio::sync::Mutex::new(SentinelState { sentinel, current: None, generation: 0 }),
         });
-        link.connection().await.with_context(|| format!("reaching the master of {:?} through Sentinel", config.service))?;
+        link.connection()
+            .await
+            .with_context(|| format!("reaching the master of {:?} through Sentinel", config.service))?;
         Ok(RedisLink(Link::Sentinel(link)))
     }
 }
@@ -114,7 +116,9 @@ impl SentinelConfig {
             .map(str::trim)
             .filter(|h| !h.is_empty())
             .map(|h| match h.rsplit_once(':') {
-                Some((host, port)) => port.parse::<u16>().map(|p| format!("{host}:{p}")).map_err(|_| SentinelUrlError::Port),
+                Some((host, port)) => {
+                    port.parse::<u16>().map(|p| format!("{host}:{p}")).map_err(|_| SentinelUrlError::Port)
+                }
                 None => Ok(format!("{h}:26379")),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -137,10 +141,9 @@ impl SentinelConfig {
         };
         let (username, password) = match userinfo.map(|u| u.split_once(':').unwrap_or((u, ""))) {
             None => (None, None),
-            Some((user, password)) => (
-                Some(decode(user)?).filter(|u| !u.is_empty()),
-                Some(decode(password)?).filter(|p| !p.is_empty()),
-            ),
+            Some((user, password)) => {
+                (Some(decode(user)?).filter(|u| !u.is_empty()), Some(decode(password)?).filter(|p| !p.is_empty()))
+            }
         };
         Ok(SentinelConfig { sentinels, service: service.to_owned(), username, password, db })
     }
@@ -174,9 +177,9 @@ impl SentinelLink {
                 .set_response_timeout(Some(self.timeout));
             client.get_multiplexed_async_connection_with_config(&config).await
         };
-        let connection = tokio::time::timeout(self.timeout * 2, discover).await.map_err(|_| {
-            RedisError::from((ErrorKind::Io, "no master found through the Sentinels in time"))
-        })??;
+        let connection = tokio::time::timeout(self.timeout * 2, discover)
+            .await
+            .map_err(|_| RedisError::from((ErrorKind::Io, "no master found through the Sentinels in time")))??;
         state.generation += 1;
         let current = (state.generation, connection);
         state.current = Some(current.clone());

@@ -276,7 +276,11 @@ impl Findings {
 
 /// Checks every valid request (in publish order) against the results read back (in
 /// arrival order), the stored results and a sequential model.
-pub(crate) fn analyse(requests: &[Request], results: &[RequestResult], stored: &HashMap<String, RequestResult>) -> Findings {
+pub(crate) fn analyse(
+    requests: &[Request],
+    results: &[RequestResult],
+    stored: &HashMap<String, RequestResult>,
+) -> Findings {
     let mut findings = Findings::default();
     let mut model = SequentialModel::default();
     let mut first_arrival: HashMap<&str, usize> = HashMap::new();

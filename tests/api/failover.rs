@@ -52,7 +52,8 @@ async fn a_worker_and_a_producer_move_to_the_next_address_when_theirs_stops_answ
     let namespace = app.services.namespace.clone();
 
     let client = Client::connect(&list, &namespace, None).await.expect("producer through the relay");
-    let deposit = client.request("fo-1", Op::Deposit, Money::parse_amount("10.00").expect("amount"), None).expect("request");
+    let deposit =
+        client.request("fo-1", Op::Deposit, Money::parse_amount("10.00").expect("amount"), None).expect("request");
     let result = client.submit_and_wait(&deposit, RESULT_TIMEOUT).await.expect("served through the relay");
     assert_eq!(result.status, Status::Approved);
     assert!(relay.connections() >= 3, "worker (session, router) and producer went to the first address");
@@ -65,7 +66,10 @@ async fn a_worker_and_a_producer_move_to_the_next_address_when_theirs_stops_answ
     let mut attempt = 0;
     let result = loop {
         attempt += 1;
-        assert!(tokio::time::Instant::now() < deadline, "not served through the second address within {RESULT_TIMEOUT:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not served through the second address within {RESULT_TIMEOUT:?}"
+        );
         // A producer whose connection died reconnects with the same list.
         let Ok(client) = Client::connect(&list, &namespace, None).await else { continue };
         let amount = Money::parse_amount("1.00").expect("amount");
