@@ -9,6 +9,7 @@
 #   scripts/rabbitmq-cluster.sh start N     start node N again; it rejoins the cluster
 #   scripts/rabbitmq-cluster.sh leaders     "<queue> <node index>" for every quorum queue leader
 #   scripts/rabbitmq-cluster.sh queues      every queue: leader, members online, depth, unacked, consumers
+#   scripts/rabbitmq-cluster.sh cpu         CPU seconds the 3 nodes have used so far
 #   scripts/rabbitmq-cluster.sh url         the comma-separated AMQP_URL of the 3 nodes
 #
 # Node N is walletq-cN@localhost, AMQP port $CLUSTER_AMQP_BASE+N, distribution port
@@ -162,6 +163,17 @@ cmd_queues() {
 	fail "no node answered list_queues"
 }
 
+# CPU seconds the 3 nodes have used so far (their beam processes).
+cmd_cpu() {
+	local n pid ticks=0
+	for n in "${NODES[@]}"; do
+		pid=$(node_pid "$n") || continue
+		[ -r "/proc/$pid/stat" ] || continue
+		ticks=$((ticks + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+	done
+	awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f\n", t / hz }'
+}
+
 cmd_url() {
 	local n urls=()
 	for n in "${NODES[@]}"; do urls+=("amqp://guest:guest@127.0.0.1:$(amqp_port "$n")/%2f"); done
@@ -178,6 +190,7 @@ kill) cmd_kill "${2:?node 1-3}" ;;
 start) cmd_start "${2:?node 1-3}" ;;
 leaders) cmd_leaders ;;
 queues) cmd_queues ;;
+cpu) cmd_cpu ;;
 url) cmd_url ;;
 *) fail "usage: $0 up|down|kill N|start N|leaders|url" ;;
 esac

@@ -7,6 +7,7 @@
 #   scripts/redis-sentinel.sh kill-master     SIGKILL the server the Sentinels name as master; prints its port
 #   scripts/redis-sentinel.sh start PORT      start the server of PORT again (empty); the Sentinels make it a replica
 #   scripts/redis-sentinel.sh master          the port of the current master, as the Sentinels say
+#   scripts/redis-sentinel.sh cpu             CPU seconds the two Redis servers have used so far
 #   scripts/redis-sentinel.sh url             the REDIS_URL: redis+sentinel://127.0.0.1:S1,…/$SENTINEL_SERVICE
 #
 # Servers on $SENTINEL_REDIS_BASE+0 (first master) and +1 (first replica), Sentinels on
@@ -136,6 +137,17 @@ cmd_start() {
 	log "redis on $1 back"
 }
 
+# CPU seconds the two Redis servers (not the Sentinels) have used so far.
+cmd_cpu() {
+	local port pid ticks=0
+	for port in "${SERVERS[@]}"; do
+		pid=$(cat "$SENTINEL_DIR/redis-$port.pid" 2>/dev/null) || continue
+		[ -r "/proc/$pid/stat" ] || continue
+		ticks=$((ticks + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+	done
+	awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f\n", t / hz }'
+}
+
 cmd_url() {
 	local port hosts=()
 	for port in "${SENTINELS[@]}"; do hosts+=("127.0.0.1:$port"); done
@@ -151,6 +163,7 @@ down) cmd_down ;;
 kill-master) cmd_kill_master ;;
 start) cmd_start "${2:?port}" ;;
 master) cmd_master ;;
+cpu) cmd_cpu ;;
 url) cmd_url ;;
 *) fail "usage: $0 up|down|kill-master|start PORT|master|url" ;;
 esac

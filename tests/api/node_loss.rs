@@ -36,7 +36,7 @@ const PUBLISH_RATE_PER_SEC: u64 = 1_000;
 /// Requests in flight before the producer awaits their confirms.
 const WINDOW: usize = 250;
 /// Longest a kill may leave a partition unserved (measured figures in docs/SCALING.md).
-const RECOVERY_BOUND: Duration = Duration::from_secs(45);
+const RECOVERY_BOUND: Duration = Duration::from_secs(30);
 /// Longest the whole run may take.
 const DEADLINE: Duration = Duration::from_secs(300);
 /// The cluster test's producer stops here until the second node is killed, so that kill
@@ -377,6 +377,23 @@ fn rotated(list: &str, by: usize) -> String {
     addresses.join(",")
 }
 
+/// CPU seconds the instances under test have used so far (`cpu` of the control script).
+async fn cpu_seconds(ctl: &Ctl) -> f64 {
+    ctl.run(&["cpu"]).await.parse().unwrap_or(f64::NAN)
+}
+
+/// The test database's transactions, time its backends spent in statements (ms) and rows
+/// written, from `pg_stat_database` (PostgreSQL 14+).
+async fn database_cost(app: &TestApp) -> (i64, f64, i64) {
+    sqlx::query_as(
+        "SELECT xact_commit, coalesce(active_time, 0), tup_inserted + tup_updated
+         FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("pg_stat_database")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the 3-node cluster of scripts/cluster-check.sh, which runs it"]
 async fn cluster_node_loss_loses_nothing_and_every_partition_is_served_again() {
@@ -392,9 +409,12 @@ async fn cluster_node_loss_loses_nothing_and_every_partition_is_served_again() {
     let workers = spawn_workers(&app, |i| rotated(&list, i));
     await_three_workers(&app).await;
     let started = Instant::now();
+    let cpu_before = cpu_seconds(&ctl).await;
     let producer = Producer::start(&app, &replies, &requests, HOLD_AT);
 
-    producer.reached(2_000).await;
+    // The steady phase before the first kill: broker CPU per request, all 3 nodes together.
+    producer.reached(5_000).await;
+    let broker_ms = (cpu_seconds(&ctl).await - cpu_before) * 1_000.0 / producer.confirmed() as f64;
     let first = kill_most_leading(&ctl, &app, &producer, &positions, None).await;
     let restarting = Instant::now();
     ctl.run(&["start", &first.node.to_string()]).await;
@@ -425,6 +445,11 @@ async fn cluster_node_loss_loses_nothing_and_every_partition_is_served_again() {
         started.elapsed().as_secs_f64()
     );
     let _ = writeln!(std::io::stderr(), "{summary}");
+    let _ = writeln!(
+        std::io::stderr(),
+        "capacity: RabbitMQ 3-node cluster CPU {broker_ms:.3} ms per request (ingress, forward, delivery, result; \
+         leaders and followers together; steady phase before the first kill)"
+    );
     verdict.assert_passed(&summary);
     app.cleanup().await;
 }
@@ -469,6 +494,9 @@ async fn kill_most_leading(
     }
 }
 
+/// Completed batches, from the batch size histogram.
+const BATCHES: &str = "walletq_batch_size_count";
+
 /// A counter's value summed over the workers' `/metrics` (0 where it was never counted).
 async fn counter_total(workers: &[(WorkerProcess, String)], name: &str) -> f64 {
     let mut total = 0.0;
@@ -506,9 +534,13 @@ async fn sentinel_failover_loses_nothing_and_stale_fences_are_refused() {
     let workers = spawn_workers(&app, |_| amqp_url.clone());
     await_three_workers(&app).await;
     let started = Instant::now();
+    let (redis_before, batches_before) = (cpu_seconds(&ctl).await, counter_total(&workers, BATCHES).await);
     let producer = Producer::start(&app, &replies, &requests, usize::MAX);
 
     producer.reached(6_000).await;
+    // The steady phase before the kill: Redis CPU (master and replica) per batch.
+    let batches = counter_total(&workers, BATCHES).await - batches_before;
+    let redis_ms = (cpu_seconds(&ctl).await - redis_before) * 1_000.0 / batches;
     let from = producer.confirmed();
     let killed = Instant::now();
     let old_master = ctl.run(&["kill-master"]).await;
@@ -528,6 +560,7 @@ async fn sentinel_failover_loses_nothing_and_stale_fences_are_refused() {
     let resent = producer.task.await.expect("producer");
     let verdict = Verdict::of(&app, &requests, &replies).await;
     let stale = counter_total(&workers, "walletq_stale_fence_total").await;
+    let (transactions, active_ms, rows) = database_cost(&app).await;
     let unavailable = counter_total(&workers, "walletq_lock_unavailable_total").await;
     drop(workers);
     let summary = format!(
@@ -542,6 +575,14 @@ async fn sentinel_failover_loses_nothing_and_stale_fences_are_refused() {
         started.elapsed().as_secs_f64()
     );
     let _ = writeln!(std::io::stderr(), "{summary}");
+    let _ = writeln!(
+        std::io::stderr(),
+        "capacity: Redis CPU {redis_ms:.3} ms per batch ({batches} batches before the kill, master and replica); \
+         PostgreSQL {transactions} transactions, {:.2} ms in statements per transaction, {rows} rows written \
+         ({:.3} ms per row)",
+        active_ms / transactions.max(1) as f64,
+        active_ms / rows.max(1) as f64
+    );
     verdict.assert_passed(&summary);
     app.cleanup().await;
 }
