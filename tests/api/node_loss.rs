@@ -565,11 +565,10 @@ async fn sentinel_failover_loses_nothing_and_stale_fences_are_refused() {
     drop(workers);
     let summary = format!(
         "sentinel: {REQUESTS} requests, 3 workers; master {old_master} SIGKILLed: replica promoted in {:.1} s, every partition \
-         served again in {:.1} s (producer confirmed again in {:.1} s), old master a replica again {:.1} s after its restart; {stale} batches refused by a stale fence, \
+         served again in {:.1} s, old master a replica again {:.1} s after its restart; {stale} batches refused by a stale fence, \
          {unavailable} returned while Redis was unavailable; {} ({resent} messages re-sent, {:.1} s)",
         promoted.as_secs_f64(),
         recovery.served.as_secs_f64(),
-        recovery.producer.as_secs_f64(),
         rejoin.as_secs_f64(),
         verdict.line(),
         started.elapsed().as_secs_f64()
