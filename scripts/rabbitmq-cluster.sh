@@ -10,10 +10,11 @@
 #   scripts/rabbitmq-cluster.sh leaders     "<queue> <node index>" for every quorum queue leader
 #   scripts/rabbitmq-cluster.sh queues      every queue: leader, members online, depth, unacked, consumers
 #   scripts/rabbitmq-cluster.sh cpu         CPU seconds the 3 nodes have used so far
+#   scripts/rabbitmq-cluster.sh management-url   node 1's management API, for walletq status --management-url
 #   scripts/rabbitmq-cluster.sh url         the comma-separated AMQP_URL of the 3 nodes
 #
 # Node N is walletq-cN@localhost, AMQP port $CLUSTER_AMQP_BASE+N, distribution port
-# $CLUSTER_DIST_BASE+N; everything lives under $CLUSTER_DIR. scripts/cluster-check.sh uses it
+# $CLUSTER_DIST_BASE+N, management API $CLUSTER_MANAGEMENT_BASE+N; everything lives under $CLUSTER_DIR. scripts/cluster-check.sh uses it
 # (and the cluster test calls `kill`, `start` and `leaders` through WALLETQ_CLUSTER_CTL).
 # Needs root and rabbitmq-server (installed with apt-get when missing).
 set -euo pipefail
@@ -22,6 +23,7 @@ export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 CLUSTER_DIR="${CLUSTER_DIR:-/tmp/walletq-rabbitmq-cluster}"
 CLUSTER_AMQP_BASE="${CLUSTER_AMQP_BASE:-56720}"
 CLUSTER_DIST_BASE="${CLUSTER_DIST_BASE:-25720}"
+CLUSTER_MANAGEMENT_BASE="${CLUSTER_MANAGEMENT_BASE:-55720}"
 STARTUP_TIMEOUT_S="${CLUSTER_STARTUP_TIMEOUT_S:-120}"
 NODES=(1 2 3)
 
@@ -59,9 +61,12 @@ start_node() {
 	cat >"$dir/rabbitmq.conf" <<EOF
 listeners.tcp.default = 127.0.0.1:$(amqp_port "$n")
 loopback_users = none
+management.tcp.ip = 127.0.0.1
+management.tcp.port = $((CLUSTER_MANAGEMENT_BASE + n))
 EOF
 	printf 'ERL_EPMD_ADDRESS=127.0.0.1\n' >"$dir/rabbitmq-env.conf"
-	printf '[].\n' >"$dir/enabled_plugins"
+	# The management API only for `walletq status --management-url` (queue leaders).
+	printf '[rabbitmq_management].\n' >"$dir/enabled_plugins"
 	chown -R rabbitmq: "$dir"
 	(
 		cd "$dir"
@@ -174,6 +179,10 @@ cmd_cpu() {
 	awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f\n", t / hz }'
 }
 
+cmd_management_url() {
+	printf 'http://guest:guest@127.0.0.1:%s\n' $((CLUSTER_MANAGEMENT_BASE + 1))
+}
+
 cmd_url() {
 	local n urls=()
 	for n in "${NODES[@]}"; do urls+=("amqp://guest:guest@127.0.0.1:$(amqp_port "$n")/%2f"); done
@@ -192,5 +201,6 @@ leaders) cmd_leaders ;;
 queues) cmd_queues ;;
 cpu) cmd_cpu ;;
 url) cmd_url ;;
+management-url) cmd_management_url ;;
 *) fail "usage: $0 up|down|kill N|start N|leaders|url" ;;
 esac

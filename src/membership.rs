@@ -38,6 +38,10 @@ pub struct WorkerReport {
     pub heartbeat_at: DateTime<Utc>,
     /// The partitions it serves now.
     pub partitions: Vec<u16>,
+    /// The broker address (host:port) its partitions' connection went to; absent in reports
+    /// of workers older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
 }
 
 /// What the owner of a partition says about it.

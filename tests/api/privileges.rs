@@ -258,6 +258,7 @@ async fn the_redis_acl_user_is_enough_for_locks_and_membership_and_nothing_else(
         started_at: chrono::Utc::now(),
         heartbeat_at: chrono::Utc::now(),
         partitions: vec![0],
+        broker: None,
     };
     let live = membership.heartbeat(&report, &[]).await.expect("heartbeat");
     assert_eq!(live, vec!["w1".to_owned()]);
