@@ -10,7 +10,7 @@
 #   scripts/rabbitmq-cluster.sh leaders     "<queue> <node index>" for every quorum queue leader
 #   scripts/rabbitmq-cluster.sh queues      every queue: leader, members online, depth, unacked, consumers
 #   scripts/rabbitmq-cluster.sh cpu         CPU seconds the 3 nodes have used so far
-#   scripts/rabbitmq-cluster.sh management-url   node 1's management API, for walletq status --management-url
+#   scripts/rabbitmq-cluster.sh management-url [N]  node N's (1's) management API, for walletq status --management-url
 #   scripts/rabbitmq-cluster.sh url         the comma-separated AMQP_URL of the 3 nodes
 #
 # Node N is walletq-cN@localhost, AMQP port $CLUSTER_AMQP_BASE+N, distribution port
@@ -180,7 +180,7 @@ cmd_cpu() {
 }
 
 cmd_management_url() {
-	printf 'http://guest:guest@127.0.0.1:%s\n' $((CLUSTER_MANAGEMENT_BASE + 1))
+	printf 'http://guest:guest@127.0.0.1:%s\n' $((CLUSTER_MANAGEMENT_BASE + ${1:-1}))
 }
 
 cmd_url() {
@@ -201,6 +201,6 @@ leaders) cmd_leaders ;;
 queues) cmd_queues ;;
 cpu) cmd_cpu ;;
 url) cmd_url ;;
-management-url) cmd_management_url ;;
+management-url) cmd_management_url "${2:-1}" ;;
 *) fail "usage: $0 up|down|kill N|start N|leaders|url" ;;
 esac

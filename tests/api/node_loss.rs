@@ -408,6 +408,7 @@ async fn cluster_node_loss_loses_nothing_and_every_partition_is_served_again() {
     // Each worker starts at another node of the list.
     let workers = spawn_workers(&app, |i| rotated(&list, i));
     await_three_workers(&app).await;
+    let leaders_at_start = check_status(&ctl, &app, None).await;
     let started = Instant::now();
     let cpu_before = cpu_seconds(&ctl).await;
     let producer = Producer::start(&app, &replies, &requests, HOLD_AT);
@@ -416,6 +417,7 @@ async fn cluster_node_loss_loses_nothing_and_every_partition_is_served_again() {
     producer.reached(5_000).await;
     let broker_ms = (cpu_seconds(&ctl).await - cpu_before) * 1_000.0 / producer.confirmed() as f64;
     let first = kill_most_leading(&ctl, &app, &producer, &positions, None).await;
+    let leaders_after_kill = check_status(&ctl, &app, Some(first.node)).await;
     let restarting = Instant::now();
     ctl.run(&["start", &first.node.to_string()]).await;
     let restart = restarting.elapsed();
@@ -429,7 +431,8 @@ async fn cluster_node_loss_loses_nothing_and_every_partition_is_served_again() {
     let (verdict, _) = tokio::join!(Verdict::of(&app, &requests, &replies), ctl.run(&restart_args));
     drop(workers);
     let summary = format!(
-        "cluster: {REQUESTS} requests, 3 workers, 3 nodes; node {} killed (led {} of {PARTITIONS} partition queues): \
+        "cluster: {REQUESTS} requests, 3 workers, 3 nodes (partition leaders {leaders_at_start}, after the first kill \
+         {leaders_after_kill}); node {} killed (led {} of {PARTITIONS} partition queues): \
          every partition served again in {:.1} s (producer confirmed again in {:.1} s); node restarted in {:.1} s; \
          node {} killed (led {}): served again in {:.1} s (producer {:.1} s); {} ({resent} messages re-sent, {:.1} s)",
         first.node,
@@ -452,6 +455,43 @@ async fn cluster_node_loss_loses_nothing_and_every_partition_is_served_again() {
     );
     verdict.assert_passed(&summary);
     app.cleanup().await;
+}
+
+/// `walletq status` with the management API: every partition queue has a leader, none on
+/// the `dead` node, and every worker reports a broker address of the list. Returns the
+/// number of partition queues each node leads, e.g. "c1:16".
+async fn check_status(ctl: &Ctl, app: &TestApp, dead: Option<u8>) -> String {
+    let live = if dead == Some(1) { "2" } else { "1" };
+    let management = ctl.run(&["management-url", live]).await;
+    let status = walletq::status::collect_with_leaders(&app.services, &app.topology, 3_000, Some(&management))
+        .await
+        .expect("walletq status with the management API");
+    let addresses: Vec<String> = walletq::broker::amqp_addresses(&app.services.amqp_url)
+        .into_iter()
+        .filter_map(|a| url::Url::parse(a).ok())
+        .map(|u| format!("{}:{}", u.host_str().unwrap_or_default(), u.port().unwrap_or(5672)))
+        .collect();
+    for worker in &status.workers {
+        let broker = worker.broker.as_deref().unwrap_or_default();
+        assert!(
+            addresses.iter().any(|a| a == broker),
+            "{} reports broker {broker:?}, not one of {addresses:?}",
+            worker.worker_id
+        );
+    }
+    let mut led: BTreeMap<String, usize> = BTreeMap::new();
+    for partition in &status.partitions {
+        let leader =
+            partition.leader.clone().unwrap_or_else(|| panic!("partition {} has no leader", partition.partition));
+        let node = leader.trim_start_matches("walletq-").split('@').next().unwrap_or_default().to_owned();
+        assert!(
+            dead.is_none_or(|d| node != format!("c{d}")),
+            "partition {} still led by the dead node",
+            partition.partition
+        );
+        *led.entry(node).or_default() += 1;
+    }
+    led.iter().map(|(node, n)| format!("{node}:{n}")).collect::<Vec<_>>().join(" ")
 }
 
 /// A node kill and what followed.
