@@ -8,14 +8,18 @@
 #   scripts/rabbitmq-cluster.sh kill N      SIGKILL node N (1-3): the beam process, no shutdown
 #   scripts/rabbitmq-cluster.sh start N     start node N again; it rejoins the cluster
 #   scripts/rabbitmq-cluster.sh leaders     "<queue> <node index>" for every quorum queue leader
-#   scripts/rabbitmq-cluster.sh queues      every queue: leader, members online, depth, unacked, consumers
+#   scripts/rabbitmq-cluster.sh queues      every queue: leader, members online, depth, unacked,
+#                                           consumers (diagnostics)
 #   scripts/rabbitmq-cluster.sh cpu         CPU seconds the 3 nodes have used so far
-#   scripts/rabbitmq-cluster.sh management-url [N]  node N's (1's) management API, for walletq status --management-url
+#   scripts/rabbitmq-cluster.sh management-url [N]
+#                                           node N's (default 1) management API, for
+#                                           walletq status --management-url
 #   scripts/rabbitmq-cluster.sh url         the comma-separated AMQP_URL of the 3 nodes
 #
 # Node N is walletq-cN@localhost, AMQP port $CLUSTER_AMQP_BASE+N, distribution port
-# $CLUSTER_DIST_BASE+N, management API $CLUSTER_MANAGEMENT_BASE+N; everything lives under $CLUSTER_DIR. scripts/cluster-check.sh uses it
-# (and the cluster test calls `kill`, `start` and `leaders` through WALLETQ_CLUSTER_CTL).
+# $CLUSTER_DIST_BASE+N, management API $CLUSTER_MANAGEMENT_BASE+N; everything lives under
+# $CLUSTER_DIR. scripts/cluster-check.sh uses it (and the cluster test calls `kill`, `start`,
+# `leaders`, `queues`, `cpu` and `management-url` through WALLETQ_CLUSTER_CTL).
 # Needs root and rabbitmq-server (installed with apt-get when missing).
 set -euo pipefail
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"

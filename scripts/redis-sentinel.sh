@@ -5,14 +5,17 @@
 #   scripts/redis-sentinel.sh up              start master, replica and Sentinels; wait until all agree
 #   scripts/redis-sentinel.sh down            stop them all and remove the directory
 #   scripts/redis-sentinel.sh kill-master     SIGKILL the server the Sentinels name as master; prints its port
-#   scripts/redis-sentinel.sh start PORT      start the server of PORT again (empty); the Sentinels make it a replica
+#   scripts/redis-sentinel.sh start PORT      start the server of PORT again (empty); the
+#                                             Sentinels make it a replica
 #   scripts/redis-sentinel.sh master          the port of the current master, as the Sentinels say
 #   scripts/redis-sentinel.sh cpu             CPU seconds the two Redis servers have used so far
 #   scripts/redis-sentinel.sh url             the REDIS_URL: redis+sentinel://127.0.0.1:S1,…/$SENTINEL_SERVICE
 #
 # Servers on $SENTINEL_REDIS_BASE+0 (first master) and +1 (first replica), Sentinels on
-# $SENTINEL_BASE+0..2, quorum 2, down-after 3000 ms (1000 let a loaded 2-core machine fail the freshly promoted master over to the restarted, empty old one). scripts/sentinel-check.sh uses it (and
-# the Sentinel test calls `kill-master` and `start` through WALLETQ_SENTINEL_CTL).
+# $SENTINEL_BASE+0..2, quorum 2, down-after 3000 ms (with 1000, a loaded 2-core machine once
+# let the Sentinels fail the freshly promoted master over to the restarted, empty old one).
+# scripts/sentinel-check.sh uses it (and the Sentinel test calls `kill-master`, `master`,
+# `start` and `cpu` through WALLETQ_SENTINEL_CTL).
 # Needs redis-server (installed with apt-get when missing); Sentinel is `redis-server --sentinel`.
 set -euo pipefail
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
