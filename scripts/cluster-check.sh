@@ -4,12 +4,14 @@
 # test node_loss::cluster_node_loss_loses_nothing_and_every_partition_is_served_again against
 # it (3 workers and a producer given the 3 addresses; the node leading the most partition
 # queues SIGKILLed, restarted, then another killed), and stops the cluster on exit.
-# PostgreSQL and Redis are the local services (scripts/services-up.sh). Needs root.
+# PostgreSQL and Redis are the local services, brought up by scripts/services-up.sh. Needs root.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ctl="$PWD/scripts/rabbitmq-cluster.sh"
 
 [ "$(id -u)" -eq 0 ] || exec sudo -E -- bash "${BASH_SOURCE[0]}" "$@"
+# The local services the test also uses (idempotent: only probes when they are up).
+scripts/services-up.sh
 trap '"$ctl" down' EXIT
 "$ctl" up
 AMQP_URL="$("$ctl" url)" WALLETQ_CLUSTER_CTL="$ctl" \
