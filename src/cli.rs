@@ -80,6 +80,10 @@ enum Command {
         /// A worker silent for this long is shown as gone.
         #[arg(long, env = "WALLETQ_MEMBER_TTL_MS", default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
         member_ttl_ms: u64,
+        /// RabbitMQ's management API (`http://user:password@host:15672`), to show the node
+        /// leading each partition queue; off when unset.
+        #[arg(long, env = "WALLETQ_MANAGEMENT_URL", hide_env_values = true)]
+        management_url: Option<String>,
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
@@ -323,8 +327,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Worker { services, topology, worker } => worker_until_signal(services, topology, worker).await,
         Command::Bench { .. } => unreachable!("`bench` runs walletq-bench before the runtime starts"),
         Command::Audit { services, json } => audit(&services, json).await,
-        Command::Status { services, topology, member_ttl_ms, json } => {
-            let status = crate::status::collect(&services, &topology, member_ttl_ms).await?;
+        Command::Status { services, topology, member_ttl_ms, management_url, json } => {
+            let management = management_url.as_deref();
+            let status = crate::status::collect_with_leaders(&services, &topology, member_ttl_ms, management).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

@@ -17,10 +17,14 @@ pub struct ServiceSettings {
         hide_env_values = true
     )]
     pub database_url: String,
-    /// RabbitMQ URL.
+    /// RabbitMQ URL, or several separated by commas (the nodes of a cluster): a connection
+    /// goes to the first that answers, starting with the one that answered last, and moves
+    /// to the next on failure.
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", hide_env_values = true)]
     pub amqp_url: String,
-    /// Redis URL.
+    /// Redis URL: `redis://`, `rediss://` (TLS), or
+    /// `redis+sentinel://[user:password@]host:26379,host:26379,…/service[?db=N]` to follow
+    /// the master the Sentinels name through failovers.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
     /// PEM file of CA certificates trusted for TLS to all three services (`amqps://`,

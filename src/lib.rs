@@ -13,7 +13,7 @@
 //! | layer | modules | knows |
 //! | --- | --- | --- |
 //! | domain (pure) | [`domain`]: money, requests and their decoding, results, the wallet rules ([`domain::plan_batch`]), partitioning, worker assignment | nothing outside itself: no RabbitMQ, Redis, SQL or clock |
-//! | adapters | [`broker`] (RabbitMQ: topology, confirms), [`lock`] (Redis: fenced user locks), [`membership`] (Redis: heartbeats), [`ledger`] (PostgreSQL: batches, audit), [`telemetry`], [`reach`] (connection failures a user can act on), and the private `backoff`, `tls` and `grouping` (the one machine behind group commit and group locking) | the domain, and plain settings; never the pipeline or an edge |
+//! | adapters | [`broker`] (RabbitMQ: topology, confirms), [`lock`] (Redis: fenced user locks), [`membership`] (Redis: heartbeats), [`ledger`] (PostgreSQL: batches, audit), [`telemetry`], [`reach`] (connection failures a user can act on), [`redis_link`] (Redis: one server or the master Sentinel names), and the private `backoff`, `tls` and `grouping` (the one machine behind group commit and group locking) | the domain, and plain settings; never the pipeline or an edge |
 //! | pipeline | [`worker`]: the router, one ordered pipeline per partition, group commit and group locking | the domain and the adapters |
 //! | edges | [`cli`] (the `walletq` command), [`gateway`] (HTTP), [`Client`] (producers in Rust), [`status`], [`dead`] (dead letters), [`configuration`] (flags and environment) | everything |
 //!
@@ -29,6 +29,7 @@ pub mod ledger;
 pub mod lock;
 pub mod membership;
 pub mod reach;
+pub mod redis_link;
 pub mod status;
 pub mod telemetry;
 pub mod worker;
@@ -82,8 +83,17 @@ mod layers {
         found
     }
 
-    const ADAPTERS: &[&str] =
-        &["broker", "lock.rs", "membership.rs", "ledger", "telemetry.rs", "backoff.rs", "tls.rs", "reach.rs"];
+    const ADAPTERS: &[&str] = &[
+        "broker",
+        "lock.rs",
+        "membership.rs",
+        "ledger",
+        "telemetry.rs",
+        "backoff.rs",
+        "tls.rs",
+        "reach.rs",
+        "redis_link.rs",
+    ];
     const EDGES: &[&str] =
         &["crate::cli", "crate::gateway", "crate::client", "crate::status", "crate::configuration", "crate::dead"];
 

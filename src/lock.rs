@@ -13,6 +13,8 @@ use anyhow::Context;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
+use crate::redis_link::{RedisLink, SENTINEL_SCHEME, SentinelConfig};
+
 use crate::domain::UserId;
 use crate::reach::{Service, ServiceError, Target};
 use crate::telemetry::redact_url;
@@ -74,9 +76,16 @@ pub const REDIS_RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 
 /// A Redis connection that reconnects by itself; every command times out after
 /// [`REDIS_TIMEOUT`]. `rediss://` URLs use TLS, verified against `ca_file` when given
-/// (instead of the system roots).
-pub async fn connect_redis(redis_url: &str, ca_file: Option<&Path>) -> anyhow::Result<ConnectionManager> {
+/// (instead of the system roots). A `redis+sentinel://` URL reaches the master the
+/// Sentinels name, and follows a failover ([`crate::redis_link`]).
+pub async fn connect_redis(redis_url: &str, ca_file: Option<&Path>) -> anyhow::Result<RedisLink> {
     let shown = redact_url(redis_url);
+    if redis_url.starts_with(SENTINEL_SCHEME) {
+        let config = SentinelConfig::parse(redis_url).with_context(|| format!("parsing Redis URL {shown}"))?;
+        return RedisLink::sentinel(config, REDIS_TIMEOUT)
+            .await
+            .with_context(|| format!("connecting to Redis at {shown}"));
+    }
     let target = Target::parse(Service::Redis, redis_url, 6379)?;
     let client = match ca_file {
         Some(path) if redis_url.starts_with("rediss://") => {
@@ -92,9 +101,10 @@ pub async fn connect_redis(redis_url: &str, ca_file: Option<&Path>) -> anyhow::R
         .set_number_of_retries(REDIS_RECONNECT_RETRIES)
         .set_max_delay(REDIS_RECONNECT_MAX_DELAY);
     target.resolve().await?;
-    ConnectionManager::new_with_config(client, config)
+    let manager = ConnectionManager::new_with_config(client, config)
         .await
-        .map_err(|error| redis_connect_error(&target, &error).into())
+        .map_err(|error| anyhow::Error::from(redis_connect_error(&target, &error)))?;
+    Ok(RedisLink::direct(manager))
 }
 
 /// What a failed Redis connection means, by kind and error code.
@@ -152,7 +162,7 @@ pub enum LockAttempt {
 /// The per-user locks of one namespace.
 #[derive(Clone)]
 pub struct UserLocks {
-    redis: ConnectionManager,
+    redis: RedisLink,
     prefix: String,
     ttl_ms: u64,
     acquire: Script,

@@ -10,7 +10,6 @@ use std::path::Path;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use redis::Script;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 use crate::lock::connect_redis;
@@ -43,6 +42,10 @@ pub struct WorkerReport {
     /// new one); `None` for a worker older than 0.2.0, which did not report it.
     #[serde(default)]
     pub version: Option<String>,
+    /// The broker address (host:port) its partitions' connection went to; absent in reports
+    /// of workers older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
 }
 
 /// What the owner of a partition says about it.
@@ -63,7 +66,7 @@ pub struct PartitionReport {
 /// This worker's membership.
 #[derive(Clone)]
 pub struct Membership {
-    redis: ConnectionManager,
+    redis: crate::redis_link::RedisLink,
     namespace: String,
     worker_id: String,
     member_ttl_ms: u64,

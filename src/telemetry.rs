@@ -55,15 +55,22 @@ pub fn prometheus() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHan
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
-/// The URL with any password replaced by `***`, for logs and errors.
+/// The URL with any password replaced by `***`, for logs and errors. A comma-separated list
+/// of URLs (several broker addresses, a Sentinel URL's hosts) is redacted URL by URL; a part
+/// that is no URL is kept only when it cannot hold credentials (no `@`).
 pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
+    raw.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(raw: &str) -> String {
+    match url::Url::parse(raw.trim()) {
         Ok(mut url) => {
             if url.password().is_some() {
                 let _ = url.set_password(Some("***"));
             }
             url.to_string()
         }
+        Err(_) if !raw.contains('@') && !raw.contains("://") && !raw.is_empty() => raw.to_owned(),
         Err(_) => "<unparseable url>".into(),
     }
 }
@@ -85,6 +92,16 @@ mod tests {
         assert_eq!(redact_url("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
         assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert!(!redact_url("postgres://u:p@h/db").contains(":p@"));
-        assert_eq!(redact_url("not a url"), "<unparseable url>");
+        assert_eq!(redact_url("not a url@x"), "<unparseable url>");
+    }
+
+    #[test]
+    fn every_url_of_a_list_is_redacted() {
+        let list = "amqp://u:one@h1:5672/%2f, amqp://u:two@h2:5672/%2f";
+        assert_eq!(redact_url(list), "amqp://u:***@h1:5672/%2f,amqp://u:***@h2:5672/%2f");
+        let sentinel = "redis+sentinel://:secret@s1:26379,s2:26379,s3:26379/mymaster";
+        let shown = redact_url(sentinel);
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.ends_with(",s2:26379,s3:26379/mymaster"), "{shown}");
     }
 }

@@ -97,6 +97,12 @@ pub const INGRESS_DELIVERY_LIMIT: i64 = 10;
 /// What to do when the broker refuses a declaration with other arguments (PRECONDITION_FAILED).
 const REDECLARE_HINT: &str = "an existing queue with other arguments must be deleted first";
 
+/// No replication arguments: a quorum queue gets the broker's default replica count, up to 3
+/// nodes of the cluster (the `rabbit` application's `quorum_cluster_size`, 3 by default;
+/// measured on 3.10: 3 members on a 3-node cluster), and its leader placement. Adding
+/// `x-quorum-initial-group-size` or `x-queue-leader-locator` here would make every existing
+/// deployment's redeclaration fail with PRECONDITION_FAILED (the broker checks both for
+/// equivalence): docs/ARCHITECTURE.md, "Running on a RabbitMQ cluster".
 fn queue_arguments(queue_type: QueueType) -> FieldTable {
     let mut arguments = FieldTable::default();
     arguments.insert("x-queue-type".into(), AMQPValue::LongString(queue_type.as_str().into()));

@@ -263,7 +263,7 @@ impl Session<'_> {
         shutdown: &CancellationToken,
     ) -> Result<(), ConnectionFailure> {
         let context = self.context;
-        let connection = self.open(services, topology).await?;
+        let (connection, broker) = self.open(services, topology).await?;
         self.readiness.broker_connected.store(true, Ordering::Relaxed);
 
         let mut running: HashMap<u16, RunningPartition> = HashMap::new();
@@ -278,7 +278,7 @@ impl Session<'_> {
             tokio::select! {
                 _ = shutdown.cancelled() => break None,
                 _ = tick.tick() => {
-                    let desired = self.desired(&running, topology.partitions, &mut last_heartbeat_ok, member_ttl).await;
+                    let desired = self.desired(&running, topology.partitions, &broker, &mut last_heartbeat_ok, member_ttl).await;
                     if let Some(desired) = desired {
                         self.reconcile(&desired, &mut running, &mut tasks, &mut generation, &connection);
                     }
@@ -306,15 +306,16 @@ impl Session<'_> {
         }
     }
 
-    /// Opens the session's connection and declares the topology on it. A declaration the
-    /// broker refuses (PRECONDITION_FAILED: other arguments) is fatal; anything else transient.
+    /// Opens the session's connection and declares the topology on it; the connection and
+    /// the broker address (host:port) it went to. A declaration the broker refuses
+    /// (PRECONDITION_FAILED: other arguments) is fatal; anything else transient.
     async fn open(
         &self,
         services: &ServiceSettings,
         topology: &TopologySettings,
-    ) -> Result<Arc<lapin::Connection>, ConnectionFailure> {
+    ) -> Result<(Arc<lapin::Connection>, String), ConnectionFailure> {
         let name = format!("walletq worker {}", self.context.worker_id);
-        let connection = broker::connect(&services.amqp_url, &name, services.ca_file.as_deref())
+        let (connection, address) = broker::connect_reporting(&services.amqp_url, &name, services.ca_file.as_deref())
             .await
             .map_err(ConnectionFailure::Transient)?;
         let channel =
@@ -327,7 +328,7 @@ impl Session<'_> {
             return Err(if refused { ConnectionFailure::Fatal(error) } else { ConnectionFailure::Transient(error) });
         }
         let _ = channel.close(200, "OK".into()).await;
-        Ok(Arc::new(connection))
+        Ok((Arc::new(connection), address))
     }
 
     /// The partitions to serve after this heartbeat: `None` keeps the current ones (one
@@ -337,10 +338,11 @@ impl Session<'_> {
         &self,
         running: &HashMap<u16, RunningPartition>,
         partitions: u16,
+        broker: &str,
         last_heartbeat_ok: &mut Instant,
         member_ttl: Duration,
     ) -> Option<BTreeSet<u16>> {
-        match self.heartbeat(running, partitions).await {
+        match self.heartbeat(running, partitions, broker).await {
             Ok(desired) => {
                 *last_heartbeat_ok = Instant::now();
                 Some(desired)
@@ -361,6 +363,7 @@ impl Session<'_> {
         &self,
         running: &HashMap<u16, RunningPartition>,
         partitions: u16,
+        broker: &str,
     ) -> anyhow::Result<BTreeSet<u16>> {
         let context = self.context;
         let mut owned: Vec<u16> = running.keys().copied().collect();
@@ -371,6 +374,7 @@ impl Session<'_> {
             heartbeat_at: Utc::now(),
             partitions: owned,
             version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            broker: Some(broker.to_owned()),
         };
         let partition_reports: Vec<_> = running.iter().map(|(p, r)| (*p, r.stats.report(&context.worker_id))).collect();
         let live = self.membership.heartbeat(&report, &partition_reports).await;

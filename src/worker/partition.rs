@@ -131,6 +131,9 @@ impl PoisonTracker {
         failure: BatchFailure,
     ) -> Option<OrderedConsumer> {
         let BatchFailure { error, locks } = failure;
+        if refused_by_fence(&error) {
+            metrics::counter!("walletq_stale_fence_total").increment(1);
+        }
         let rejected = self.refused(context, source.publisher(), deliveries, &error).await;
         let kept = if rejected {
             Some(source)
@@ -183,6 +186,12 @@ impl PoisonTracker {
         self.isolate_remaining = self.isolate_remaining.saturating_sub(1);
         true
     }
+}
+
+/// True when PostgreSQL refused the batch because a newer lock holder of one of its users
+/// has written (the batch's lock was lost: it expired, or a Redis failover dropped it).
+fn refused_by_fence(error: &anyhow::Error) -> bool {
+    error.chain().filter_map(|e| e.downcast_ref::<LedgerError>()).any(|e| matches!(e, LedgerError::StaleFence(_)))
 }
 
 /// True when PostgreSQL itself refused the batch (a data or constraint error, a raised

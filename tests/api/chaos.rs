@@ -306,7 +306,7 @@ async fn sustained_redis_outage(pool: &sqlx::PgPool, workers: &[Worker], faults:
 
 /// Reads results from `queue` until `ids` request ids and `expiries` holds' `expire`
 /// results have at least one each, or the deadline passes. Returns them in arrival order.
-async fn read_results(
+pub(crate) async fn read_results(
     amqp_url: &str,
     queue: &str,
     (ids, expiries): (usize, usize),
@@ -340,18 +340,18 @@ async fn read_results(
 
 /// What the run's results say, each count able to be non-zero (see the tests below).
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Findings {
+pub(crate) struct Findings {
     /// Requests with no stored result, or whose result never arrived.
-    lost: usize,
+    pub(crate) lost: usize,
     /// Requests answered as applied (not a replay) more than once.
-    applied_twice: usize,
+    pub(crate) applied_twice: usize,
     /// Requests whose stored result is not the sequential model's, or whose first result
     /// arrived before that of a request of the same user published earlier.
-    out_of_order: usize,
+    pub(crate) out_of_order: usize,
     /// Replayed results that differ from the stored result.
-    replay_mismatch: usize,
+    pub(crate) replay_mismatch: usize,
     /// The first few findings, described, to print on failure.
-    examples: Vec<String>,
+    pub(crate) examples: Vec<String>,
 }
 
 impl Findings {
@@ -500,7 +500,11 @@ async fn holds_and_wallets(pool: &sqlx::PgPool) -> (HashMap<String, String>, Vec
 
 /// Checks every valid request (in publish order) against the results read back (in
 /// arrival order), the stored results and a sequential model.
-fn analyse(requests: &[Request], results: &[RequestResult], stored: &HashMap<String, RequestResult>) -> Findings {
+pub(crate) fn analyse(
+    requests: &[Request],
+    results: &[RequestResult],
+    stored: &HashMap<String, RequestResult>,
+) -> Findings {
     let mut findings = Findings::default();
     let mut model = SequentialModel::default();
     for user in limited_users() {
