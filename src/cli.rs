@@ -212,17 +212,15 @@ enum DeadCommand {
     },
 }
 
+/// What every request command takes: where, whose wallet, its id, and how long to wait.
 #[derive(Args, Debug)]
-struct SubmitArgs {
+struct SendArgs {
     #[command(flatten)]
     services: ServiceSettings,
     /// The wallet's owner.
     #[arg(long)]
     user: String,
-    /// Amount as plain decimal text, e.g. 12.34.
-    #[arg(long)]
-    amount: String,
-    /// Idempotency key; a fresh UUID when omitted.
+    /// Idempotency key (for a hold, also the hold's id); a fresh UUID when omitted.
     #[arg(long)]
     request_id: Option<String>,
     /// Seconds to wait for the result (0: publish only; at most 3600).
@@ -231,63 +229,45 @@ struct SubmitArgs {
 }
 
 #[derive(Args, Debug)]
+struct SubmitArgs {
+    #[command(flatten)]
+    send: SendArgs,
+    /// Amount as plain decimal text, e.g. 12.34.
+    #[arg(long)]
+    amount: String,
+}
+
+#[derive(Args, Debug)]
 struct HoldArgs {
     #[command(flatten)]
-    services: ServiceSettings,
-    /// The wallet's owner.
-    #[arg(long)]
-    user: String,
+    send: SendArgs,
     /// Amount to reserve, as plain decimal text, e.g. 12.34.
     #[arg(long)]
     amount: String,
     /// How long the hold lasts unless captured or released first, e.g. 90s, 15m, 2h (1 s to 7 days).
     #[arg(long, default_value = "15m", value_parser = parse_hold_timeout)]
     timeout: u32,
-    /// Idempotency key, and the hold's id; a fresh UUID when omitted.
-    #[arg(long)]
-    request_id: Option<String>,
-    /// Seconds to wait for the result (0: publish only; at most 3600).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600))]
-    wait: u64,
 }
 
 #[derive(Args, Debug)]
 struct CaptureArgs {
     #[command(flatten)]
-    services: ServiceSettings,
-    /// The wallet's owner.
-    #[arg(long)]
-    user: String,
+    send: SendArgs,
     /// The hold: the request id of its `hold`.
     #[arg(long)]
     hold: String,
     /// Amount to take, at most the hold's; the whole hold when omitted.
     #[arg(long)]
     amount: Option<String>,
-    /// Idempotency key; a fresh UUID when omitted.
-    #[arg(long)]
-    request_id: Option<String>,
-    /// Seconds to wait for the result (0: publish only; at most 3600).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600))]
-    wait: u64,
 }
 
 #[derive(Args, Debug)]
 struct ReleaseArgs {
     #[command(flatten)]
-    services: ServiceSettings,
-    /// The wallet's owner.
-    #[arg(long)]
-    user: String,
+    send: SendArgs,
     /// The hold: the request id of its `hold`.
     #[arg(long)]
     hold: String,
-    /// Idempotency key; a fresh UUID when omitted.
-    #[arg(long)]
-    request_id: Option<String>,
-    /// Seconds to wait for the result (0: publish only; at most 3600).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600))]
-    wait: u64,
 }
 
 /// Parses the command line, runs the command, maps the outcome to an exit code.
@@ -344,26 +324,21 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Withdraw(args) => {
-            let amount = parse_amount(&args.amount)?;
-            send(&args.services, &args.user, domain::Command::Withdraw { amount }, args.request_id, args.wait).await
+            send(args.send, domain::Command::Withdraw { amount: parse_amount(&args.amount)? }).await
         }
         Command::Deposit(args) => {
-            let amount = parse_amount(&args.amount)?;
-            send(&args.services, &args.user, domain::Command::Deposit { amount }, args.request_id, args.wait).await
+            send(args.send, domain::Command::Deposit { amount: parse_amount(&args.amount)? }).await
         }
         Command::Hold(args) => {
-            let command = domain::Command::Hold { amount: parse_amount(&args.amount)?, timeout_s: args.timeout };
-            send(&args.services, &args.user, command, args.request_id, args.wait).await
-        }
-        Command::Capture(args) => {
-            let hold_id = parse_hold_id(&args.hold)?;
-            let amount = args.amount.as_deref().map(parse_amount).transpose()?;
-            send(&args.services, &args.user, domain::Command::Capture { hold_id, amount }, args.request_id, args.wait)
+            send(args.send, domain::Command::Hold { amount: parse_amount(&args.amount)?, timeout_s: args.timeout })
                 .await
         }
+        Command::Capture(args) => {
+            let amount = args.amount.as_deref().map(parse_amount).transpose()?;
+            send(args.send, domain::Command::Capture { hold_id: parse_hold_id(&args.hold)?, amount }).await
+        }
         Command::Release(args) => {
-            let hold_id = parse_hold_id(&args.hold)?;
-            send(&args.services, &args.user, domain::Command::Release { hold_id }, args.request_id, args.wait).await
+            send(args.send, domain::Command::Release { hold_id: parse_hold_id(&args.hold)? }).await
         }
         Command::Balance { services, user, limits } => balance(&services, &user, limits).await,
         Command::Limits(command) => limits(command).await,
@@ -561,15 +536,10 @@ fn parse_hold_timeout(text: &str) -> Result<u32, String> {
 
 /// Publishes a request (confirmed); with `wait` > 0 prints its result, with the exit code of
 /// its status.
-async fn send(
-    services: &ServiceSettings,
-    user: &str,
-    command: domain::Command,
-    request_id: Option<String>,
-    wait: u64,
-) -> anyhow::Result<ExitCode> {
+async fn send(args: SendArgs, command: domain::Command) -> anyhow::Result<ExitCode> {
+    let SendArgs { services, user, request_id, wait } = args;
     let client = Client::connect(&services.amqp_url, &services.namespace, services.ca_file.as_deref()).await?;
-    let request = client.command(user, command, request_id.as_deref())?;
+    let request = client.command(&user, command, request_id.as_deref())?;
     if wait == 0 {
         client.submit(&request, None).await?;
         println!("{}", serde_json::json!({ "request_id": request.request_id, "published": true }));
