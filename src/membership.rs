@@ -22,7 +22,24 @@ redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ttl * 2)
 for i = 4, #ARGV, 2 do
-  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  -- A new owner that has not processed anything yet keeps the previous owner's last time.
+  local report = cjson.decode(ARGV[i + 1])
+  if report['last_processed_at'] == nil or report['last_processed_at'] == cjson.null then
+    local old = redis.call('HGET', KEYS[3], ARGV[i])
+    if old then
+      local previous = cjson.decode(old)['last_processed_at']
+      if previous ~= nil and previous ~= cjson.null then
+        report['last_processed_at'] = previous
+        redis.call('HSET', KEYS[3], ARGV[i], cjson.encode(report))
+      else
+        redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+      end
+    else
+      redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+    end
+  else
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  end
 end
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 ";
@@ -42,6 +59,10 @@ pub struct WorkerReport {
     /// new one); `None` for a worker older than 0.2.0, which did not report it.
     #[serde(default)]
     pub version: Option<String>,
+    /// When its router last forwarded a batch; the router that forwarded last is the active
+    /// one (single active consumer on the ingress queue). `None`: never, or an older worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_forwarded_at: Option<DateTime<Utc>>,
     /// The broker address (host:port) its partitions' connection went to; absent in reports
     /// of workers older than this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]

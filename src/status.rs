@@ -49,6 +49,9 @@ pub struct StatusReport {
     pub ingress_depth: u32,
     /// Messages waiting in `<ns>.dead`.
     pub dead_lettered: u32,
+    /// The live worker whose router forwarded last: the active router (single active
+    /// consumer on the ingress queue lets one forward at a time). `None` until one forwards.
+    pub active_router: Option<String>,
 }
 
 /// Reads Redis (membership) and RabbitMQ (queue depths).
@@ -111,12 +114,19 @@ pub async fn collect_with_leaders(
         .map(|q| q.message_count())
         .unwrap_or(0);
     let _ = connection.close(200, "OK".into()).await;
+    let active_router = snapshot
+        .workers
+        .iter()
+        .filter_map(|w| w.router_forwarded_at.map(|at| (at, w.worker_id.clone())))
+        .max()
+        .map(|(_, worker)| worker);
     Ok(StatusReport {
         namespace: names.namespace().to_owned(),
         partitions,
         workers: snapshot.workers,
         ingress_depth,
         dead_lettered: dead,
+        active_router,
     })
 }
 
@@ -197,7 +207,9 @@ impl StatusReport {
                 partitions.join(",")
             );
         }
-        let _ = writeln!(out, "\ningress queue {}.ingress: {} waiting", self.namespace, self.ingress_depth);
+        let router = self.active_router.as_deref().unwrap_or("none has forwarded a message yet");
+        let _ = writeln!(out, "\nactive router: {router}");
+        let _ = writeln!(out, "ingress queue {}.ingress: {} waiting", self.namespace, self.ingress_depth);
         let _ = writeln!(out, "dead-lettered messages waiting in {}.dead: {}", self.namespace, self.dead_lettered);
         out
     }

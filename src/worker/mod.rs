@@ -14,7 +14,7 @@ mod stats;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -55,6 +55,9 @@ pub(crate) struct WorkerContext {
     pub worker_id: String,
     /// Number of partition queues: a partition refuses a request whose user is not its own.
     pub partitions: u16,
+    /// When this worker's router last forwarded a batch (Unix ms, 0: never): single active
+    /// consumer lets one router forward at a time, so `walletq status` names the active one.
+    pub router_forwarded_ms: Arc<AtomicI64>,
 }
 
 /// Shared state for `/readyz`.
@@ -90,7 +93,9 @@ pub async fn run_worker(
     let ledger = GroupCommitter::spawn(ledger, in_flight);
     let locks = GroupLocker::spawn(locks);
     let partitions = topology.partitions;
-    let context = Arc::new(WorkerContext { names, ledger, locks, settings, worker_id, partitions });
+    let router_forwarded_ms = Arc::new(AtomicI64::new(0));
+    let context =
+        Arc::new(WorkerContext { names, ledger, locks, settings, worker_id, partitions, router_forwarded_ms });
     let readiness = Arc::new(Readiness::default());
     if let Some(address) = context.settings.metrics_addr {
         endpoints::spawn(address, context.clone(), readiness.clone(), shutdown.clone()).await?;
@@ -162,6 +167,7 @@ fn spawn_router(
             backoff_max_ms: context.settings.backoff_max_ms,
             consumer_tag: format!("{}/router", context.worker_id),
         },
+        context.router_forwarded_ms.clone(),
         stop,
     ))
 }
@@ -374,6 +380,10 @@ impl Session<'_> {
             heartbeat_at: Utc::now(),
             partitions: owned,
             version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            router_forwarded_at: match context.router_forwarded_ms.load(Ordering::Relaxed) {
+                0 => None,
+                ms => chrono::DateTime::from_timestamp_millis(ms),
+            },
             broker: Some(broker.to_owned()),
         };
         let partition_reports: Vec<_> = running.iter().map(|(p, r)| (*p, r.stats.report(&context.worker_id))).collect();

@@ -19,6 +19,7 @@
 //! client, so the partition queues only ever hold decodable messages.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -81,6 +82,7 @@ pub(super) async fn supervise(
     connection_name: String,
     names: Names,
     settings: RouterSettings,
+    forwarded_ms: Arc<AtomicI64>,
     stop: CancellationToken,
 ) {
     let mut careful = Careful::default();
@@ -90,7 +92,7 @@ pub(super) async fn supervise(
         let ended = match connected {
             Ok(connection) => {
                 let connection = Arc::new(connection);
-                let ended = route(connection.clone(), &names, &settings, &stop, &mut careful).await;
+                let ended = route(connection.clone(), &names, &settings, &stop, &mut careful, &forwarded_ms).await;
                 let _ = connection.close(200, "OK".into()).await;
                 ended
             }
@@ -126,7 +128,8 @@ pub async fn run_router(
     settings: RouterSettings,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    match route(connection, &names, &settings, &stop, &mut Careful::default()).await {
+    let forwarded_ms = AtomicI64::new(0);
+    match route(connection, &names, &settings, &stop, &mut Careful::default(), &forwarded_ms).await {
         Ended::Stopped => Ok(()),
         Ended::Failed { error, .. } => Err(error),
     }
@@ -138,6 +141,7 @@ async fn route(
     settings: &RouterSettings,
     stop: &CancellationToken,
     careful: &mut Careful,
+    forwarded_ms: &AtomicI64,
 ) -> Ended {
     let ingress = names.ingress_queue();
     let partition_queues: Vec<String> = (0..settings.partitions).map(|p| names.partition_queue(p)).collect();
@@ -168,6 +172,7 @@ async fn route(
             match forward(source.publisher(), &deliveries, &partition_queues, settings.partitions, ack).await {
                 Ok(()) => {
                     failures = 0;
+                    forwarded_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
                     metrics::counter!("walletq_routed_total").increment(deliveries.len() as u64);
                     if careful.deliveries_left > 0 {
                         careful.deliveries_left = careful.deliveries_left.saturating_sub(deliveries.len());

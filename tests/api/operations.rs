@@ -201,3 +201,53 @@ async fn status_says_plainly_when_no_worker_is_alive() {
     assert!(!table.contains("live worker(s)"), "{table}");
     app.cleanup().await;
 }
+
+/// `walletq status --json` for the app's namespace.
+fn status_of(app: &crate::support::TestApp, partitions: u16) -> serde_json::Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_walletq"))
+        .args(["status", "--json", "--partitions", &partitions.to_string()])
+        .env("AMQP_URL", &app.services.amqp_url)
+        .env("REDIS_URL", &app.services.redis_url)
+        .env("WALLETQ_NAMESPACE", &app.services.namespace)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run walletq status");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("status json")
+}
+
+/// The last processed time of the partition that has one.
+fn last_processed(status: &serde_json::Value) -> Option<serde_json::Value> {
+    status["partitions"].as_array()?.iter().map(|p| p["last_processed_at"].clone()).find(|at| at.is_string())
+}
+
+#[tokio::test]
+async fn status_names_the_active_router_and_keeps_a_partitions_last_time_across_a_handover() {
+    let mut app = spawn_app_with(TopologySettings { partitions: 2, queue_type: QueueType::Classic }, false).await;
+    let first = crate::support::spawn_worker_process(&app);
+    app.publish_all(&[request("hand-1", "kim", Op::Deposit, 100)]).await;
+    app.next_results(1).await;
+    let before = eventually("the router and the partition reported", Duration::from_secs(15), || {
+        let status = status_of(&app, 2);
+        async move { (status["active_router"].is_string() && last_processed(&status).is_some()).then_some(status) }
+    })
+    .await;
+    let first_id = before["workers"][0]["worker_id"].clone();
+    assert_eq!(before["active_router"], first_id, "{before}");
+    let last = last_processed(&before);
+
+    assert!(first.terminate().await.success());
+    let _second = crate::support::spawn_worker_process(&app);
+    let after = eventually("a second worker owning every partition", Duration::from_secs(30), || {
+        let status = status_of(&app, 2);
+        let first_id = first_id.clone();
+        async move {
+            let partitions = status["partitions"].as_array()?;
+            let taken = partitions.iter().all(|p| p["active_worker"].is_string() && p["active_worker"] != first_id);
+            taken.then_some(status)
+        }
+    })
+    .await;
+    assert_eq!(last_processed(&after), last, "the new owner keeps the last processed time: {after}");
+    app.cleanup().await;
+}

@@ -289,6 +289,7 @@ async fn the_redis_acl_user_is_enough_for_locks_and_membership_and_nothing_else(
         heartbeat_at: chrono::Utc::now(),
         partitions: vec![0],
         version: Some("0.2.0".into()),
+        router_forwarded_at: None,
         broker: None,
     };
     let live = membership.heartbeat(&report, &[]).await.expect("heartbeat");
