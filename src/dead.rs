@@ -28,7 +28,7 @@ const PREVIEW_CHARS: usize = 72;
 
 /// One dead-lettered message as read from `<ns>.dead`.
 #[derive(Debug, Clone, Serialize)]
-pub struct DeadLetter {
+pub(crate) struct DeadLetter {
     /// Stable id: the first 16 hex digits of SHA-256 of the message id and the body.
     pub id: String,
     /// When it was first dead-lettered (`x-death`).
@@ -162,7 +162,7 @@ impl DeadQueue {
 }
 
 /// Up to `limit` messages of `<ns>.dead`, oldest first; the queue is left as it was.
-pub async fn list(services: &ServiceSettings, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+pub(crate) async fn list(services: &ServiceSettings, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
     let queue = DeadQueue::open(services).await?;
     let mut letters = Vec::new();
     let outcome = async {
@@ -178,13 +178,13 @@ pub async fn list(services: &ServiceSettings, limit: usize) -> anyhow::Result<Ve
 }
 
 /// The message with this id (as `list` shows it), if it is in `<ns>.dead`.
-pub async fn show(services: &ServiceSettings, id: &str) -> anyhow::Result<Option<DeadLetter>> {
+pub(crate) async fn show(services: &ServiceSettings, id: &str) -> anyhow::Result<Option<DeadLetter>> {
     Ok(list(services, usize::MAX).await?.into_iter().find(|letter| letter.id == id))
 }
 
 /// Which messages to requeue.
 #[derive(Debug, Clone)]
-pub enum Selection {
+pub(crate) enum Selection {
     /// Every message in the queue when the requeue starts.
     All,
     /// The messages with these ids (as `list` shows them).
@@ -193,7 +193,7 @@ pub enum Selection {
 
 /// Publishes the selected messages again through the requests exchange, each confirmed
 /// before it is acked (removed) in `<ns>.dead`; the others stay. Returns those requeued.
-pub async fn requeue(services: &ServiceSettings, selection: &Selection) -> anyhow::Result<Vec<DeadLetter>> {
+pub(crate) async fn requeue(services: &ServiceSettings, selection: &Selection) -> anyhow::Result<Vec<DeadLetter>> {
     let queue = DeadQueue::open(services).await?;
     let outcome = requeue_from(&queue, selection).await;
     queue.close().await;
@@ -246,7 +246,7 @@ fn republished(original: &BasicProperties) -> BasicProperties {
 }
 
 /// `list` as a table: id, time, reason, user, request id, problem, preview.
-pub fn to_table(letters: &[DeadLetter]) -> String {
+pub(crate) fn to_table(letters: &[DeadLetter]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,

@@ -13,32 +13,42 @@
 //! | layer | modules | knows |
 //! | --- | --- | --- |
 //! | domain (pure) | [`domain`]: money, requests and their decoding, results, the wallet rules ([`domain::plan_batch`]), partitioning, worker assignment | nothing outside itself: no RabbitMQ, Redis, SQL or clock |
-//! | adapters | [`broker`] (RabbitMQ: topology, confirms), [`lock`] (Redis: fenced user locks), [`membership`] (Redis: heartbeats), [`ledger`] (PostgreSQL: batches, audit), [`telemetry`], [`reach`] (connection failures a user can act on), [`redis_link`] (Redis: one server or the master Sentinel names), and the private `backoff`, `tls` and `grouping` (the one machine behind group commit and group locking) | the domain, and plain settings; never the pipeline or an edge |
+//! | adapters | [`broker`] (RabbitMQ: topology, confirms), [`lock`] (Redis: fenced user locks), [`membership`] (Redis: heartbeats), [`ledger`] (PostgreSQL: batches, audit), [`telemetry`], [`reach`] (connection failures a user can act on), and the private `redis_link` (Redis: one server or the master Sentinel names), `backoff`, `tls` and `grouping` (the one machine behind group commit and group locking) | the domain, and plain settings; never the pipeline or an edge |
 //! | pipeline | [`worker`]: the router, one ordered pipeline per partition, group commit and group locking | the domain and the adapters |
-//! | edges | [`cli`] (the `walletq` command), [`gateway`] (HTTP), [`Client`] (producers in Rust), [`status`], [`dead`] (dead letters), [`configuration`] (flags and environment) | everything |
+//! | edges | [`gateway`] (HTTP), [`Client`] (producers in Rust), [`status`], [`configuration`] (flags and environment), and the private `cli` (the `walletq` command, run by [`run_cli`]) and `dead` (dead letters) | everything |
+//!
+//! # The public surface
+//!
+//! What a producer needs ([`Client`], the [`domain`] types, the protocol's
+//! [`domain::decode_request`] and `RequestResult`) and what an embedder needs to run and
+//! observe walletq in its own process ([`worker::run_worker`], [`gateway::app`],
+//! [`ledger::Ledger`] with its audit, [`configuration`], [`status`]). The adapters stay
+//! public because the integration tests and the bench drive them directly (group commit,
+//! fenced locks, topology); the command line and the dead-letter tool are the binary's own.
 //!
 //! docs/ARCHITECTURE.md walks through the flow, the crash table and the module map.
 
 pub mod broker;
-pub mod cli;
 pub mod configuration;
-pub mod dead;
 pub mod domain;
 pub mod gateway;
 pub mod ledger;
 pub mod lock;
 pub mod membership;
 pub mod reach;
-pub mod redis_link;
 pub mod status;
 pub mod telemetry;
 pub mod worker;
 
 mod backoff;
+mod cli;
 mod client;
+mod dead;
 mod grouping;
+mod redis_link;
 mod tls;
 
+pub use cli::main as run_cli;
 pub use client::Client;
 
 #[cfg(test)]

@@ -77,7 +77,7 @@ pub const REDIS_RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 /// A Redis connection that reconnects by itself; every command times out after
 /// [`REDIS_TIMEOUT`]. `rediss://` URLs use TLS, verified against `ca_file` when given
 /// (instead of the system roots). A `redis+sentinel://` URL reaches the master the
-/// Sentinels name, and follows a failover ([`crate::redis_link`]).
+/// Sentinels name, and follows a failover (`redis_link.rs`).
 pub async fn connect_redis(redis_url: &str, ca_file: Option<&Path>) -> anyhow::Result<RedisLink> {
     let shown = redact_url(redis_url);
     if redis_url.starts_with(SENTINEL_SCHEME) {

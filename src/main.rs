@@ -1,5 +1,5 @@
-//! The `walletq` binary: the command line of [`walletq::cli`], nothing else.
+//! The `walletq` binary: the command line of the library ([`walletq::run_cli`]), nothing else.
 
 fn main() -> std::process::ExitCode {
-    walletq::cli::main()
+    walletq::run_cli()
 }

@@ -18,7 +18,7 @@ use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
 use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisError, RedisFuture, RedisResult, ServerErrorKind, Value};
 
 /// The URL scheme of a Sentinel configuration.
-pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
+pub(crate) const SENTINEL_SCHEME: &str = "redis+sentinel://";
 
 /// A reconnecting Redis connection; cheap to clone (clones share the connection).
 #[derive(Clone)]
