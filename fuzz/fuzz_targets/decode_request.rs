@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::value::RawValue;
-use walletq::domain::{Money, Op, Request, RequestId, UserId, decode_request};
+use walletq::domain::{Command, Money, Request, RequestId, UserId, decode_request};
 
 /// 1,000,000,000.00 in cents.
 const CENTS_MAX: u128 = 100_000_000_000;
@@ -54,11 +54,17 @@ fn assert_keeps_contract(request: &Request) {
     for id in [request.request_id.as_str(), request.user_id.as_str()] {
         assert!(valid_id(id), "id {id:?} breaks the contract");
     }
-    assert!(matches!(request.op, Op::Withdraw | Op::Deposit));
-    let cents = request.amount.cents();
-    assert!(cents > 0 && cents as u128 <= CENTS_MAX, "amount {} out of range", request.amount);
-    let decimal = request.amount.as_decimal();
-    assert_eq!(decimal.scale(), 2, "amount {} is not carried with 2 decimals", request.amount);
+    if let Some(hold_id) = request.command.hold_id() {
+        assert!(valid_id(hold_id.as_str()), "hold id {hold_id:?} breaks the contract");
+    }
+    if let Command::Hold { timeout_s, .. } = request.command {
+        assert!((1..=604_800).contains(&timeout_s), "timeout_s {timeout_s} out of range");
+    }
+    let Some(amount) = request.amount() else { return };
+    let cents = amount.cents();
+    assert!(cents > 0 && cents as u128 <= CENTS_MAX, "amount {amount} out of range");
+    let decimal = amount.as_decimal();
+    assert_eq!(decimal.scale(), 2, "amount {amount} is not carried with 2 decimals");
     assert_eq!(decimal.mantissa(), i128::from(cents));
 }
 
@@ -80,33 +86,63 @@ fn oracle(body: &[u8]) -> Option<Result<Request, String>> {
 }
 
 fn fields_to_request(fields: &HashMap<String, Box<RawValue>>) -> Result<Request, String> {
-    if fields.len() != 4 {
-        return Err(format!("{} fields", fields.len()));
-    }
     let string = |name: &str| -> Result<String, String> {
         let raw = fields.get(name).ok_or(format!("no {name}"))?;
         serde_json::from_str::<String>(raw.get()).map_err(|_| format!("{name} is not a string"))
     };
     let request_id = string("request_id")?;
     let user_id = string("user_id")?;
-    let op = match string("op")?.as_str() {
-        "withdraw" => Op::Withdraw,
-        "deposit" => Op::Deposit,
+    let op = string("op")?;
+    // Each op's own fields, and no other.
+    let own: &[&str] = match op.as_str() {
+        "withdraw" | "deposit" => &["amount"],
+        "hold" => &["amount", "timeout_s"],
+        "capture" => &["hold_id", "amount"],
+        "release" => &["hold_id"],
         other => return Err(format!("op {other:?}")),
     };
-    let raw_amount = fields.get("amount").ok_or("no amount")?;
-    let amount_text = serde_json::from_str::<String>(raw_amount.get()).unwrap_or_else(|_| raw_amount.get().to_owned());
-    let cents = cents_of(&amount_text).ok_or(format!("amount {amount_text:?}"))?;
+    if let Some(key) =
+        fields.keys().find(|k| !["request_id", "user_id", "op"].contains(&k.as_str()) && !own.contains(&k.as_str()))
+    {
+        return Err(format!("field {key:?} with op {op:?}"));
+    }
+    let amount = || -> Result<Option<Money>, String> {
+        let Some(raw) = fields.get("amount") else { return Ok(None) };
+        let text = serde_json::from_str::<String>(raw.get()).unwrap_or_else(|_| raw.get().to_owned());
+        let cents = cents_of(&text).ok_or(format!("amount {text:?}"))?;
+        Ok(Some(Money::from_cents(cents as i64).expect("Money::from_cents refuses a valid amount")))
+    };
+    let hold_id = || -> Result<RequestId, String> {
+        let id = string("hold_id")?;
+        if !valid_id(&id) {
+            return Err("bad hold id".into());
+        }
+        Ok(RequestId::parse(&id).expect("RequestId::parse refuses a valid id"))
+    };
+    let command = match op.as_str() {
+        "withdraw" => Command::Withdraw { amount: amount()?.ok_or("no amount")? },
+        "deposit" => Command::Deposit { amount: amount()?.ok_or("no amount")? },
+        "hold" => Command::Hold { amount: amount()?.ok_or("no amount")?, timeout_s: timeout(fields.get("timeout_s"))? },
+        "capture" => Command::Capture { hold_id: hold_id()?, amount: amount()? },
+        _ => Command::Release { hold_id: hold_id()? },
+    };
     if !valid_id(&request_id) || !valid_id(&user_id) {
         return Err("bad id".into());
     }
     // Valid by the oracle: the domain types must accept every part.
-    Ok(Request {
-        request_id: RequestId::parse(&request_id).expect("RequestId::parse refuses a valid id"),
-        user_id: UserId::parse(&user_id).expect("UserId::parse refuses a valid id"),
-        op,
-        amount: Money::from_cents(cents as i64).expect("Money::from_cents refuses a valid amount"),
-    })
+    Ok(Request::new(
+        RequestId::parse(&request_id).expect("RequestId::parse refuses a valid id"),
+        UserId::parse(&user_id).expect("UserId::parse refuses a valid id"),
+        command,
+    ))
+}
+
+/// A hold's `timeout_s`: absent is 900; else a JSON integer (digits only) from 1 to 604800.
+fn timeout(raw: Option<&Box<RawValue>>) -> Result<u32, String> {
+    let Some(raw) = raw else { return Ok(900) };
+    let text = raw.get();
+    let seconds = text.bytes().all(|b| b.is_ascii_digit()).then(|| text.parse::<u32>().ok()).flatten();
+    seconds.filter(|s| (1..=604_800).contains(s)).ok_or(format!("timeout_s {text:?}"))
 }
 
 /// Plain decimal text (digits, optionally a point and digits) to cents, when it is an
