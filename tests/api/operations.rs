@@ -113,21 +113,9 @@ async fn a_worker_serves_metrics_health_readiness_and_status() {
     assert!(metrics.contains("walletq_batch_duration_seconds_bucket"), "{metrics}");
     assert!(metrics.contains("walletq_partitions_owned 4"), "{metrics}");
 
-    let status_json = || {
-        let output = Command::new(env!("CARGO_BIN_EXE_walletq"))
-            .args(["status", "--json", "--partitions", "4"])
-            .env("AMQP_URL", &app.services.amqp_url)
-            .env("REDIS_URL", &app.services.redis_url)
-            .env("WALLETQ_NAMESPACE", &app.services.namespace)
-            .env("RUST_LOG", "warn")
-            .output()
-            .expect("run walletq status");
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        serde_json::from_slice::<serde_json::Value>(&output.stdout).expect("status json")
-    };
     // Partition reports follow within a heartbeat of the worker taking the partitions.
     let status = eventually("status naming the active worker of every partition", Duration::from_secs(10), || {
-        let status = status_json();
+        let status = status_of(&app, 4);
         async move {
             let all_active = status["partitions"].as_array()?.iter().all(|p| p["active_worker"].is_string());
             all_active.then_some(status)
@@ -142,14 +130,7 @@ async fn a_worker_serves_metrics_health_readiness_and_status() {
         assert_eq!(partition["active_worker"], workers[0]["worker_id"], "{partition}");
         assert_eq!(partition["depth"], 0);
     }
-    let table = Command::new(env!("CARGO_BIN_EXE_walletq"))
-        .args(["status", "--partitions", "4"])
-        .env("AMQP_URL", &app.services.amqp_url)
-        .env("REDIS_URL", &app.services.redis_url)
-        .env("WALLETQ_NAMESPACE", &app.services.namespace)
-        .output()
-        .expect("run walletq status");
-    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    let table = status_table(&app, 4);
     assert!(table.contains("1 live worker(s)"), "{table}");
 
     // The CLI producer: publish, wait for the result, exit code by status; then the balance.
@@ -188,24 +169,17 @@ async fn a_worker_serves_metrics_health_readiness_and_status() {
 #[tokio::test]
 async fn status_says_plainly_when_no_worker_is_alive() {
     let app = spawn_app_with(TopologySettings { partitions: 2, queue_type: QueueType::Classic }, false).await;
-    let output = Command::new(env!("CARGO_BIN_EXE_walletq"))
-        .args(["status", "--partitions", "2"])
-        .env("AMQP_URL", &app.services.amqp_url)
-        .env("REDIS_URL", &app.services.redis_url)
-        .env("WALLETQ_NAMESPACE", &app.services.namespace)
-        .output()
-        .expect("run walletq status");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let table = String::from_utf8_lossy(&output.stdout).to_string();
+    let table = status_table(&app, 2);
     assert!(table.contains("no worker is alive") && table.contains("walletq worker"), "{table}");
     assert!(!table.contains("live worker(s)"), "{table}");
     app.cleanup().await;
 }
 
-/// `walletq status --json` for the app's namespace.
-fn status_of(app: &crate::support::TestApp, partitions: u16) -> serde_json::Value {
+/// `walletq status` for the app's namespace, with `extra` arguments; its stdout.
+fn status_output(app: &crate::support::TestApp, partitions: u16, extra: &[&str]) -> Vec<u8> {
     let output = Command::new(env!("CARGO_BIN_EXE_walletq"))
-        .args(["status", "--json", "--partitions", &partitions.to_string()])
+        .args(["status", "--partitions", &partitions.to_string()])
+        .args(extra)
         .env("AMQP_URL", &app.services.amqp_url)
         .env("REDIS_URL", &app.services.redis_url)
         .env("WALLETQ_NAMESPACE", &app.services.namespace)
@@ -213,7 +187,17 @@ fn status_of(app: &crate::support::TestApp, partitions: u16) -> serde_json::Valu
         .output()
         .expect("run walletq status");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).expect("status json")
+    output.stdout
+}
+
+/// `walletq status --json` for the app's namespace.
+fn status_of(app: &crate::support::TestApp, partitions: u16) -> serde_json::Value {
+    serde_json::from_slice(&status_output(app, partitions, &["--json"])).expect("status json")
+}
+
+/// `walletq status`'s table for the app's namespace.
+fn status_table(app: &crate::support::TestApp, partitions: u16) -> String {
+    String::from_utf8_lossy(&status_output(app, partitions, &[])).into_owned()
 }
 
 /// The last processed time of the partition that has one.
