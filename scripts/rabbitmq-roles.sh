@@ -79,14 +79,15 @@ fi
 
 if [ -n "${WALLETQ_WORKER_PASSWORD:-}" ]; then
 	user "$worker" "$WALLETQ_WORKER_PASSWORD"
-	# configure: declare the exchanges and queues of the topology;
+	# configure: declare the exchanges and queues of the topology, and the claims on the
+	#            queues it consumes (exclusive `<queue>.owner` queues, declared and deleted);
 	# write: bind queues (write on the queue), forward from the ingress queue to the
 	#        partitions and publish results to each request's reply_to, both through the
 	#        default exchange (amq.default);
 	# read: bind to the exchanges (read on the exchange), consume the ingress queue (the
 	#       router) and the partitions.
 	permissions "$worker" \
-		"^${ns}\\.(requests(\\.[0-9]+)?|ingress|dead|results)\$" \
+		"^${ns}\\.(requests(\\.[0-9]+)?|ingress|dead|results|(ingress|requests\\.[0-9]+)\\.owner)\$" \
 		"^(${ns}\\.(ingress|requests\\.[0-9]+|dead|results)|amq\\.default)\$" \
 		"^${ns}\\.(requests(\\.[0-9]+)?|ingress|dead)\$"
 fi
@@ -99,12 +100,13 @@ fi
 
 if [ "$bounds" = yes ]; then
 	# The ingress queue refuses new publishes when full (the producer's confirm is a nack):
-	# nothing already accepted is dropped. Partition queues get no limit: a nack between two
+	# nothing already accepted is dropped. Its dead-lettering (a message no client can decode,
+	# past its delivery limit) is at-least-once, which needs reject-publish. Partition queues get no limit: a nack between two
 	# forwards of one user's requests could reorder them. Results and dead letters keep the
 	# newest.
 	ctl set_policy -p "$vhost" --apply-to queues --priority 10 "${ns}-ingress" \
 		"^${ns}\\.ingress\$" \
-		'{"max-length":1000000,"max-length-bytes":1073741824,"overflow":"reject-publish"}' >/dev/null
+		'{"max-length":1000000,"max-length-bytes":1073741824,"overflow":"reject-publish","dead-letter-strategy":"at-least-once"}' >/dev/null
 	ctl set_policy -p "$vhost" --apply-to queues --priority 10 "${ns}-results" \
 		"^${ns}\\.(results|dead)\$" \
 		'{"max-length":1000000,"max-length-bytes":1073741824,"overflow":"drop-head"}' >/dev/null

@@ -94,8 +94,10 @@ impl Client {
         ))
     }
 
-    /// Publishes a request (confirmed by the broker); its result goes to `reply_to`, or
-    /// to the namespace's results queue when `None`.
+    /// Publishes a request and awaits the broker's confirm; its result goes to `reply_to`, or
+    /// to the namespace's results queue when `None`. Await one user's submit before sending
+    /// that user's next request, so a failover cannot reorder them (docs/PROTOCOL.md,
+    /// "Publishing in order"); other users' requests may be submitted concurrently.
     pub async fn submit(&self, request: &Request, reply_to: Option<&str>) -> anyhow::Result<()> {
         self.publisher.publish_request(&self.names.requests_exchange(), request, reply_to).await
     }

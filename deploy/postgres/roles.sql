@@ -69,12 +69,12 @@ GRANT USAGE ON SCHEMA public TO :"worker_role", :"gateway_role";
 -- Table grants, exactly: first take everything away, then give back what is needed.
 SELECT format('REVOKE ALL ON TABLE %I FROM %I', t, r)
   FROM unnest(ARRAY['wallets', 'user_fences', 'holds', 'limit_usage', 'wallet_limits', 'wallet_limit_changes', 'requests',
-                    'ledger_entries', 'coupons', '_sqlx_migrations']) AS t,
+                    'ledger_entries', 'coupons', 'partition_cursors', '_sqlx_migrations']) AS t,
        unnest(ARRAY[:'worker_role', :'gateway_role']) AS r
  WHERE to_regclass(t) IS NOT NULL \gexec
 -- Upserted by every batch (a hold is inserted once, then closed once).
 SELECT format('GRANT SELECT, INSERT, UPDATE ON TABLE %I TO %I', t, :'worker_role')
-  FROM unnest(ARRAY['wallets', 'user_fences', 'holds', 'limit_usage']) AS t
+  FROM unnest(ARRAY['wallets', 'user_fences', 'holds', 'limit_usage', 'partition_cursors']) AS t
  WHERE to_regclass(t) IS NOT NULL \gexec
 -- Append-only: read and insert, never update or delete.
 SELECT format('GRANT SELECT, INSERT ON TABLE %I TO %I', t, :'worker_role')
@@ -87,7 +87,7 @@ SELECT format('GRANT SELECT ON TABLE %I TO %I', t, :'worker_role')
   FROM unnest(ARRAY['_sqlx_migrations', 'wallet_limits', 'wallet_limit_changes']) AS t
  WHERE to_regclass(t) IS NOT NULL \gexec
 SELECT format('GRANT USAGE ON SEQUENCE %I TO %I', s, :'worker_role')
-  FROM unnest(ARRAY['ledger_entries_entry_id_seq']) AS s
+  FROM unnest(ARRAY['ledger_entries_entry_id_seq', 'router_epochs']) AS s
  WHERE to_regclass(s) IS NOT NULL \gexec
 -- The gateway reads results, wallets with their holds, limits and usage, and coupons, and
 -- checks the schema version.

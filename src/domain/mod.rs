@@ -2,6 +2,7 @@
 
 pub mod assignment;
 pub mod coupon;
+pub mod forwarding;
 pub mod limits;
 pub mod money;
 pub mod outcome;
@@ -11,6 +12,7 @@ pub mod rules;
 pub mod wallet;
 
 pub use coupon::{Coupon, CouponKind};
+pub use forwarding::{Admission, ForwardStamp};
 pub use limits::{Limits, Usage};
 pub use money::{Money, MoneyError};
 pub use outcome::{Reason, RequestResult, Status};

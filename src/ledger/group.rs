@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{Ledger, LedgerError};
-use crate::domain::{Request, RequestResult, UserId};
+use crate::domain::{ForwardStamp, Request, RequestResult, UserId};
 use crate::grouping::{Groups, keys_disjoint, merged_or_each};
 
 /// Most requests in one merged transaction.
@@ -26,6 +26,8 @@ type Reply = oneshot::Sender<Result<Vec<RequestResult>, LedgerError>>;
 struct Job {
     requests: Vec<Request>,
     fences: Vec<(UserId, i64)>,
+    /// The batch's partition and where its cursor moves (`Ledger::apply_forwarded`).
+    cursor: Option<(u16, ForwardStamp)>,
     reply: Reply,
 }
 
@@ -59,8 +61,19 @@ impl GroupCommitter {
         requests: &[Request],
         fences: &[(UserId, i64)],
     ) -> Result<Vec<RequestResult>, LedgerError> {
+        self.apply_forwarded(requests, fences, None).await
+    }
+
+    /// [`GroupCommitter::apply_batch`] that also moves a partition's cursor, in the same
+    /// transaction ([`Ledger::apply_forwarded`]).
+    pub async fn apply_forwarded(
+        &self,
+        requests: &[Request],
+        fences: &[(UserId, i64)],
+        cursor: Option<(u16, ForwardStamp)>,
+    ) -> Result<Vec<RequestResult>, LedgerError> {
         let (reply, result) = oneshot::channel();
-        let job = Job { requests: requests.to_vec(), fences: fences.to_vec(), reply };
+        let job = Job { requests: requests.to_vec(), fences: fences.to_vec(), cursor, reply };
         if self.jobs.send(job).await.is_err() {
             return Err(LedgerError::Stopped);
         }
@@ -110,7 +123,8 @@ async fn apply_group(ledger: &Ledger, group: Vec<Job>) {
 async fn apply_merged(ledger: &Ledger, group: &[Job]) -> Option<Vec<Result<Vec<RequestResult>, LedgerError>>> {
     let requests: Vec<Request> = group.iter().flat_map(|job| job.requests.iter().cloned()).collect();
     let fences: Vec<(UserId, i64)> = group.iter().flat_map(|job| job.fences.iter().cloned()).collect();
-    match ledger.apply_batch(&requests, &fences).await {
+    let cursors: Vec<(u16, ForwardStamp)> = group.iter().filter_map(|job| job.cursor).collect();
+    match ledger.apply_forwarded(&requests, &fences, &cursors).await {
         Ok(results) if results.len() == requests.len() => {
             let mut results = results.into_iter();
             Some(group.iter().map(|job| Ok(results.by_ref().take(job.requests.len()).collect())).collect())
@@ -139,7 +153,8 @@ async fn apply_merged(ledger: &Ledger, group: &[Job]) -> Option<Vec<Result<Vec<R
 async fn apply_each(ledger: &Ledger, group: &[Job]) -> Vec<Result<Vec<RequestResult>, LedgerError>> {
     let mut answers = Vec::with_capacity(group.len());
     for job in group {
-        answers.push(ledger.apply_batch(&job.requests, &job.fences).await);
+        let cursors: Vec<(u16, ForwardStamp)> = job.cursor.into_iter().collect();
+        answers.push(ledger.apply_forwarded(&job.requests, &job.fences, &cursors).await);
     }
     answers
 }

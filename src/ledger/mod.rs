@@ -7,6 +7,7 @@
 //! statement of its own ("The fenced write is sound on its own").
 
 pub mod audit;
+mod cursors;
 pub mod group;
 pub mod holds;
 pub mod limits;
@@ -24,7 +25,9 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
 
-use crate::domain::{Coupon, Limits, Money, Request, RequestId, RequestResult, UserId, Wallet, plan_batch};
+use crate::domain::{
+    Coupon, ForwardStamp, Limits, Money, Request, RequestId, RequestResult, UserId, Wallet, plan_batch,
+};
 use crate::reach::{Service, ServiceError, Target};
 use crate::telemetry::redact_url;
 
@@ -237,8 +240,20 @@ impl Ledger {
         requests: &[Request],
         fences: &[(UserId, i64)],
     ) -> Result<Vec<RequestResult>, LedgerError> {
+        self.apply_forwarded(requests, fences, &[]).await
+    }
+
+    /// [`Ledger::apply_batch`] that also moves the given partitions' cursors (at most one
+    /// each), in the same transaction: the forwards a partition admitted count as applied
+    /// exactly when their requests are.
+    pub async fn apply_forwarded(
+        &self,
+        requests: &[Request],
+        fences: &[(UserId, i64)],
+        cursors: &[(u16, ForwardStamp)],
+    ) -> Result<Vec<RequestResult>, LedgerError> {
         let mut conn = self.pool.acquire().await?;
-        let applying = apply_in(&mut conn, requests, fences, self.default_limits);
+        let applying = apply_in(&mut conn, requests, fences, cursors, self.default_limits);
         match tokio::time::timeout(self.transaction_timeout, applying).await {
             Ok(outcome) => outcome,
             Err(_) => {
@@ -434,16 +449,18 @@ async fn apply_in(
     conn: &mut PgConnection,
     requests: &[Request],
     fences: &[(UserId, i64)],
+    cursors: &[(u16, ForwardStamp)],
     default_limits: Limits,
 ) -> Result<Vec<RequestResult>, LedgerError> {
     let mut tx = conn.begin().await?;
 
-    // 1. Fencing, alone (see `fence`): refuse if a newer token has written for a user.
+    // 1. Fencing, alone (see `fence`): refuse if a newer token has written for a user. The
+    //    partitions' cursors move in the same statement.
     let mut sorted: Vec<&(UserId, i64)> = fences.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let fenced: Vec<String> = sorted.iter().map(|(u, _)| u.as_str().to_owned()).collect();
     let tokens: Vec<i64> = sorted.iter().map(|(_, t)| *t).collect();
-    let accepted = fence(&mut tx, &fenced, &tokens).await?;
+    let accepted = fence(&mut tx, &fenced, &tokens, cursors).await?;
     if accepted.len() != fenced.len() {
         let stale = sorted
             .iter()
@@ -478,18 +495,33 @@ async fn apply_in(
 /// This is a statement of its own, before the reads: if it had to wait for another
 /// transaction's fence row, the reads that follow take their snapshot after that transaction
 /// ended and see everything it wrote, wallets it created included.
-async fn fence(tx: &mut sqlx::PgConnection, users: &[String], tokens: &[i64]) -> Result<Vec<String>, LedgerError> {
-    let accepted = sqlx::query_scalar(
-        "INSERT INTO user_fences (user_id, fence)
-         SELECT * FROM unnest($1::text[], $2::bigint[])
+async fn fence(
+    tx: &mut sqlx::PgConnection,
+    users: &[String],
+    tokens: &[i64],
+    cursors: &[(u16, ForwardStamp)],
+) -> Result<Vec<String>, LedgerError> {
+    debug_assert!(
+        cursors.iter().enumerate().all(|(i, (p, _))| cursors[..i].iter().all(|(q, _)| q != p)),
+        "one cursor per partition in a transaction"
+    );
+    const STATEMENT: &str = concat!(
+        "WITH cursors AS (",
+        cursors::advance_cursors_sql!(),
+        ") INSERT INTO user_fences (user_id, fence)
+         SELECT * FROM unnest($4::text[], $5::bigint[])
          ON CONFLICT (user_id) DO UPDATE SET fence = EXCLUDED.fence
          WHERE user_fences.fence <= EXCLUDED.fence
-         RETURNING user_id",
-    )
-    .bind(users)
-    .bind(tokens)
-    .fetch_all(&mut *tx)
-    .await?;
+         RETURNING user_id"
+    );
+    let accepted = sqlx::query_scalar(STATEMENT)
+        .bind(cursors.iter().map(|(p, _)| i32::from(*p)).collect::<Vec<_>>())
+        .bind(cursors.iter().map(|(_, c)| c.epoch).collect::<Vec<_>>())
+        .bind(cursors.iter().map(|(_, c)| c.seq).collect::<Vec<_>>())
+        .bind(users)
+        .bind(tokens)
+        .fetch_all(&mut *tx)
+        .await?;
     Ok(accepted)
 }
 

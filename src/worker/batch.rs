@@ -7,17 +7,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use lapin::options::BasicAckOptions;
 use tokio_util::sync::CancellationToken;
 
 use super::WorkerContext;
+use super::cursor::{Admitted, PartitionCursor};
 use crate::backoff::jittered_delay;
 use lapin::types::AMQPValue;
 
 use super::router::ROUTING_KEY_HEADER;
 use crate::broker::{IgnoredPublishTime, Publisher, json_properties, published_at_ms};
 use crate::domain::partitioning::partition_of;
-use crate::domain::{InvalidRequest, Request, RequestResult, UserId, decode_request};
+use crate::domain::{Admission, ForwardStamp, InvalidRequest, Request, RequestResult, UserId, decode_request};
 use crate::lock::{LockAttempt, LockGrant};
 
 /// User locks held for a batch: extended until the batch is acked or given back, so they
@@ -73,12 +74,14 @@ struct StageTimes {
 
 /// Applies one batch and acks it, then releases its locks. On error nothing was acked:
 /// the caller returns the whole batch to the queue and then releases the locks it gets
-/// back; whatever was committed is replayed, never applied twice.
+/// back; whatever was committed is replayed, never applied twice. A forward that skips one
+/// the broker refused is set aside (acked, neither applied nor answered; see
+/// `domain::forwarding`).
 pub(super) async fn process_batch(
     context: &WorkerContext,
     publisher: &Publisher,
     deliveries: &[Delivery],
-    partition: u16,
+    cursor: &mut PartitionCursor,
     stop: &CancellationToken,
 ) -> Result<(), BatchFailure> {
     let started = Instant::now();
@@ -86,29 +89,28 @@ pub(super) async fn process_batch(
     // can send any header value).
     let started_ms = chrono::Utc::now().timestamp_millis();
     let published: Vec<_> = deliveries.iter().map(|d| published_at_ms(&d.properties, started_ms)).collect();
-    let decoded: Vec<Result<Request, InvalidRequest>> = deliveries
-        .iter()
-        .map(|d| {
-            let mut request = decode_in_partition(d, context.partitions, partition)?;
-            // Where later news of it (a hold's expiry) goes: its reply_to, unless refused.
-            request.reply_to = d.properties.reply_to().as_ref().map(|r| r.as_str().to_owned());
-            request.reply_to.take_if(|r| context.names.is_own_input_queue(r));
-            Ok(request)
-        })
-        .collect();
+    let all: Vec<&Delivery> = deliveries.iter().collect();
+    let Admitted { admissions, moved } = cursor.admit(&all);
+    let admitted: Vec<&Delivery> =
+        all.iter().zip(&admissions).filter(|(_, a)| **a == Admission::Apply).map(|(d, _)| *d).collect();
+    report_set_aside(deliveries.len() - admitted.len(), cursor);
+    let decoded: Vec<Result<Request, InvalidRequest>> =
+        admitted.iter().map(|d| decode_for(context, d, cursor.partition())).collect();
     let valid: Vec<Request> = decoded.iter().filter_map(|d| d.as_ref().ok().cloned()).collect();
     let redelivered = deliveries.iter().filter(|d| d.redelivered).count();
     if redelivered > 0 {
         metrics::counter!("walletq_redeliveries_total").increment(redelivered as u64);
     }
 
-    let (locks, applied, locked) = lock_and_apply(context, &valid, stop).await?;
+    let (locks, applied, locked) = lock_and_apply(context, &valid, moved, stop).await?;
     let applied_at = Instant::now();
-    let outcome = publish_and_ack(context, publisher, deliveries, &decoded, applied).await;
+    let last = deliveries.last().map(|d| d.delivery_tag).context("empty batch")?;
+    let outcome = publish_and_ack(context, publisher, &admitted, &decoded, applied, last).await;
     let acked = Instant::now();
     if let Err(error) = outcome {
         return Err(BatchFailure { error, locks });
     }
+    cursor.settled(moved);
     if let Some(locks) = locks {
         locks.release(context).await;
     }
@@ -117,14 +119,41 @@ pub(super) async fn process_batch(
     Ok(())
 }
 
+/// A delivery of partition `partition` decoded, with the `reply_to` later news of it (a
+/// hold's expiry) goes to, unless that names one of walletq's own queues.
+fn decode_for(context: &WorkerContext, delivery: &Delivery, partition: u16) -> Result<Request, InvalidRequest> {
+    let mut request = decode_in_partition(delivery, context.partitions, partition)?;
+    request.reply_to = delivery.properties.reply_to().as_ref().map(|r| r.as_str().to_owned());
+    request.reply_to.take_if(|r| context.names.is_own_input_queue(r));
+    Ok(request)
+}
+
+/// Counts and logs the forwards a batch set aside.
+fn report_set_aside(count: usize, cursor: &PartitionCursor) {
+    if count > 0 {
+        metrics::counter!("walletq_forwards_set_aside_total").increment(count as u64);
+        tracing::warn!(
+            partition = cursor.partition(),
+            count,
+            "set aside forwards that skip one the broker refused; they come again from the router"
+        );
+    }
+}
+
 /// Takes the locks of the users of `valid` and applies it: the locks (kept alive), the
 /// results in order, and when the locks were taken. Nothing to lock for no valid request.
 async fn lock_and_apply(
     context: &WorkerContext,
     valid: &[Request],
+    moved: Option<(u16, ForwardStamp)>,
     stop: &CancellationToken,
 ) -> Result<(Option<HeldLocks>, Vec<RequestResult>, Option<Instant>), BatchFailure> {
     if valid.is_empty() {
+        // Only invalid messages (or none): their forwards still count as seen.
+        if let Some((partition, stamp)) = moved {
+            let advanced = context.ledger.ledger().advance_cursor(partition, stamp).await;
+            advanced.map_err(|error| anyhow::Error::from(error).context("moving the partition's cursor"))?;
+        }
         return Ok((None, Vec::new(), None));
     }
     let mut users: Vec<UserId> = Vec::new();
@@ -135,7 +164,7 @@ async fn lock_and_apply(
     }
     let held = HeldLocks::keep(context, acquire(context, &users, stop).await?);
     let locked = Instant::now();
-    match context.ledger.apply_batch(valid, &held.grant.fences).await {
+    match context.ledger.apply_forwarded(valid, &held.grant.fences, moved).await {
         Ok(results) => {
             debug_assert_eq!(results.len(), valid.len(), "one result per valid request");
             Ok((Some(held), results, Some(locked)))
@@ -230,9 +259,15 @@ pub(super) async fn reject_after_attempts(
     context: &WorkerContext,
     publisher: &Publisher,
     delivery: &Delivery,
+    cursor: &mut PartitionCursor,
     attempts: u32,
     error: &anyhow::Error,
 ) -> anyhow::Result<()> {
+    // Its forward counts as seen, or the next one would look like it skipped it.
+    let Admitted { moved, .. } = cursor.admit(&[delivery]);
+    if let Some((partition, stamp)) = moved {
+        context.ledger.ledger().advance_cursor(partition, stamp).await.context("moving the partition's cursor")?;
+    }
     let detail = format!("not applied after {attempts} attempts: the database refused it ({error:#})");
     let invalid = match decode_request(&delivery.data) {
         Ok(request) => InvalidRequest {
@@ -248,15 +283,20 @@ pub(super) async fn reject_after_attempts(
         }
     };
     metrics::counter!("walletq_poison_messages_total").increment(1);
-    publish_and_ack(context, publisher, std::slice::from_ref(delivery), &[Err(invalid)], Vec::new()).await
+    publish_and_ack(context, publisher, &[delivery], &[Err(invalid)], Vec::new(), delivery.delivery_tag).await?;
+    cursor.settled(moved);
+    Ok(())
 }
 
+/// Publishes a result for each of `deliveries` (the admitted ones), dead-letters the
+/// invalid ones, then acks everything up to `last` (the set-aside deliveries too).
 async fn publish_and_ack(
     context: &WorkerContext,
     publisher: &Publisher,
-    deliveries: &[Delivery],
+    deliveries: &[&Delivery],
     decoded: &[Result<Request, InvalidRequest>],
     applied: Vec<RequestResult>,
+    last: u64,
 ) -> anyhow::Result<()> {
     let now = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now(), 6);
     let span = tracing::Span::current();
@@ -286,7 +326,7 @@ async fn publish_and_ack(
     for confirm in confirms {
         Publisher::confirmed(confirm).await?;
     }
-    settle(publisher, deliveries, decoded).await
+    settle(context, publisher, deliveries, decoded, last).await
 }
 
 /// Where a result goes: the request's `reply_to`, except one of walletq's own queues; else
@@ -329,31 +369,51 @@ fn reply_properties(properties: &lapin::BasicProperties, result: &RequestResult)
     reply
 }
 
-/// Acks the valid deliveries and rejects (dead-letters) the invalid ones: one multiple ack
-/// when all are valid.
+/// Dead-letters the invalid deliveries, then acks the whole batch with one multiple ack.
+///
+/// walletq dead-letters them itself: it publishes each to `<ns>.dead` (mandatory, confirmed)
+/// with the `x-death` entry RabbitMQ would add, and acks only after the confirms. A quorum
+/// queue's own dead-lettering (`basic.reject`) is at-most-once: it drops the message when
+/// `<ns>.dead` is not available, which the chaos test saw right after a broker restart. A
+/// crash between the confirm and the ack dead-letters the redelivered copy again.
 async fn settle(
+    context: &WorkerContext,
     publisher: &Publisher,
-    deliveries: &[Delivery],
+    deliveries: &[&Delivery],
     decoded: &[Result<Request, InvalidRequest>],
+    last: u64,
 ) -> anyhow::Result<()> {
-    let channel = publisher.channel();
-    let all_valid = decoded.iter().all(Result::is_ok);
-    let last = deliveries.last().context("empty batch")?;
-    if all_valid {
-        channel.basic_ack(last.delivery_tag, BasicAckOptions { multiple: true }).await.context("acking the batch")?;
-        return Ok(());
+    let dead_queue = context.names.dead_queue();
+    let mut confirms = Vec::new();
+    for (delivery, _) in deliveries.iter().zip(decoded).filter(|(_, d)| d.is_err()) {
+        let properties = dead_letter_properties(delivery, chrono::Utc::now());
+        confirms.push(publisher.forward(&dead_queue, &delivery.data, properties).await?);
     }
-    for (delivery, decoded) in deliveries.iter().zip(decoded) {
-        if decoded.is_ok() {
-            channel.basic_ack(delivery.delivery_tag, BasicAckOptions::default()).await.context("acking")?;
-        } else {
-            channel
-                .basic_reject(delivery.delivery_tag, BasicRejectOptions { requeue: false })
-                .await
-                .context("dead-lettering an invalid message")?;
-        }
+    for confirm in confirms {
+        Publisher::confirmed(confirm).await.context("dead-lettering an invalid message")?;
     }
-    Ok(())
+    publisher.channel().basic_ack(last, BasicAckOptions { multiple: true }).await.context("acking the batch")
+}
+
+/// A rejected delivery's properties as RabbitMQ dead-letters them: unchanged, persistent,
+/// with an `x-death` entry (reason `rejected`, the queue it came from, when) and the
+/// `x-first-death-*` headers, which `walletq dead` reads and a requeue removes.
+fn dead_letter_properties(delivery: &Delivery, now: chrono::DateTime<chrono::Utc>) -> lapin::BasicProperties {
+    use lapin::types::{FieldArray, FieldTable};
+    let queue = AMQPValue::LongString(delivery.routing_key.as_str().into());
+    let mut death = FieldTable::default();
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    death.insert("reason".into(), AMQPValue::LongString("rejected".into()));
+    death.insert("queue".into(), queue.clone());
+    death.insert("time".into(), AMQPValue::Timestamp(u64::try_from(now.timestamp()).unwrap_or(0)));
+    death.insert("exchange".into(), AMQPValue::LongString(delivery.exchange.as_str().into()));
+    death.insert("routing-keys".into(), AMQPValue::FieldArray(FieldArray::from(vec![queue.clone()])));
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert("x-death".into(), AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])));
+    headers.insert("x-first-death-reason".into(), AMQPValue::LongString("rejected".into()));
+    headers.insert("x-first-death-queue".into(), queue);
+    headers.insert("x-first-death-exchange".into(), AMQPValue::LongString(delivery.exchange.as_str().into()));
+    delivery.properties.clone().with_delivery_mode(2).with_headers(headers)
 }
 
 fn count_result(result: &RequestResult) {

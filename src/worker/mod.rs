@@ -4,6 +4,7 @@
 //! active consumer on every queue guards the handover, per-user fenced locks back it up.
 
 mod batch;
+mod cursor;
 mod endpoints;
 mod expiry;
 mod locking;
@@ -166,6 +167,7 @@ fn spawn_router(
             prefetch: context.settings.effective_prefetch(),
             backoff_max_ms: context.settings.backoff_max_ms,
             consumer_tag: format!("{}/router", context.worker_id),
+            epochs: Some(context.ledger.ledger().clone()),
         },
         context.router_forwarded_ms.clone(),
         stop,

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::WorkerContext;
 use super::batch::{BatchFailure, process_batch, reject_after_attempts};
+use super::cursor::PartitionCursor;
 use super::expiry::Sweeper;
 use super::ordered::{Next, OrderedConsumer};
 use super::stats::PartitionStats;
@@ -38,8 +39,21 @@ pub(super) async fn run(
     let tag = format!("{}/{index}", context.worker_id);
     let mut sweeper = Sweeper::new(index);
     'channel: while !stop.is_cancelled() {
-        let mut source =
-            OrderedConsumer::open(connection.clone(), &queue, context.settings.effective_prefetch(), &tag).await?;
+        let prefetch = context.settings.effective_prefetch();
+        let Some(mut source) = OrderedConsumer::open(connection.clone(), &queue, prefetch, &tag, &stop).await? else {
+            return Ok(());
+        };
+        let mut cursor = match PartitionCursor::load(&context, index).await {
+            Ok(cursor) => cursor,
+            Err(error) => {
+                // Without it a forward cannot be admitted: wait for PostgreSQL.
+                tracing::warn!(queue = %queue, error = %format!("{error:#}"), "could not read the partition's cursor; retrying");
+                source.give_back("no cursor").await;
+                failures = failures.saturating_add(1);
+                pause(&stop, failures, context.settings.backoff_max_ms).await;
+                continue 'channel;
+            }
+        };
         loop {
             sweeper.sweep_when_due(&context, source.publisher(), &stop).await;
             let limit = poison.batch_limit(batch_max);
@@ -64,9 +78,11 @@ pub(super) async fn run(
                 rejected = tracing::field::Empty,
                 invalid = tracing::field::Empty
             );
-            let outcome =
-                tracing::Instrument::instrument(process_batch(&context, publisher, &deliveries, index, &stop), span)
-                    .await;
+            let outcome = tracing::Instrument::instrument(
+                process_batch(&context, publisher, &deliveries, &mut cursor, &stop),
+                span,
+            )
+            .await;
             match outcome {
                 Ok(()) => {
                     failures = 0;
@@ -76,7 +92,7 @@ pub(super) async fn run(
                 Err(failure) => {
                     failures = failures.saturating_add(1);
                     stats.settled(0);
-                    match poison.after_failure(&context, source, &deliveries, failure).await {
+                    match poison.after_failure(&context, source, &deliveries, &mut cursor, failure).await {
                         Some(kept) => {
                             stats.settled(1);
                             source = kept;
@@ -128,13 +144,14 @@ impl PoisonTracker {
         context: &WorkerContext,
         source: OrderedConsumer,
         deliveries: &[Delivery],
+        cursor: &mut PartitionCursor,
         failure: BatchFailure,
     ) -> Option<OrderedConsumer> {
         let BatchFailure { error, locks } = failure;
         if refused_by_fence(&error) {
             metrics::counter!("walletq_stale_fence_total").increment(1);
         }
-        let rejected = self.refused(context, source.publisher(), deliveries, &error).await;
+        let rejected = self.refused(context, source.publisher(), deliveries, cursor, &error).await;
         let kept = if rejected {
             Some(source)
         } else {
@@ -160,6 +177,7 @@ impl PoisonTracker {
         context: &WorkerContext,
         publisher: &crate::broker::Publisher,
         deliveries: &[Delivery],
+        cursor: &mut PartitionCursor,
         error: &anyhow::Error,
     ) -> bool {
         if !refused_by_database(error) {
@@ -178,7 +196,7 @@ impl PoisonTracker {
         if attempts < context.settings.max_attempts {
             return false;
         }
-        if reject_after_attempts(context, publisher, delivery, attempts, error).await.is_err() {
+        if reject_after_attempts(context, publisher, delivery, cursor, attempts, error).await.is_err() {
             return false;
         }
         tracing::error!(attempts, error = %format!("{error:#}"), "the database keeps refusing a request; rejected and dead-lettered it");

@@ -32,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 use super::ordered::{Next, OrderedConsumer};
 use crate::backoff::{jittered_delay, pause};
 use crate::broker::{self, Names, Publisher};
+use crate::domain::ForwardStamp;
 use crate::domain::partitioning::partition_of;
+use crate::ledger::Ledger;
 
 /// Most messages forwarded per confirm round.
 pub(super) const ROUTER_BATCH_MAX: usize = 1_024;
@@ -42,12 +44,20 @@ pub(super) const ROUTER_BATCH_MAX: usize = 1_024;
 /// is not its `user_id`.
 pub(super) const ROUTING_KEY_HEADER: &str = "x-walletq-routing-key";
 
+/// Header the router sets on every forward to its epoch (a `long long int`), and
+/// [`FORWARD_SEQ_HEADER`] to the forward's place among the epoch's forwards into the same
+/// partition queue, from 0 (`domain::forwarding`: a partition sets aside a forward that skips
+/// one the broker refused).
+pub(super) const FORWARD_EPOCH_HEADER: &str = "x-walletq-epoch";
+/// See [`FORWARD_EPOCH_HEADER`].
+pub(super) const FORWARD_SEQ_HEADER: &str = "x-walletq-seq";
+
 /// Pause before reconnecting after a decoding failure: the broker has the message back at
 /// once, and the sooner it is delivered again the sooner its delivery limit is reached.
 const UNDECODABLE_RECONNECT_MS: u64 = 20;
 
 /// How the router runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RouterSettings {
     /// Number of partition queues to route into.
     pub partitions: u16,
@@ -57,6 +67,10 @@ pub struct RouterSettings {
     pub backoff_max_ms: u64,
     /// Consumer tag on the ingress queue (names the worker in the management UI).
     pub consumer_tag: String,
+    /// Where each reading of the ingress queue gets its epoch, to stamp its forwards
+    /// ([`FORWARD_EPOCH_HEADER`]); `None` forwards unstamped (the bench's broker echo, which
+    /// has no ledger).
+    pub epochs: Option<Ledger>,
 }
 
 /// Where the router stands after a failure: how many deliveries it still takes one at a
@@ -148,10 +162,22 @@ async fn route(
     let mut failures: u32 = 0;
     while !stop.is_cancelled() {
         let prefetch = if careful.deliveries_left > 0 { 1 } else { settings.prefetch };
-        let opened = OrderedConsumer::open(connection.clone(), &ingress, prefetch, &settings.consumer_tag).await;
+        let opened = OrderedConsumer::open(connection.clone(), &ingress, prefetch, &settings.consumer_tag, stop).await;
         let mut source = match opened {
-            Ok(source) => source,
+            Ok(Some(source)) => source,
+            Ok(None) => return Ended::Stopped,
             Err(error) => return failed(error, &connection),
+        };
+        let mut stamps = match Stamps::start(settings).await {
+            Ok(stamps) => stamps,
+            Err(error) => {
+                // No epoch (PostgreSQL unreachable): nothing is forwarded until there is one.
+                source.give_back("no router epoch").await;
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %format!("{error:#}"), "could not draw a router epoch; retrying");
+                pause(stop, failures, settings.backoff_max_ms).await;
+                continue;
+            }
         };
         loop {
             let limit = if careful.deliveries_left > 0 { 1 } else { ROUTER_BATCH_MAX };
@@ -169,7 +195,7 @@ async fn route(
             // The last delivery of careful mode is acked only after the consumer is cancelled.
             let leaving_careful = careful.deliveries_left > 0 && careful.deliveries_left <= deliveries.len();
             let ack = if leaving_careful { Ack::Later } else { Ack::Now };
-            match forward(source.publisher(), &deliveries, &partition_queues, settings.partitions, ack).await {
+            match forward(source.publisher(), &deliveries, &partition_queues, &mut stamps, ack).await {
                 Ok(()) => {
                     failures = 0;
                     forwarded_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
@@ -212,14 +238,16 @@ async fn forward(
     publisher: &Publisher,
     deliveries: &[Delivery],
     partition_queues: &[String],
-    partitions: u16,
+    stamps: &mut Stamps,
     ack: Ack,
 ) -> anyhow::Result<()> {
+    let partitions = u16::try_from(partition_queues.len()).context("too many partition queues")?;
     let mut confirms = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         let routing_key = delivery.routing_key.as_str();
-        let queue = &partition_queues[usize::from(partition_of(routing_key, partitions))];
-        let properties = with_routing_key(delivery.properties.clone(), &delivery.routing_key);
+        let partition = partition_of(routing_key, partitions);
+        let queue = &partition_queues[usize::from(partition)];
+        let properties = stamps.stamp(partition, with_routing_key(delivery.properties.clone(), &delivery.routing_key));
         confirms.push(publisher.forward(queue, &delivery.data, properties).await?);
     }
     for confirm in confirms {
@@ -230,6 +258,38 @@ async fn forward(
     }
     let last = deliveries.last().context("empty batch")?;
     publisher.channel().basic_ack(last.delivery_tag, BasicAckOptions { multiple: true }).await.context("acking ingress")
+}
+
+/// The stamps of one reading of the ingress queue: its epoch and the next sequence number
+/// per partition queue.
+struct Stamps {
+    /// `None`: forwards go unstamped (no epoch source).
+    epoch: Option<i64>,
+    /// The next sequence number of each partition queue in this epoch.
+    next: std::collections::HashMap<u16, i64>,
+}
+
+impl Stamps {
+    /// A new epoch from `settings.epochs` (every reopen of the ingress consumer starts one).
+    async fn start(settings: &RouterSettings) -> anyhow::Result<Stamps> {
+        let epoch = match &settings.epochs {
+            Some(ledger) => Some(ledger.next_router_epoch().await.context("drawing a router epoch")?),
+            None => None,
+        };
+        Ok(Stamps { epoch, next: std::collections::HashMap::new() })
+    }
+
+    /// `properties` stamped as the next forward into `partition`'s queue.
+    fn stamp(&mut self, partition: u16, properties: lapin::BasicProperties) -> lapin::BasicProperties {
+        let Some(epoch) = self.epoch else { return properties };
+        let seq = self.next.entry(partition).or_insert(0);
+        let stamp = ForwardStamp { epoch, seq: *seq };
+        *seq += 1;
+        let mut headers = properties.headers().clone().unwrap_or_default();
+        headers.insert(FORWARD_EPOCH_HEADER.into(), AMQPValue::LongLongInt(stamp.epoch));
+        headers.insert(FORWARD_SEQ_HEADER.into(), AMQPValue::LongLongInt(stamp.seq));
+        properties.with_headers(headers)
+    }
 }
 
 /// `properties` with [`ROUTING_KEY_HEADER`] set to `routing_key`.

@@ -35,7 +35,7 @@ use walletq::domain::{Command as Cmd, Money, Op, Reason, Request, RequestId, Req
 use crate::support::raw_amqp;
 use crate::support::{
     CleanupOnDrop, Lcg, ModelLimits, SequentialModel, TestApp, WorkerProcess, command, free_port, http_get, request,
-    spawn_app_with, spawn_worker_process_with,
+    spawn_app_with, spawn_worker_process_logging, spawn_worker_process_with,
 };
 
 const REQUESTS: usize = 20_000;
@@ -352,6 +352,8 @@ pub(crate) struct Findings {
     pub(crate) replay_mismatch: usize,
     /// The first few findings, described, to print on failure.
     pub(crate) examples: Vec<String>,
+    /// The users of the first few out-of-order findings, whose history is printed on failure.
+    pub(crate) users_out_of_order: Vec<String>,
 }
 
 impl Findings {
@@ -556,6 +558,11 @@ pub(crate) fn analyse(
         let in_order = previous.is_none_or(|p| p < arrived);
         if !matches || !in_order {
             findings.out_of_order += 1;
+            if findings.users_out_of_order.len() < 3
+                && !findings.users_out_of_order.iter().any(|u| u == r.user_id.as_str())
+            {
+                findings.users_out_of_order.push(r.user_id.as_str().to_owned());
+            }
             findings.note(|| {
                 format!(
                     "{id} of {}: stored {:?}/{:?}/{:?} held {:?}, model {status:?}/{reason:?}/{balance:?} held {held}; first result at {arrived}, the user's previous at {previous:?}",
@@ -645,10 +652,21 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
 
     set_limits(&app).await;
     // Worker logs at error only: the outages make every worker warn many times a second.
-    let spawn = || {
+    // `CHAOS_LOG_DIR=<dir>` keeps each worker's log at `CHAOS_RUST_LOG` (default `info`) in
+    // `<dir>/worker-<n>.log` instead, to see what led to a finding.
+    let log_dir = std::env::var("CHAOS_LOG_DIR").ok();
+    let log_level = std::env::var("CHAOS_RUST_LOG").unwrap_or_else(|_| "info".into());
+    let mut spawned = 0;
+    let mut spawn = || {
+        spawned += 1;
         let metrics = format!("127.0.0.1:{}", free_port());
-        let env = [("RUST_LOG", "error"), ("WALLETQ_METRICS_ADDR", metrics.as_str())];
-        Worker { process: spawn_worker_process_with(&app, &env), metrics }
+        let Some(dir) = &log_dir else {
+            let env = [("RUST_LOG", "error"), ("WALLETQ_METRICS_ADDR", metrics.as_str())];
+            return Worker { process: spawn_worker_process_with(&app, &env), metrics };
+        };
+        let log = std::fs::File::create(format!("{dir}/worker-{spawned}.log")).expect("worker log file");
+        let env = [("RUST_LOG", log_level.as_str()), ("WALLETQ_METRICS_ADDR", metrics.as_str())];
+        Worker { process: spawn_worker_process_logging(&app, &env, log.into()), metrics }
     };
     let mut workers: Vec<Worker> = (0..3).map(|_| spawn()).collect();
     let exchange = app.names.requests_exchange();
@@ -715,9 +733,12 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
     let hold_summary = hold_summary(&hold_states, expiries_settled);
     let holds = analyse_holds(&stored, &results, &hold_states, &wallets);
 
-    let Findings { lost, applied_twice, out_of_order, replay_mismatch, examples } = findings;
+    let Findings { lost, applied_twice, out_of_order, replay_mismatch, examples, users_out_of_order } = findings;
     for example in examples.iter().chain(&holds.examples) {
         let _ = writeln!(std::io::stderr(), "chaos finding: {example}");
+    }
+    for user in &users_out_of_order {
+        let _ = writeln!(std::io::stderr(), "{}", user_history(&app.pool, &results, user).await);
     }
     let summary = format!(
         "chaos: {REQUESTS} requests, {} kills, {} outages, {} poison messages, {misrouted_refused} of {MISROUTED} misrouted refused, \
@@ -753,6 +774,35 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
         "only the poison messages and the misrouted copies are dead-lettered ({dead_min} to {dead_max}): {summary}"
     );
     app.cleanup().await;
+}
+
+/// What happened to `user`'s requests, to explain an out-of-order finding: its stored rows
+/// in the order their transactions began (`xmin`), with the time each was applied, and where
+/// each result arrived on the reply queue (every copy, replays marked).
+async fn user_history(pool: &sqlx::PgPool, results: &[RequestResult], user: &str) -> String {
+    let rows: Vec<(String, String, chrono::DateTime<chrono::Utc>, String)> = sqlx::query_as(
+        "SELECT request_id, op, processed_at, xmin::text FROM requests WHERE user_id = $1
+         ORDER BY xmin::text::bigint, processed_at",
+    )
+    .bind(user)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    let mut out = format!("history of {user} (stored, by transaction):");
+    for (id, op, at, xmin) in rows {
+        let arrivals: Vec<String> = results
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.request_id.as_ref().is_some_and(|r| r.as_str() == id))
+            .map(|(i, r)| format!("{i}{}", if r.replayed { "r" } else { "" }))
+            .collect();
+        out.push_str(&format!(
+            "\n  {id} {op} at {} xid {xmin}, results at {}",
+            at.format("%H:%M:%S%.6f"),
+            arrivals.join(",")
+        ));
+    }
+    out
 }
 
 /// Holds by stored state, for the summary line.

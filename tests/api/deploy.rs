@@ -106,7 +106,15 @@ fn rabbit_password_matches(hash: &str, password: &str) -> bool {
 fn broker_needs(service: &str) -> Option<[&'static [&'static str]; 3]> {
     match service {
         "worker" => Some([
-            &["walletq.requests", "walletq.ingress", "walletq.dead", "walletq.results", "walletq.requests.0"],
+            &[
+                "walletq.requests",
+                "walletq.ingress",
+                "walletq.dead",
+                "walletq.results",
+                "walletq.requests.0",
+                "walletq.ingress.owner",
+                "walletq.requests.0.owner",
+            ],
             &["walletq.ingress", "walletq.requests.0", "walletq.dead", "walletq.results", "amq.default"],
             &["walletq.requests", "walletq.ingress", "walletq.requests.0", "walletq.dead"],
         ]),

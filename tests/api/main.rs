@@ -7,6 +7,7 @@
 mod audit_checks;
 mod chaos;
 mod connection_errors;
+mod consumer_handover;
 mod crash;
 mod crash_table;
 mod dead_letters;
@@ -14,6 +15,7 @@ mod deploy;
 mod failover;
 mod fault;
 mod fenced_write;
+mod forwarding;
 mod gateway;
 mod group_commit;
 mod group_locking;

@@ -26,14 +26,15 @@ use walletq::domain::{Request, Status, partitioning::partition_of};
 use crate::chaos::{Findings, analyse, read_results};
 use crate::support::{
     CleanupOnDrop, TestApp, WorkerProcess, eventually, free_port, http_get, mixed_requests, spawn_app_with,
-    spawn_worker_process_with,
+    spawn_worker_process_with, user_windows,
 };
 
 const REQUESTS: usize = 20_000;
 const USERS: u64 = 200;
 const PARTITIONS: u16 = 16;
 const PUBLISH_RATE_PER_SEC: u64 = 1_000;
-/// Requests in flight before the producer awaits their confirms.
+/// Most requests in flight before the producer awaits their confirms (fewer when a user
+/// would appear twice).
 const WINDOW: usize = 250;
 /// Longest a kill may leave a partition unserved (measured figures in docs/SCALING.md).
 const RECOVERY_BOUND: Duration = Duration::from_secs(30);
@@ -64,9 +65,11 @@ impl Ctl {
     }
 }
 
-/// The paced producer: publishes every request with confirms, a window at a time, and
-/// reconnects through the address list when a window fails, sending again from the first
-/// unconfirmed request of the window (so a user's requests keep their order).
+/// The paced producer: publishes every request with confirms, a window at a time (no user
+/// twice in a window), and reconnects through the address list when a window fails, sending
+/// again from the first unconfirmed request of the window. A user never has two unconfirmed
+/// requests, so a leader change that refuses one publish and accepts a later one cannot put
+/// a user's later request ahead of an earlier one (PROTOCOL.md, "Publishing in order").
 struct Producer {
     /// Requests confirmed so far, in order: everything below was confirmed.
     confirmed: Arc<AtomicUsize>,
@@ -126,10 +129,10 @@ async fn produce(target: Target, requests: Arc<Vec<Request>>, progress: Arc<Atom
     let mut publisher: Option<(lapin::Connection, Publisher)> = None;
     let started = tokio::time::Instant::now();
     let mut held = Duration::ZERO;
-    for (index, window) in requests.chunks(WINDOW).enumerate() {
-        let due = Duration::from_millis((index * WINDOW) as u64 * 1_000 / PUBLISH_RATE_PER_SEC);
+    for (first, window) in user_windows(&requests, WINDOW, |r| r.user_id.as_str()) {
+        let due = Duration::from_millis(first as u64 * 1_000 / PUBLISH_RATE_PER_SEC);
         tokio::time::sleep_until(started + held + due).await;
-        if index * WINDOW >= gate.at && !gate.release.load(Ordering::Relaxed) {
+        if first >= gate.at && !gate.release.load(Ordering::Relaxed) {
             let holding = tokio::time::Instant::now();
             while !gate.release.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -159,7 +162,7 @@ async fn produce(target: Target, requests: Arc<Vec<Request>>, progress: Arc<Atom
                 for confirm in confirms {
                     Publisher::confirmed(confirm).await?;
                     confirmed += 1;
-                    progress.store(index * WINDOW + confirmed, Ordering::Relaxed);
+                    progress.store(first + confirmed, Ordering::Relaxed);
                 }
                 anyhow::Ok(())
             };

@@ -68,21 +68,6 @@ async fn workers_share_partitions_evenly_and_take_over_after_a_kill() {
     app.cleanup().await;
 }
 
-// Not tested: issue 16 defect 3, the deliveries of a consumer cancelled by the broker given
-// back before the pause (`OrderedConsumer::close_for_reopen`, src/worker/ordered.rs). A test
-// needs the broker to cancel the active consumer of a partition while the queue, its held
-// unacked deliveries and the standby consumer survive, so that single active consumer
-// promotes the standby. On one local node nothing does that deterministically without
-// touching the shared broker:
-// - deleting the queue cancels the consumer, but also the standby's, and discards every
-//   message of the queue, the unacked ones included: nothing is left to be out of order;
-// - a quorum queue's leader can only move to another member, and a one-node broker has none
-//   (`rabbitmq-queues transfer_leadership`/`grow` need a second node);
-// - no AMQP method or client cancels another channel's consumer (`basic.cancel` names only
-//   the caller's own consumer tags); closing the worker's connection from outside (management
-//   `close_connection`) returns its deliveries by itself and ends in `Err`, not `Reopen`;
-// - `rabbitmqctl eval` of broker internals would change the shared broker, which is off
-//   limits here.
-// A cluster of two or more nodes owned by the test (quorum queues, leader moved with
-// `rabbitmq-queues transfer_leadership` while the active worker holds a prefetch of
-// deliveries of one user) would make it deterministic.
+// Issue 16 defect 3 (the deliveries of a consumer cancelled by the broker, overtaken by a
+// promoted standby) cannot happen any more: no walletq consumer registers while another holds
+// the queue (the claims of src/worker/ordered.rs, whose unit tests show the handover in order).

@@ -15,8 +15,13 @@ async fn the_router_spreads_ten_thousand_users_evenly_over_16_partitions_by_the_
     let connection =
         std::sync::Arc::new(walletq::broker::connect(&app.services.amqp_url, "router", None).await.expect("broker"));
     let stop = tokio_util::sync::CancellationToken::new();
-    let settings =
-        RouterSettings { partitions: 16, prefetch: 2_048, backoff_max_ms: 200, consumer_tag: "router".into() };
+    let settings = RouterSettings {
+        partitions: 16,
+        prefetch: 2_048,
+        backoff_max_ms: 200,
+        consumer_tag: "router".into(),
+        epochs: None,
+    };
     let router = tokio::spawn(run_router(connection, app.names.clone(), settings, stop.clone()));
     let mut confirms = Vec::new();
     for user in 0..10_000 {

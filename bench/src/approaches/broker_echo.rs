@@ -44,6 +44,7 @@ impl BrokerEcho {
             prefetch: settings.effective_prefetch(),
             backoff_max_ms: settings.backoff_max_ms,
             consumer_tag: "walletq bench echo/router".to_owned(),
+            epochs: None,
         };
         partitions.spawn(run_router(connection.clone(), env.names.clone(), router, stop.clone()));
         for index in 0..env.topology.partitions {

@@ -385,6 +385,16 @@ impl TestApp {
         rows.into_iter().map(|(id, r)| (id, serde_json::from_str(&r).expect("a stored result"))).collect()
     }
 
+    /// Messages ready in `queue` (not counting deliveries held unacked by a consumer), from a
+    /// passive declaration on a channel of its own.
+    pub(crate) async fn queue_ready(&self, queue: &str) -> u32 {
+        let channel = self.connection.create_channel().await.expect("channel");
+        let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let declared = channel.queue_declare(queue.into(), passive, FieldTable::default()).await.expect("queue exists");
+        let _ = channel.close(200, "OK".into()).await;
+        declared.message_count()
+    }
+
     /// Consumes `queue` without acks (for reading results or dead letters in tests).
     pub(crate) async fn consume(&self, queue: &str) -> lapin::Consumer {
         let channel = self.connection.create_channel().await.expect("channel");

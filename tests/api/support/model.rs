@@ -239,3 +239,22 @@ pub(crate) fn mixed_requests(
         })
         .collect()
 }
+
+/// `items` cut in order into windows of at most `max` in which no user appears twice, each
+/// with the index of its first item. A producer that sends a window, awaits its confirms and
+/// re-sends from the first unconfirmed one then never has two unconfirmed requests of one
+/// user: the contract PROTOCOL.md sets for producers that re-send ("Publishing in order").
+pub(crate) fn user_windows<T>(items: &[T], max: usize, user: impl Fn(&T) -> &str) -> Vec<(usize, &[T])> {
+    let mut windows = Vec::new();
+    let (mut start, mut users) = (0, std::collections::HashSet::new());
+    for (index, item) in items.iter().enumerate() {
+        if index - start == max || !users.insert(user(item)) {
+            windows.push((start, &items[start..index]));
+            (start, users) = (index, std::collections::HashSet::from([user(item)]));
+        }
+    }
+    if start < items.len() {
+        windows.push((start, &items[start..]));
+    }
+    windows
+}
