@@ -191,25 +191,31 @@ impl OrderedConsumer {
         self.claim.release_now().await;
     }
 
-    /// Hands the queue over without a delivery in flight, after `done` (already processed,
-    /// not yet acked): cancels the consumer while `done` still fills the prefetch, so the
-    /// broker has nothing else checked out to this consumer, then acks `done`, closes the
-    /// channel and releases the claim.
-    pub(super) async fn hand_over_after(mut self, done: &[Delivery]) -> anyhow::Result<()> {
-        let last = done.last().context("nothing to hand over after")?;
-        let handed = async {
-            self.channel
-                .basic_cancel(self.consumer.tag(), lapin::options::BasicCancelOptions::default())
-                .await
-                .context("cancelling the consumer")?;
-            self.channel
-                .basic_ack(last.delivery_tag, lapin::options::BasicAckOptions { multiple: true })
-                .await
-                .context("acking after the cancel")
-        };
-        let handed = handed.await;
-        self.close("handed over").await;
-        handed
+    /// Goes on with a prefetch of `prefetch` after `done` (processed, not yet acked), keeping
+    /// the claim: cancels the consumer while `done` still fills the prefetch (nothing else is
+    /// checked out to it, so nothing comes back with one more delivery counted), acks `done`,
+    /// and consumes again on a new channel.
+    pub(super) async fn widen_after(mut self, done: &[Delivery], prefetch: u16) -> anyhow::Result<Self> {
+        let last = done.last().context("nothing to widen after")?;
+        let tag = self.consumer.tag();
+        self.channel
+            .basic_cancel(tag.clone(), lapin::options::BasicCancelOptions::default())
+            .await
+            .context("cancelling the consumer")?;
+        self.channel
+            .basic_ack(last.delivery_tag, lapin::options::BasicAckOptions { multiple: true })
+            .await
+            .context("acking after the cancel")?;
+        let _ = self.channel.close(200, "widening".into()).await;
+        let (channel, publisher, consumer) =
+            Self::consume(&self.connection, &self.queue, prefetch, tag.as_str()).await?;
+        (self.channel, self.publisher, self.consumer) = (channel, publisher, consumer);
+        Ok(self)
+    }
+
+    /// Whether the connection is still up (a failure on a live connection is the channel's).
+    pub(super) fn connected(&self) -> bool {
+        self.connection.status().connected()
     }
 
     /// Closes the channel: every unacked delivery goes back to the head of the queue, in

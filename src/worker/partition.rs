@@ -43,16 +43,11 @@ pub(super) async fn run(
         let Some(mut source) = OrderedConsumer::open(connection.clone(), &queue, prefetch, &tag, &stop).await? else {
             return Ok(());
         };
-        let mut cursor = match PartitionCursor::load(&context, index).await {
-            Ok(cursor) => cursor,
-            Err(error) => {
-                // Without it a forward cannot be admitted: wait for PostgreSQL.
-                tracing::warn!(queue = %queue, error = %format!("{error:#}"), "could not read the partition's cursor; retrying");
-                source.give_back("no cursor").await;
-                failures = failures.saturating_add(1);
-                pause(&stop, failures, context.settings.backoff_max_ms).await;
-                continue 'channel;
-            }
+        let Some(mut cursor) = load_cursor(&context, index, &mut source).await else {
+            source.give_back("no cursor").await;
+            failures = failures.saturating_add(1);
+            pause(&stop, failures, context.settings.backoff_max_ms).await;
+            continue 'channel;
         };
         loop {
             sweeper.sweep_when_due(&context, source.publisher(), &stop).await;
@@ -107,6 +102,18 @@ pub(super) async fn run(
         }
     }
     Ok(())
+}
+
+/// The partition's stored cursor; `None` (logged) while PostgreSQL cannot say, since without
+/// it no forward can be admitted.
+async fn load_cursor(context: &WorkerContext, index: u16, source: &mut OrderedConsumer) -> Option<PartitionCursor> {
+    match PartitionCursor::load(context, index).await {
+        Ok(cursor) => Some(cursor),
+        Err(error) => {
+            tracing::warn!(queue = %source.queue(), error = %format!("{error:#}"), "could not read the partition's cursor; retrying");
+            None
+        }
+    }
 }
 
 /// Finds and sets aside a message the database keeps refusing. After the database refused

@@ -1,6 +1,6 @@
 //! The ingress router: empties the single ordered ingress queue into the partition queues,
-//! `partition_of(routing key)`, in order. Every worker runs one; single active consumer on
-//! the ingress queue makes exactly one of them active at a time.
+//! `partition_of(routing key)`, in order. Every worker runs one; the claim on the ingress
+//! queue (`super::ordered`) makes exactly one of them read it at a time.
 //!
 //! Forward (confirmed, mandatory) then ack: a crash in between forwards the same messages
 //! again, right behind their first copies, so the duplicates are replays and order holds.
@@ -11,11 +11,14 @@
 //! own ([`supervise`]): a poisoned delivery never interrupts the partitions' batches. The
 //! broker sets the message aside: the ingress queue is a quorum queue with
 //! `x-delivery-limit` ([`crate::broker::INGRESS_DELIVERY_LIMIT`]), so after that many returns
-//! it is dead-lettered to `<ns>.dead`. After any connection failure the router reconnects at
-//! once when the failure was a decoding error (an outage still backs off) and goes on with
-//! one delivery in flight ("careful mode") until a prefetch window has passed, so only the
-//! message at the head is returned again and the valid ones behind it are not counted
-//! toward the limit. Everything the router forwards was decoded and is encoded again by the
+//! it is dead-lettered to `<ns>.dead`. Every claim of the ingress queue starts with one
+//! delivery in flight. When that first delivery comes back redelivered (the previous reader
+//! left with deliveries in flight, maybe on a poison), or after this router's own connection
+//! failed, the router goes on one delivery at a time ("careful mode") until a prefetch window
+//! has passed, so only the message at the head is returned again and the valid ones behind
+//! it are not counted toward the limit, whichever worker's router reads next. After a
+//! decoding failure it reconnects at once (an outage still backs off). Everything the router
+//! forwards was decoded and is encoded again by the
 //! client, so the partition queues only ever hold decodable messages.
 
 use std::sync::Arc;
@@ -161,68 +164,110 @@ async fn route(
     let partition_queues: Vec<String> = (0..settings.partitions).map(|p| names.partition_queue(p)).collect();
     let mut failures: u32 = 0;
     while !stop.is_cancelled() {
-        let prefetch = if careful.deliveries_left > 0 { 1 } else { settings.prefetch };
-        let opened = OrderedConsumer::open(connection.clone(), &ingress, prefetch, &settings.consumer_tag, stop).await;
-        let mut source = match opened {
+        // Every claim starts with one delivery in flight: if the first one comes back
+        // redelivered, the previous holder may have died on a message no client can decode,
+        // and the router stays careful for a prefetch window (see the module docs).
+        let opened = OrderedConsumer::open(connection.clone(), &ingress, 1, &settings.consumer_tag, stop).await;
+        let source = match opened {
             Ok(Some(source)) => source,
             Ok(None) => return Ended::Stopped,
             Err(error) => return failed(error, &connection),
         };
-        let mut stamps = match Stamps::start(settings).await {
-            Ok(stamps) => stamps,
-            Err(error) => {
-                // No epoch (PostgreSQL unreachable): nothing is forwarded until there is one.
-                source.give_back("no router epoch").await;
-                failures = failures.saturating_add(1);
-                tracing::warn!(error = %format!("{error:#}"), "could not draw a router epoch; retrying");
-                pause(stop, failures, settings.backoff_max_ms).await;
-                continue;
-            }
+        // No epoch (PostgreSQL unreachable): nothing is forwarded until there is one.
+        let Some(stamps) = Stamps::start(settings).await else {
+            source.give_back("no router epoch").await;
+            failures = failures.saturating_add(1);
+            pause(stop, failures, settings.backoff_max_ms).await;
+            continue;
         };
-        loop {
-            let limit = if careful.deliveries_left > 0 { 1 } else { ROUTER_BATCH_MAX };
-            let deliveries = match source.next_batch(limit, stop).await {
-                Ok(Next::Batch(deliveries)) => deliveries,
-                Ok(Next::Stopped) => return Ended::Stopped,
-                Ok(Next::Idle) => continue,
-                Ok(Next::Reopen) => {
-                    failures = failures.saturating_add(1);
-                    pause(stop, failures, settings.backoff_max_ms).await;
-                    break;
-                }
-                Err(error) => return failed(error, &connection),
-            };
-            // The last delivery of careful mode is acked only after the consumer is cancelled.
-            let leaving_careful = careful.deliveries_left > 0 && careful.deliveries_left <= deliveries.len();
-            let ack = if leaving_careful { Ack::Later } else { Ack::Now };
-            match forward(source.publisher(), &deliveries, &partition_queues, &mut stamps, ack).await {
-                Ok(()) => {
-                    failures = 0;
-                    forwarded_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
-                    metrics::counter!("walletq_routed_total").increment(deliveries.len() as u64);
-                    if careful.deliveries_left > 0 {
-                        careful.deliveries_left = careful.deliveries_left.saturating_sub(deliveries.len());
-                        if careful.deliveries_left == 0 {
-                            tracing::info!("past the undecodable message; routing with the full prefetch again");
-                            if let Err(error) = source.hand_over_after(&deliveries).await {
-                                return failed(error, &connection);
-                            }
-                            break;
-                        }
-                    }
-                }
-                Err(error) if !connection.status().connected() => return failed(error, &connection),
-                Err(error) => {
-                    failures = failures.saturating_add(1);
-                    tracing::warn!(error = %format!("{error:#}"), size = deliveries.len(), "routing failed; returning the batch to the ingress queue");
-                    source.give_back("batch returned to the ingress queue").await;
-                    pause(stop, failures, settings.backoff_max_ms).await;
-                    break;
-                }
-            }
+        let claim = Claimed { source, stamps, narrow: true, first: true };
+        match serve_claim(claim, &partition_queues, settings, stop, careful, forwarded_ms, &mut failures).await {
+            Served::Stopped => return Ended::Stopped,
+            Served::Reopen => {}
+            Served::Failed(error) => return failed(error, &connection),
         }
     }
     Ended::Stopped
+}
+
+/// The ingress queue as one claim of it reads it.
+struct Claimed {
+    source: OrderedConsumer,
+    stamps: Stamps,
+    /// The consumer has a prefetch of 1 (the claim's first delivery, or careful mode).
+    narrow: bool,
+    /// No delivery was forwarded yet on this claim.
+    first: bool,
+}
+
+/// How [`serve_claim`] ended.
+enum Served {
+    Stopped,
+    /// The claim was let go (a failed batch, a failed channel): claim the queue again.
+    Reopen,
+    /// The connection is unusable.
+    Failed(anyhow::Error),
+}
+
+/// Forwards batch after batch on one claim of the ingress queue.
+async fn serve_claim(
+    mut claim: Claimed,
+    partition_queues: &[String],
+    settings: &RouterSettings,
+    stop: &CancellationToken,
+    careful: &mut Careful,
+    forwarded_ms: &AtomicI64,
+    failures: &mut u32,
+) -> Served {
+    loop {
+        let limit = if claim.narrow { 1 } else { ROUTER_BATCH_MAX };
+        let deliveries = match claim.source.next_batch(limit, stop).await {
+            Ok(Next::Batch(deliveries)) => deliveries,
+            Ok(Next::Stopped) => return Served::Stopped,
+            Ok(Next::Idle) => continue,
+            Ok(Next::Reopen) => {
+                *failures = failures.saturating_add(1);
+                pause(stop, *failures, settings.backoff_max_ms).await;
+                return Served::Reopen;
+            }
+            Err(error) => return Served::Failed(error),
+        };
+        if std::mem::take(&mut claim.first) && deliveries.iter().any(|d| d.redelivered) {
+            careful.deliveries_left = careful.deliveries_left.max(usize::from(settings.prefetch.max(1)));
+        }
+        let left_after = careful.deliveries_left.saturating_sub(deliveries.len());
+        // The delivery before widening is acked only after the consumer is cancelled.
+        let widen = claim.narrow && left_after == 0;
+        let ack = if widen { Ack::Later } else { Ack::Now };
+        match forward(claim.source.publisher(), &deliveries, partition_queues, &mut claim.stamps, ack).await {
+            Ok(()) => {
+                *failures = 0;
+                forwarded_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+                metrics::counter!("walletq_routed_total").increment(deliveries.len() as u64);
+                if careful.deliveries_left > 0 && left_after == 0 {
+                    tracing::info!(
+                        "past the prefetch window of the previous reader; routing with the full prefetch again"
+                    );
+                }
+                careful.deliveries_left = left_after;
+                if widen {
+                    match claim.source.widen_after(&deliveries, settings.prefetch).await {
+                        Ok(source) => claim.source = source,
+                        Err(error) => return Served::Failed(error),
+                    }
+                    claim.narrow = false;
+                }
+            }
+            Err(error) if !claim.source.connected() => return Served::Failed(error),
+            Err(error) => {
+                *failures = failures.saturating_add(1);
+                tracing::warn!(error = %format!("{error:#}"), size = deliveries.len(), "routing failed; returning the batch to the ingress queue");
+                claim.source.give_back("batch returned to the ingress queue").await;
+                pause(stop, *failures, settings.backoff_max_ms).await;
+                return Served::Reopen;
+            }
+        }
+    }
 }
 
 /// Forwards `deliveries` in order, waits for every confirm, then acks them all.
@@ -270,13 +315,20 @@ struct Stamps {
 }
 
 impl Stamps {
-    /// A new epoch from `settings.epochs` (every reopen of the ingress consumer starts one).
-    async fn start(settings: &RouterSettings) -> anyhow::Result<Stamps> {
+    /// A new epoch from `settings.epochs` (every reopen of the ingress consumer starts one);
+    /// `None` (logged) when none could be drawn.
+    async fn start(settings: &RouterSettings) -> Option<Stamps> {
         let epoch = match &settings.epochs {
-            Some(ledger) => Some(ledger.next_router_epoch().await.context("drawing a router epoch")?),
+            Some(ledger) => match ledger.next_router_epoch().await {
+                Ok(epoch) => Some(epoch),
+                Err(error) => {
+                    tracing::warn!(error = %format!("{error:#}"), "could not draw a router epoch; retrying");
+                    return None;
+                }
+            },
             None => None,
         };
-        Ok(Stamps { epoch, next: std::collections::HashMap::new() })
+        Some(Stamps { epoch, next: std::collections::HashMap::new() })
     }
 
     /// `properties` stamped as the next forward into `partition`'s queue.
