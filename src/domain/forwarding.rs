@@ -10,9 +10,10 @@
 //! among that epoch's forwards into the same partition queue. A partition remembers the last
 //! stamp it applied (its cursor, stored with each batch) and sets aside any forward that
 //! skips one: the skipped forward was refused, so its batch was never acked and comes again,
-//! in order, in a later epoch. A forward of an older epoch than the cursor's is set aside too:
-//! a newer epoch exists only because the older one's last batch failed and was forwarded
-//! again.
+//! in order, in a later epoch. A forward at or before the cursor (a batch delivered again
+//! after its commit, or a late copy from an older epoch) is applied only as a replay of what
+//! is stored: a newer epoch exists only because the older one's last batch failed and was
+//! forwarded again, so a request not stored yet comes again in its place.
 
 /// A router's stamp on one forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -31,6 +32,11 @@ pub enum Admission {
     /// Ack it without applying or answering it: it skipped a forward that was refused, and
     /// its own batch comes again in a later epoch.
     SetAside,
+    /// It is at or before the cursor: delivered again after its batch was applied (answer it
+    /// from storage), or a late copy from an older epoch whose request a newer epoch carries.
+    /// Apply it only as a replay of a stored request (or, for an invalid message, answer it
+    /// again); otherwise set it aside.
+    ReplayOnly,
 }
 
 /// The admission of a forward stamped `stamp` by a partition whose cursor is `cursor`, and
@@ -41,13 +47,12 @@ pub fn admit(cursor: Option<ForwardStamp>, stamp: Option<ForwardStamp>) -> (Admi
         return (Admission::Apply, cursor.or(stamp));
     };
     let next = if stamp.epoch == cursor.epoch { cursor.seq + 1 } else { 0 };
-    if stamp.epoch < cursor.epoch || stamp.seq > next {
-        (Admission::SetAside, Some(cursor))
-    } else if stamp.epoch == cursor.epoch && stamp.seq < next {
-        // A forward applied before, delivered again (a batch returned after its commit).
-        (Admission::Apply, Some(cursor))
-    } else {
+    if stamp <= cursor {
+        (Admission::ReplayOnly, Some(cursor))
+    } else if stamp.seq == next {
         (Admission::Apply, Some(stamp))
+    } else {
+        (Admission::SetAside, Some(cursor))
     }
 }
 
@@ -73,7 +78,7 @@ pub fn admit_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Admission::{Apply, SetAside};
+    use Admission::{Apply, ReplayOnly, SetAside};
 
     fn at(epoch: i64, seq: i64) -> Option<ForwardStamp> {
         Some(ForwardStamp { epoch, seq })
@@ -94,9 +99,9 @@ mod tests {
     }
 
     #[test]
-    fn an_older_epoch_after_a_newer_one_is_set_aside() {
+    fn an_older_epoch_after_a_newer_one_is_only_replayed() {
         let (admissions, cursor) = admit_batch(at(9, 1), [at(7, 6), at(9, 2)]);
-        assert_eq!((admissions, cursor), (vec![SetAside, Apply], at(9, 2)));
+        assert_eq!((admissions, cursor), (vec![ReplayOnly, Apply], at(9, 2)));
     }
 
     #[test]
@@ -106,9 +111,18 @@ mod tests {
     }
 
     #[test]
-    fn a_forward_delivered_again_is_applied_and_keeps_the_cursor() {
+    fn a_forward_delivered_again_is_only_replayed_and_keeps_the_cursor() {
         let (admissions, cursor) = admit_batch(at(7, 5), [at(7, 3), at(7, 4), at(7, 5), at(7, 6)]);
-        assert_eq!((admissions, cursor), (vec![Apply, Apply, Apply, Apply], at(7, 6)));
+        assert_eq!((admissions, cursor), (vec![ReplayOnly, ReplayOnly, ReplayOnly, Apply], at(7, 6)));
+    }
+
+    #[test]
+    fn a_batch_delivered_again_across_epochs_is_only_replayed() {
+        // 7:7, 7:8 applied, 7:10 set aside (7:9 refused), 9:0 and 9:1 applied, then the whole
+        // batch came back: nothing in it may be applied anew, 9:2 (the copy of 7:9) may.
+        let (admissions, cursor) = admit_batch(at(9, 1), [at(7, 7), at(7, 8), at(7, 10), at(9, 0), at(9, 1), at(9, 2)]);
+        assert_eq!(admissions, vec![ReplayOnly, ReplayOnly, ReplayOnly, ReplayOnly, ReplayOnly, Apply]);
+        assert_eq!(cursor, at(9, 2));
     }
 
     #[test]

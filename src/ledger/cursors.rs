@@ -21,6 +21,16 @@ impl Ledger {
         Ok(row.map(|(epoch, seq)| ForwardStamp { epoch, seq }))
     }
 
+    /// Which of `request_ids` are stored (applied before): a forward at or before its
+    /// partition's cursor is applied only as such a replay.
+    pub async fn stored_ids(&self, request_ids: &[String]) -> Result<std::collections::HashSet<String>, LedgerError> {
+        let stored: Vec<String> = sqlx::query_scalar("SELECT request_id FROM requests WHERE request_id = ANY($1)")
+            .bind(request_ids)
+            .fetch_all(self.pool())
+            .await?;
+        Ok(stored.into_iter().collect())
+    }
+
     /// Moves partition `partition`'s cursor to `cursor`, never back: for a batch that applies
     /// no request (only invalid messages), so its forwards count as seen.
     pub async fn advance_cursor(&self, partition: u16, cursor: ForwardStamp) -> Result<(), LedgerError> {

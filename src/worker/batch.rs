@@ -91,6 +91,7 @@ pub(super) async fn process_batch(
     let published: Vec<_> = deliveries.iter().map(|d| published_at_ms(&d.properties, started_ms)).collect();
     let all: Vec<&Delivery> = deliveries.iter().collect();
     let Admitted { admissions, moved } = cursor.admit(&all);
+    let admissions = replays_resolved(context, &all, admissions, cursor.partition()).await?;
     let admitted: Vec<&Delivery> =
         all.iter().zip(&admissions).filter(|(_, a)| **a == Admission::Apply).map(|(d, _)| *d).collect();
     report_set_aside(deliveries.len() - admitted.len(), cursor);
@@ -117,6 +118,42 @@ pub(super) async fn process_batch(
     let times = StageTimes { started, locked: locked.unwrap_or(started), applied: applied_at, acked };
     record_batch(deliveries.len(), &published, started_ms, &times);
     Ok(())
+}
+
+/// `admissions` with every [`Admission::ReplayOnly`] decided: applied when its request is
+/// stored (answered from storage) or it is not a valid request (answered and dead-lettered
+/// again, which changes nothing), set aside otherwise (its request comes again from a newer
+/// epoch, in its place).
+async fn replays_resolved(
+    context: &WorkerContext,
+    deliveries: &[&Delivery],
+    mut admissions: Vec<Admission>,
+    partition: u16,
+) -> Result<Vec<Admission>, BatchFailure> {
+    let replay_only = |a: &Admission| *a == Admission::ReplayOnly;
+    if !admissions.iter().any(replay_only) {
+        return Ok(admissions);
+    }
+    // `None`: not asked, or not a valid request of this partition (answered again, harmless).
+    let decoded: Vec<Option<Result<Request, InvalidRequest>>> = deliveries
+        .iter()
+        .zip(&admissions)
+        .map(|(d, a)| replay_only(a).then(|| decode_in_partition(d, context.partitions, partition)))
+        .collect();
+    let ids: Vec<Option<String>> =
+        decoded.iter().map(|d| d.as_ref().and_then(|d| d.as_ref().ok()).map(|r| r.request_id.to_string())).collect();
+    let asked: Vec<String> = ids.iter().flatten().cloned().collect();
+    let stored = context.ledger.ledger().stored_ids(&asked).await.map_err(|error| {
+        BatchFailure::from(anyhow::Error::from(error).context("looking up forwards delivered again"))
+    })?;
+    for ((admission, id), decoded) in admissions.iter_mut().zip(&ids).zip(&decoded) {
+        if *admission == Admission::ReplayOnly {
+            let invalid = decoded.as_ref().is_some_and(|d| d.is_err());
+            let seen = id.as_ref().is_some_and(|id| stored.contains(id));
+            *admission = if invalid || seen { Admission::Apply } else { Admission::SetAside };
+        }
+    }
+    Ok(admissions)
 }
 
 /// A delivery of partition `partition` decoded, with the `reply_to` later news of it (a

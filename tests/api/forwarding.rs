@@ -62,3 +62,36 @@ async fn a_forward_behind_a_refused_one_is_set_aside_and_its_copy_applied_in_ord
     assert_eq!(cursor, (101, 1), "the cursor is stored with the batches");
     app.cleanup().await;
 }
+
+/// Forwards at or before the cursor (a batch delivered again after its commit, or a late copy
+/// from an older epoch) are answered from storage when their request was applied, and set
+/// aside when it was not (a newer epoch carries it): never applied anew out of their place.
+#[tokio::test]
+async fn forwards_at_or_before_the_cursor_are_only_replayed() {
+    let mut app = spawn_app_with(TopologySettings { partitions: 1, queue_type: QueueType::Quorum }, false).await;
+    let first = request("rp-1", "rp", Op::Deposit, 100);
+    let second = request("rp-2", "rp", Op::Deposit, 200);
+    let never = request("rp-3", "rp", Op::Withdraw, 300);
+    let next = request("rp-4", "rp", Op::Deposit, 400);
+    forward(&app, &first, 100, 0).await;
+    forward(&app, &second, 101, 0).await;
+    app.start_worker();
+    app.next_results(2).await;
+    // Delivered again (as after a lost ack), a late older-epoch forward never applied, then
+    // the next of the current epoch.
+    forward(&app, &first, 100, 0).await;
+    forward(&app, &never, 100, 1).await;
+    forward(&app, &next, 101, 1).await;
+
+    let results = app.next_results(2).await;
+    let seen: Vec<(&str, bool, Option<Money>)> = results
+        .iter()
+        .map(|(_, r)| (r.request_id.as_ref().expect("id").as_str(), r.replayed, r.balance))
+        .collect();
+    let money = |cents| Some(Money::from_cents(cents).expect("amount"));
+    assert_eq!(seen, vec![("rp-1", true, money(100)), ("rp-4", false, money(700))]);
+    app.stop_worker().await;
+    assert!(app.try_next_result().is_none(), "the late forward got no result");
+    assert_eq!(app.count("SELECT count(*) FROM requests WHERE request_id = 'rp-3'").await, 0, "and was not applied");
+    app.cleanup().await;
+}
