@@ -84,10 +84,8 @@ async fn forwards_at_or_before_the_cursor_are_only_replayed() {
     forward(&app, &next, 101, 1).await;
 
     let results = app.next_results(2).await;
-    let seen: Vec<(&str, bool, Option<Money>)> = results
-        .iter()
-        .map(|(_, r)| (r.request_id.as_ref().expect("id").as_str(), r.replayed, r.balance))
-        .collect();
+    let seen: Vec<(&str, bool, Option<Money>)> =
+        results.iter().map(|(_, r)| (r.request_id.as_ref().expect("id").as_str(), r.replayed, r.balance)).collect();
     let money = |cents| Some(Money::from_cents(cents).expect("amount"));
     assert_eq!(seen, vec![("rp-1", true, money(100)), ("rp-4", false, money(700))]);
     app.stop_worker().await;
