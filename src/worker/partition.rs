@@ -63,22 +63,7 @@ pub(super) async fn run(
                 }
             };
             stats.received(deliveries.len());
-            let publisher = source.publisher();
-
-            let span = tracing::debug_span!(
-                "batch",
-                partition = index,
-                size = deliveries.len(),
-                approved = tracing::field::Empty,
-                rejected = tracing::field::Empty,
-                invalid = tracing::field::Empty
-            );
-            let outcome = tracing::Instrument::instrument(
-                process_batch(&context, publisher, &deliveries, &mut cursor, &stop),
-                span,
-            )
-            .await;
-            match outcome {
+            match traced_batch(&context, source.publisher(), &deliveries, &mut cursor, &stop).await {
                 Ok(()) => {
                     failures = 0;
                     poison.settled(&deliveries);
@@ -102,6 +87,25 @@ pub(super) async fn run(
         }
     }
     Ok(())
+}
+
+/// [`process_batch`] in a `batch` span that records its size and outcomes.
+async fn traced_batch(
+    context: &WorkerContext,
+    publisher: &crate::broker::Publisher,
+    deliveries: &[Delivery],
+    cursor: &mut PartitionCursor,
+    stop: &CancellationToken,
+) -> Result<(), BatchFailure> {
+    let span = tracing::debug_span!(
+        "batch",
+        partition = cursor.partition(),
+        size = deliveries.len(),
+        approved = tracing::field::Empty,
+        rejected = tracing::field::Empty,
+        invalid = tracing::field::Empty
+    );
+    tracing::Instrument::instrument(process_batch(context, publisher, deliveries, cursor, stop), span).await
 }
 
 /// The partition's stored cursor; `None` (logged) while PostgreSQL cannot say, since without
