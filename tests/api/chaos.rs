@@ -785,7 +785,7 @@ async fn chaos_kills_and_outages_lose_nothing_and_keep_order() {
 /// What happened to `user`'s requests, to explain an out-of-order finding: its stored rows
 /// in the order their transactions began (`xmin`), with the time each was applied, and where
 /// each result arrived on the reply queue (every copy, replays marked).
-async fn user_history(pool: &sqlx::PgPool, results: &[RequestResult], user: &str) -> String {
+pub(crate) async fn user_history(pool: &sqlx::PgPool, results: &[RequestResult], user: &str) -> String {
     let rows: Vec<(String, String, chrono::DateTime<chrono::Utc>, String)> = sqlx::query_as(
         "SELECT request_id, op, processed_at, xmin::text FROM requests WHERE user_id = $1
          ORDER BY xmin::text::bigint, processed_at",

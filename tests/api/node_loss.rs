@@ -23,7 +23,7 @@ use walletq::broker::{Publisher, request_properties};
 use walletq::configuration::{QueueType, TopologySettings};
 use walletq::domain::{Request, Status, partitioning::partition_of};
 
-use crate::chaos::{Findings, analyse, read_results};
+use crate::chaos::{Findings, analyse, read_results, user_history};
 use crate::support::{
     CleanupOnDrop, TestApp, WorkerProcess, eventually, free_port, http_get, mixed_requests, spawn_app_with,
     spawn_worker_process_with, user_windows,
@@ -297,6 +297,8 @@ async fn await_three_workers(app: &TestApp) {
 /// Everything checked at the end of a run.
 struct Verdict {
     findings: Findings,
+    /// The stored and answered history of the first users out of order, to explain a finding.
+    histories: Vec<String>,
     stored: usize,
     entries: i64,
     approved: i64,
@@ -317,8 +319,13 @@ impl Verdict {
         let approved = stored.values().filter(|s| s.status == Status::Approved).count() as i64;
         let entries = app.count("SELECT count(*) FROM ledger_entries").await;
         let audit = walletq::ledger::audit::audit(&app.pool).await.expect("audit");
+        let mut histories = Vec::new();
+        for user in &findings.users_out_of_order {
+            histories.push(user_history(&app.pool, &results, user).await);
+        }
         Verdict {
             findings,
+            histories,
             stored: stored.len(),
             entries,
             approved,
@@ -342,7 +349,7 @@ impl Verdict {
     }
 
     fn assert_passed(&self, summary: &str) {
-        for example in &self.findings.examples {
+        for example in self.findings.examples.iter().chain(&self.histories) {
             let _ = writeln!(std::io::stderr(), "node-loss finding: {example}");
         }
         let f = &self.findings;
