@@ -422,15 +422,25 @@ mod tests {
         let _ = connection.close(200, "OK".into()).await;
     }
 
+    /// Once the first has let go: the second consumer starts and reads 10..79 in order; then
+    /// the queue is removed.
+    async fn second_reads_the_rest(
+        second: tokio::task::JoinHandle<Option<OrderedConsumer>>,
+        queue: &str,
+        stop: &CancellationToken,
+    ) {
+        let mut second = second.await.expect("task").expect("the second consumer starts");
+        assert_eq!(read_rest(&mut second, stop).await, (10..MESSAGES).collect::<Vec<_>>());
+        second.give_back("done").await;
+        delete(queue).await;
+    }
+
     #[tokio::test]
     async fn a_queue_given_back_goes_to_the_waiting_consumer_from_its_head() {
         let stop = CancellationToken::new();
         let (first, second, queue) = first_holds_the_queue(&stop).await;
         first.give_back("test").await;
-        let mut second = second.await.expect("task").expect("the second consumer starts");
-        assert_eq!(read_rest(&mut second, &stop).await, (10..MESSAGES).collect::<Vec<_>>());
-        second.give_back("done").await;
-        delete(&queue).await;
+        second_reads_the_rest(second, &queue, &stop).await;
     }
 
     #[tokio::test]
@@ -442,10 +452,7 @@ mod tests {
         let options = lapin::options::BasicCancelOptions::default();
         first.channel.basic_cancel(first.consumer.tag(), options).await.expect("cancel");
         first.give_back("test").await;
-        let mut second = second.await.expect("task").expect("the second consumer starts");
-        assert_eq!(read_rest(&mut second, &stop).await, (10..MESSAGES).collect::<Vec<_>>());
-        second.give_back("done").await;
-        delete(&queue).await;
+        second_reads_the_rest(second, &queue, &stop).await;
     }
 
     #[tokio::test]
@@ -454,9 +461,6 @@ mod tests {
         let (first, second, queue) = first_holds_the_queue(&stop).await;
         // As a worker's connection ends when it exits: the claim goes with the connection.
         let _ = first.connection.close(200, "exiting".into()).await;
-        let mut second = second.await.expect("task").expect("the second consumer starts");
-        assert_eq!(read_rest(&mut second, &stop).await, (10..MESSAGES).collect::<Vec<_>>());
-        second.give_back("done").await;
-        delete(&queue).await;
+        second_reads_the_rest(second, &queue, &stop).await;
     }
 }
